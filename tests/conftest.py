@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def disk_labels(shape=(96, 96), centres=((30, 30), (30, 52), (70, 60)), radius=10) -> np.ndarray:
+    """Small label image of (possibly touching) disks."""
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    out = np.zeros(shape, np.int32)
+    for i, (r, c) in enumerate(centres, start=1):
+        out[((rr - r) ** 2 + (cc - c) ** 2 <= radius**2) & (out == 0)] = i
+    return out
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "monuseg" / "index.csv").exists():
+        pytest.skip("shared data folder not available")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def monuseg_train_labels(shared_data):
+    """Labels of two MoNuSeg *training* images (never the benchmark split)."""
+    import csv
+
+    import tifffile
+
+    with open(shared_data / "monuseg" / "index.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = [r["id"] for r in rows if r["split"] == "MoNuSeg2018-train"][:2]
+    return [tifffile.imread(shared_data / "monuseg" / "labels" / f"{i}.tif") for i in ids]

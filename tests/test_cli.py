@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_medinst.cli import main
+from napari_medinst.samples import DATA
+
+
+@pytest.fixture
+def he_image(tmp_path):
+    path = tmp_path / "tile.tif"
+    path.write_bytes((DATA / "he_tile.tif").read_bytes())
+    return path
+
+
+def test_segment_writes_instances_scores_and_maps(tmp_path, he_image):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "segment",
+            str(he_image),
+            "-o",
+            str(out),
+            "--model",
+            "classical",
+            "--pixel-size",
+            "0.25",
+            "--save-maps",
+        ]
+    )
+    assert rc == 0
+    labels = tifffile.imread(out / "tile_instances.tif")
+    assert labels.dtype == np.uint32 and labels.shape == (512, 512) and labels.max() > 20
+    rows = (out / "tile_instances.csv").read_text().splitlines()
+    assert rows[0] == "label,score" and len(rows) == labels.max() + 1
+    assert tifffile.imread(out / "tile_hv.tif").shape == (2, 512, 512)
+    # outputs are never overwritten without --overwrite
+    assert main(["segment", str(he_image), "-o", str(out), "--model", "classical"]) == 2
+
+
+def test_segment_stack_plane_by_plane(tmp_path):
+    img = tifffile.imread(DATA / "fluo_tile.tif")
+    stack = np.stack([img, img[:, ::-1]])
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    assert (
+        main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path), "--model", "classical"])
+        == 0
+    )
+    labels = tifffile.imread(tmp_path / "stack_instances.tif")
+    assert labels.shape == stack.shape
+    ids0, ids1 = set(np.unique(labels[0])) - {0}, set(np.unique(labels[1])) - {0}
+    assert ids0 and ids1 and not ids0 & ids1  # ids unique across planes
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "match"),
+    [
+        (None, "missing.tif", "file not found"),
+        (b"not an image at all", "junk.tif", "not a readable image"),
+        (b"x", "notes.txt", "unsupported file type"),
+        ("2ch", "twochan.tif", "2-channel"),
+    ],
+)
+def test_bad_input_one_clear_line_and_no_output(tmp_path, capsys, content, name, match):
+    path = tmp_path / name
+    if content == "2ch":
+        tifffile.imwrite(path, np.zeros((32, 32, 2), np.uint8))
+    elif content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "out"
+    rc = main(["segment", str(path), "-o", str(out), "--model", "classical"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and match in err and name in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_params_and_missing_model(tmp_path, he_image, capsys):
+    bad = tmp_path / "p.json"
+    bad.write_text('{"fg_threshold": 7}')
+    assert main(["segment", str(he_image), "-o", str(tmp_path / "o"), "--params", str(bad)]) == 2
+    assert "fg_threshold" in capsys.readouterr().err
+    rc = main(
+        ["segment", str(he_image), "-o", str(tmp_path / "o"), "--model", str(tmp_path / "none")]
+    )
+    assert rc == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_segment_then_evaluate_json(tmp_path, he_image):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "segment",
+                str(he_image),
+                "-o",
+                str(out),
+                "--model",
+                "classical",
+                "--pixel-size",
+                "0.25",
+            ]
+        )
+        == 0
+    )
+    gt_dir = tmp_path / "gt"
+    gt_dir.mkdir()
+    (gt_dir / "tile.tif").write_bytes((DATA / "he_tile_labels.tif").read_bytes())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_medinst.cli",
+            "evaluate",
+            "--pred",
+            str(out),
+            "--gt",
+            str(gt_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(proc.stdout)
+    img = result["images"][0]
+    assert img["name"] == "tile" and 0.2 < img["aji"] < 1.0
+    assert set(img["accuracy"]) == {f"{t:.2f}" for t in np.arange(0.5, 0.96, 0.05)}
