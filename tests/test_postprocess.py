@@ -1,0 +1,123 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import disk_labels
+from napari_medinst.metrics import evaluate
+from napari_medinst.postprocess import Postprocessor, PostprocessParams, postprocess
+from napari_medinst.targets import make_targets
+
+
+def ideal_maps(labels):
+    t = make_targets(labels)
+    return t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32)
+
+
+def test_touching_disks_are_separated():
+    lab = disk_labels(centres=((40, 30), (40, 48), (40, 66)), shape=(80, 100))
+    prob, hv, _contour = ideal_maps(lab)
+    res = postprocess(prob, hv, None, pixel_size=0.5)
+    assert res.labels.dtype == np.uint32
+    assert res.n_instances == 3
+    assert evaluate(lab, res.labels).aji > 0.95
+    np.testing.assert_array_equal(np.unique(res.labels), [0, 1, 2, 3])
+
+
+def test_ideal_maps_recover_real_annotations(monuseg_train_labels):
+    for lab in monuseg_train_labels:
+        prob, hv, contour = ideal_maps(lab)
+        res = postprocess(prob, hv, contour, pixel_size=0.25)
+        assert evaluate(lab, res.labels).aji >= 0.95
+
+
+def test_stage_cache_only_reruns_dependent_stages():
+    prob, hv, contour = ideal_maps(disk_labels())
+    pp = Postprocessor(prob, hv, contour, pixel_size=0.5)
+    base = PostprocessParams()
+    pp.run(base)
+    pp.run(PostprocessParams(min_nucleus_size=50))
+    assert pp.stage_runs == {
+        "foreground": 1,
+        "energy": 1,
+        "markers": 1,
+        "watershed": 1,
+        "filter": 2,
+    }
+    pp.run(PostprocessParams(min_nucleus_size=50, marker_threshold=0.2))
+    assert pp.stage_runs["energy"] == 1 and pp.stage_runs["markers"] == 2
+    pp.run(PostprocessParams(min_nucleus_size=50, marker_threshold=0.2, fg_threshold=0.4))
+    assert pp.stage_runs["energy"] == 1 and pp.stage_runs["foreground"] == 2
+
+
+def test_small_instances_removed_and_scores_are_mean_probability():
+    lab = disk_labels(centres=((30, 30), (70, 70)), radius=10)
+    lab[5:7, 90:92] = 9  # 4-pixel speck
+    prob, hv, _ = ideal_maps(lab)
+    prob = prob * np.where(lab == 1, 0.9, 0.7)
+    res = postprocess(
+        prob, hv, params=PostprocessParams(min_nucleus_size=10, smoothing=0), pixel_size=0.5
+    )
+    assert res.n_instances == 2
+    np.testing.assert_allclose(sorted(res.scores), [0.7, 0.9], atol=0.02)
+
+
+def test_user_seeds_split_and_replace():
+    lab = np.zeros((40, 80), np.int32)
+    lab[10:30, 10:70] = 1  # one long nucleus
+    prob, hv, _ = ideal_maps(lab)
+    one = postprocess(prob, hv, pixel_size=0.5)
+    assert one.n_instances == 1
+    pp = Postprocessor(prob, hv, pixel_size=0.5)
+    two = pp.run(seed_points=np.array([[20, 20], [20, 60]]), seed_mode="replace")
+    assert two.n_instances == 2
+    seeds = np.zeros_like(lab)
+    seeds[20, 15], seeds[20, 40], seeds[20, 65] = 1, 2, 3
+    assert pp.run(seed_labels=seeds, seed_mode="replace").n_instances == 3
+    with pytest.raises(ValueError, match="seed_mode"):
+        pp.run(seed_mode="bogus")
+
+
+def test_crop_equals_whole_away_from_the_border(monuseg_train_labels):
+    lab = monuseg_train_labels[0]
+    prob, hv, contour = ideal_maps(lab)
+    rng = np.random.default_rng(0)
+    prob = np.clip(prob + rng.normal(0, 0.1, prob.shape).astype(np.float32), 0, 1)
+    whole = postprocess(prob, hv, contour, pixel_size=0.25).labels
+    r0, c0, size, margin = 200, 300, 400, 40
+    sl = (slice(r0, r0 + size), slice(c0, c0 + size))
+    crop = postprocess(prob[sl], hv[(slice(None), *sl)], contour[sl], pixel_size=0.25).labels
+    w, c = whole[sl][margin:-margin, margin:-margin], crop[margin:-margin, margin:-margin]
+    # same partition: every instance of one maps to exactly one of the other
+    pairs = {(int(a), int(b)) for a, b in zip(w.ravel(), c.ravel(), strict=True)}
+    assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})
+
+
+def test_params_scale_with_pixel_size_and_round_trip_json():
+    p = PostprocessParams(sobel_size=5, min_nucleus_size=10, smoothing=1.0, pixel_size=0.5)
+    q = p.scaled_to(0.25)
+    assert q.sobel_size == 9 and q.min_nucleus_size == 40 and q.smoothing == 2.0
+    assert PostprocessParams.from_json(p.to_json()) == p
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{", "not valid JSON"),
+        ("[]", "JSON object"),
+        ('{"fg_threshold": "high"}', "must be a number"),
+        ('{"fg_threshold": 2}', "fg_threshold"),
+        ('{"sobel_size": 4}', "odd"),
+        ('{"min_nucleus_size": 1.5}', "whole number"),
+        ('{"bogus": 1}', "unknown"),
+    ],
+)
+def test_bad_params_json_is_rejected_clearly(text, match):
+    with pytest.raises(ValueError, match=match):
+        PostprocessParams.from_json(text)
+
+
+def test_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match="HV maps"):
+        Postprocessor(np.zeros((10, 10)), np.zeros((2, 10, 11)))
+    assert json.loads(PostprocessParams().to_json())["napari_medinst_postprocess"] == 1
