@@ -1,0 +1,1 @@
+"""The nucleus network: architecture, losses, data, augmentation, training, inference, model folders."""

@@ -1,0 +1,150 @@
+"""Training data: folders of image/label pairs, rescaled to the canonical pixel size.
+
+A data folder holds ``images/<id>.<ext>`` and ``labels/<id>.<ext>`` (paired by stem) and
+optionally ``index.csv`` with an ``id`` column and, per row, ``pixel_size`` (µm/px),
+``modality`` ('he' / 'fluorescence' / 'histology-stain') and ``split``. Rows whose
+split is in ``exclude_splits`` are skipped, so the MoNuSeg 2018 test images are never
+read for training. A folder may be given as ``PATH@PIXEL_SIZE`` to state the pixel
+size of all its images.
+
+Images without a pixel size are rescaled so that their median nucleus diameter (from
+the labels) equals :data:`~napari_medinst.preprocess.CANONICAL_DIAMETER`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from skimage.transform import rescale
+
+from .._io import IMAGE_SUFFIXES, InputError, read_image, read_labels
+from ..preprocess import (
+    CANONICAL_DIAMETER,
+    CANONICAL_PIXEL_SIZE,
+    Modality,
+    detect_modality,
+    to_network_input,
+)
+from ..targets import relabel_sequential
+
+__all__ = ["DEFAULT_EXCLUDE_SPLITS", "Sample", "find_pairs", "load_folder", "parse_folder_spec"]
+
+DEFAULT_EXCLUDE_SPLITS = frozenset({"MoNuSeg2018-test"})
+
+
+@dataclass
+class Sample:
+    """One training image at the canonical pixel size."""
+
+    name: str
+    image: np.ndarray  # (3, H, W) float32 network input
+    labels: np.ndarray  # (H, W) int32 sequential
+    modality: Modality
+    scale: float  # factor applied to the original image
+    sha256: str
+
+
+def parse_folder_spec(spec: str) -> tuple[Path, float | None]:
+    """Split ``PATH@PIXEL_SIZE`` into a path and an optional pixel size."""
+    if "@" in spec:
+        path, _, px = spec.rpartition("@")
+        try:
+            size = float(px)
+        except ValueError as exc:
+            raise InputError(f"{spec}: pixel size after '@' must be a number") from exc
+        if size <= 0:
+            raise InputError(f"{spec}: pixel size must be positive")
+        return Path(path), size
+    return Path(spec), None
+
+
+def _read_index(folder: Path) -> dict[str, dict[str, str]]:
+    index = folder / "index.csv"
+    if not index.exists():
+        return {}
+    with index.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and "id" not in rows[0]:
+        raise InputError(f"{index}: needs an 'id' column")
+    return {row["id"]: row for row in rows}
+
+
+def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
+    """(id, image path, label path) for every pair in ``folder/images`` and ``folder/labels``."""
+    img_dir, lab_dir = folder / "images", folder / "labels"
+    if not img_dir.is_dir() or not lab_dir.is_dir():
+        raise InputError(f"{folder}: expected 'images/' and 'labels/' sub-folders")
+
+    def by_stem(d: Path) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+    images, labels = by_stem(img_dir), by_stem(lab_dir)
+    missing = sorted(set(images) ^ set(labels))
+    if missing:
+        raise InputError(f"{folder}: images without labels or labels without images: {missing[:5]}")
+    return [(k, images[k], labels[k]) for k in sorted(images)]
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Median equivalent-circle diameter (px) of the nuclei in ``labels`` (0 if none)."""
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_folder(
+    spec: str | Path,
+    exclude_splits: frozenset[str] = DEFAULT_EXCLUDE_SPLITS,
+) -> list[Sample]:
+    """Load every usable image/label pair of a data folder at the canonical scale."""
+    folder, folder_px = parse_folder_spec(str(spec))
+    index = _read_index(folder)
+    samples = []
+    for key, img_path, lab_path in find_pairs(folder):
+        row = index.get(key, {})
+        if row.get("split", "") in exclude_splits:
+            continue
+        image = read_image(img_path)
+        labels = read_labels(lab_path)
+        if image.shape[:2] != labels.shape:
+            raise InputError(
+                f"{img_path}: image {image.shape[:2]} and labels {labels.shape} differ"
+            )
+        mod = row.get("modality", "")
+        modality: Modality = (
+            "fluorescence" if mod == "fluorescence" else "he" if mod else detect_modality(image)
+        )
+        px = float(row["pixel_size"]) if row.get("pixel_size") else folder_px
+        labels, _ = relabel_sequential(labels)
+        if px is not None:
+            scale = px / CANONICAL_PIXEL_SIZE
+        else:
+            d = median_diameter(labels)
+            scale = CANONICAL_DIAMETER / d if d > 0 else 1.0
+        net_in = to_network_input(image, modality)
+        if not np.isclose(scale, 1.0):
+            net_in = rescale(net_in, (1, scale, scale), order=1, anti_aliasing=scale < 1)
+            net_in = net_in.astype(np.float32)
+            labels = rescale(labels, scale, order=0, anti_aliasing=False, preserve_range=True)
+            labels, _ = relabel_sequential(labels.astype(np.int32))
+        samples.append(
+            Sample(
+                name=f"{folder.name}/{key}",
+                image=np.ascontiguousarray(net_in, np.float32),
+                labels=labels.astype(np.int32),
+                modality=modality,
+                scale=float(scale),
+                sha256=_sha256(img_path)[:16] + _sha256(lab_path)[:16],
+            )
+        )
+    if not samples:
+        raise InputError(f"{folder}: no usable image/label pairs")
+    return samples

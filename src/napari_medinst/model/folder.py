@@ -1,0 +1,200 @@
+"""Model folders: weights + ``config.json`` + post-processing defaults + metrics.
+
+Layout::
+
+    MODEL_DIR/
+      weights.pt         state dict (loaded with ``torch.load(weights_only=True)``)
+      config.json        network config, pixel size, sha256 of weights.pt, provenance
+      postprocess.json   post-processing defaults per modality, tuned on validation
+      metrics.json       validation scores (and benchmark scores where measured)
+
+``default`` names the model bundled in the package. Folders are written to a temporary
+sibling and renamed into place, so an interrupted save never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import InputError
+from ..postprocess import PostprocessParams
+from ..preprocess import CANONICAL_PIXEL_SIZE
+from .network import NetConfig, NucleusNet
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "LoadedModel",
+    "ModelError",
+    "list_models",
+    "load_model",
+    "resolve_model_dir",
+    "save_model_folder",
+]
+
+FORMAT = "napari-medinst-model"
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class ModelError(InputError):
+    """A model folder is missing, incomplete, corrupt or fails its checksum."""
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference with its post-processing defaults."""
+
+    name: str
+    path: Path
+    net: NucleusNet
+    config: dict[str, Any]
+    postprocess: dict[str, PostprocessParams] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pixel_size(self) -> float:
+        return float(self.config.get("pixel_size", CANONICAL_PIXEL_SIZE))
+
+    def params_for(self, modality: str) -> PostprocessParams:
+        return self.postprocess.get(modality) or self.postprocess.get("he") or PostprocessParams()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_model_dir(name_or_dir: str | os.PathLike) -> Path:
+    """``default`` (or any bundled name) → the packaged folder; else a path."""
+    text = str(name_or_dir)
+    bundled = BUNDLED_MODELS / text
+    if "/" not in text and os.sep not in text and (bundled / "config.json").exists():
+        return bundled
+    path = Path(text).expanduser()
+    if not path.exists():
+        if text == "default":
+            raise ModelError("the bundled 'default' model is missing from this installation")
+        raise ModelError(f"{path}: model folder not found")
+    if not path.is_dir():
+        raise ModelError(f"{path}: a model must be a folder with weights.pt and config.json")
+    return path
+
+
+def list_models(extra_dirs: list[Path] | None = None) -> list[str]:
+    """Names of bundled models plus any model folders found directly under ``extra_dirs``."""
+    names = sorted(p.name for p in BUNDLED_MODELS.glob("*") if (p / "config.json").exists())
+    for d in extra_dirs or []:
+        names += sorted(str(p) for p in Path(d).glob("*") if (p / "config.json").exists())
+    return names
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path.parent}: model folder has no {path.name}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def load_model(
+    name_or_dir: str | os.PathLike = "default", device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load and verify a model folder (checksum, config, weights)."""
+    path = resolve_model_dir(name_or_dir)
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelError(f"{path / 'config.json'}: not a napari-medinst model config")
+    weights = path / "weights.pt"
+    if not weights.exists():
+        raise ModelError(f"{path}: model folder has no weights.pt")
+    want = config.get("weights_sha256")
+    if want and sha256_file(weights) != want:
+        raise ModelError(f"{weights}: checksum mismatch (file corrupt or modified)")
+    try:
+        net_cfg = NetConfig.from_dict(config["net"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path / 'config.json'}: invalid network config ({exc})") from exc
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{weights}: cannot be read as weights ({type(exc).__name__})") from exc
+    net = NucleusNet(net_cfg)
+    try:
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except (RuntimeError, AttributeError) as exc:
+        raise ModelError(f"{weights}: weights do not fit the configured network ({exc})") from exc
+    net.eval().to(device)
+    post = {}
+    pp_path = path / "postprocess.json"
+    if pp_path.exists():
+        raw = _read_json(pp_path)
+        try:
+            post = {mod: PostprocessParams.from_dict(p) for mod, p in raw.items()}
+        except (AttributeError, ValueError) as exc:
+            raise ModelError(f"{pp_path}: invalid post-processing parameters ({exc})") from exc
+    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
+    return LoadedModel(
+        name=path.name, path=path, net=net, config=config, postprocess=post, metrics=metrics
+    )
+
+
+def save_model_folder(
+    path: str | os.PathLike,
+    net: NucleusNet,
+    *,
+    extra_config: dict[str, Any] | None = None,
+    postprocess: dict[str, PostprocessParams] | None = None,
+    metrics: dict[str, Any] | None = None,
+    half: bool = True,
+    overwrite: bool = True,
+) -> Path:
+    """Write a complete model folder atomically (temporary sibling, then rename)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {
+            k: (v.half() if half and v.is_floating_point() else v).cpu()
+            for k, v in net.state_dict().items()
+        }
+        torch.save(state, tmp / "weights.pt")
+        config = {
+            "format": FORMAT,
+            "version": 1,
+            "net": net.config.to_dict(),
+            "pixel_size": CANONICAL_PIXEL_SIZE,
+            **(extra_config or {}),
+            "weights_sha256": sha256_file(tmp / "weights.pt"),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if postprocess:
+            (tmp / "postprocess.json").write_text(
+                json.dumps({m: p.to_dict() for m, p in postprocess.items()}, indent=2)
+            )
+        (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

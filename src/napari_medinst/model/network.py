@@ -1,0 +1,134 @@
+"""A small HoVer-Net-style network for CPUs.
+
+A U-Net whose decoder feeds four 1x1 heads: nuclear-pixel logits (2 classes), HV maps
+(2 channels), contour logit (1 channel) and optional nucleus-type logits (K classes).
+Speed comes from few channels at full working resolution (the image is first rescaled
+to a canonical pixel size), a stride-2 stem into the encoder, and most of the compute
+at 1/4 - 1/16 resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["NetConfig", "NucleusNet"]
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture of :class:`NucleusNet` (saved in a model folder's ``config.json``).
+
+    Parameters
+    ----------
+    in_channels : int
+        Input channels (3: RGB, or a grey image repeated).
+    widths : tuple of int
+        Channels at full, 1/2, 1/4, 1/8 and 1/16 resolution.
+    n_types : int
+        Number of nucleus classes for the type head (0 disables it).
+    """
+
+    in_channels: int = 3
+    widths: tuple[int, ...] = (16, 32, 64, 96, 128)
+    n_types: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NetConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown network config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(int(w) for w in d["widths"])
+        return cls(**d)
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = self.bn2(self.conv2(y))
+        return F.relu(x + y, inplace=True)
+
+
+class _Up(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int) -> None:
+        super().__init__()
+        self.fuse = _conv_bn(cin + cskip, cout)
+        self.block = _ResBlock(cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.block(self.fuse(torch.cat([x, skip], dim=1)))
+
+
+@dataclass
+class NetOutput:
+    """Raw network outputs (logits / linear), each ``(N, C, H, W)``."""
+
+    np_logits: torch.Tensor
+    hv: torch.Tensor
+    contour_logits: torch.Tensor
+    type_logits: torch.Tensor | None = field(default=None)
+
+
+class NucleusNet(nn.Module):
+    """U-Net with nuclear-pixel, HV, contour and optional type heads."""
+
+    def __init__(self, config: NetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or NetConfig()
+        w = self.config.widths
+        if len(w) < 2:
+            raise ValueError("NetConfig.widths needs at least two levels")
+        self.stem = nn.Sequential(_conv_bn(self.config.in_channels, w[0]), _conv_bn(w[0], w[0]))
+        self.down = nn.ModuleList(
+            nn.Sequential(_conv_bn(w[i], w[i + 1], stride=2), _ResBlock(w[i + 1]))
+            for i in range(len(w) - 1)
+        )
+        self.up = nn.ModuleList(_Up(w[i + 1], w[i], w[i]) for i in reversed(range(len(w) - 1)))
+        self.head_np = nn.Conv2d(w[0], 2, 1)
+        self.head_hv = nn.Conv2d(w[0], 2, 1)
+        self.head_contour = nn.Conv2d(w[0], 1, 1)
+        self.head_type = nn.Conv2d(w[0], self.config.n_types, 1) if self.config.n_types else None
+
+    @property
+    def stride(self) -> int:
+        """Input sizes that are multiples of this avoid padding inside the network."""
+        return 2 ** (len(self.config.widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> NetOutput:
+        skips = [self.stem(x)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        y = skips.pop()
+        for up in self.up:
+            y = up(y, skips.pop())
+        return NetOutput(
+            np_logits=self.head_np(y),
+            hv=self.head_hv(y),
+            contour_logits=self.head_contour(y),
+            type_logits=self.head_type(y) if self.head_type is not None else None,
+        )

@@ -1,0 +1,363 @@
+"""Training: sampling, augmentation, HoVer-Net losses, validation AJI, resumable checkpoints.
+
+``train(config)`` is what ``napari-medinst train`` and the fine-tune widget call. Each
+epoch ends with a validation pass on a held-in split (whole images, post-processing
+included); the checkpoint ``checkpoint.pt`` is rewritten atomically after every epoch
+and the model folder is rewritten whenever the validation AJI improves, so an
+interruption loses at most one epoch and never leaves a broken model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..metrics import evaluate as evaluate_instances
+from ..postprocess import Postprocessor, PostprocessParams
+from ..targets import contour_map, hv_maps
+from .augment import AugmentConfig, copy_paste, photometric, random_crop
+from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
+from .folder import load_model, save_model_folder
+from .inference import CancelledError, pick_device, predict_maps
+from .losses import LossWeights, hovernet_loss
+from .network import NetConfig, NucleusNet
+
+__all__ = ["TrainConfig", "split_samples", "train", "tune_postprocess"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``train_config.json``)."""
+
+    data: list[str]
+    out: str
+    init: str | None = None
+    epochs: int = 40
+    steps_per_epoch: int = 100
+    batch_size: int = 8
+    crop: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: torch default
+    val_fraction: float = 0.15
+    he_fraction: float = 0.65  # share of H&E crops in a batch when both modalities exist
+    exclude_splits: list[str] = field(default_factory=lambda: sorted(DEFAULT_EXCLUDE_SPLITS))
+    net: NetConfig = field(default_factory=NetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    name: str = "napari-medinst model"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["net"], d["augment"], d["loss"] = (
+            self.net.to_dict(),
+            self.augment.to_dict(),
+            self.loss.to_dict(),
+        )
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["net"] = NetConfig.from_dict(d.get("net", {}))
+        d["augment"] = AugmentConfig.from_dict(d.get("augment", {}))
+        d["loss"] = LossWeights(**d.get("loss", {}))
+        return cls(**d)
+
+
+def split_samples(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic held-in validation split: per data folder, by a hash of the name."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.name.split("/")[0], []).append(s)
+    train, val = [], []
+    for members in groups.values():
+        ranked = sorted(members, key=lambda s: hashlib.sha1(s.name.encode()).hexdigest())
+        n_val = max(1, round(fraction * len(ranked))) if len(ranked) > 1 and fraction > 0 else 0
+        val += ranked[:n_val]
+        train += ranked[n_val:]
+    return train, val
+
+
+class _Sampler:
+    def __init__(self, samples: list[Sample], cfg: TrainConfig, rng: np.random.Generator):
+        self.cfg, self.rng = cfg, rng
+        self.pools = {m: [s for s in samples if s.modality == m] for m in ("he", "fluorescence")}
+        self.pools = {m: p for m, p in self.pools.items() if p}
+        self.weights = {
+            m: np.array([s.labels.size for s in p], np.float64) / sum(s.labels.size for s in p)
+            for m, p in self.pools.items()
+        }
+
+    def _pick(self, modality: str) -> Sample:
+        pool = self.pools[modality]
+        return pool[int(self.rng.choice(len(pool), p=self.weights[modality]))]
+
+    def item(self) -> tuple[np.ndarray, np.ndarray, str]:
+        mods = list(self.pools)
+        if len(mods) == 2:
+            modality = "he" if self.rng.random() < self.cfg.he_fraction else "fluorescence"
+        else:
+            modality = mods[0]
+        s = self._pick(modality)
+        a = self.cfg.augment
+        img, lab = random_crop(s.image, s.labels, self.cfg.crop, self.rng, a.scale_range)
+        if self.rng.random() < a.copy_paste_prob:
+            donor = self._pick(modality)
+            d_img, d_lab = random_crop(
+                donor.image, donor.labels, self.cfg.crop, self.rng, a.scale_range
+            )
+            img, lab, _ = copy_paste(
+                img,
+                lab,
+                d_img,
+                d_lab,
+                self.rng,
+                n_max=a.copy_paste_max,
+                scale_range=a.copy_paste_scale,
+                max_overlap=a.copy_paste_max_overlap,
+            )
+        img = photometric(img, modality, a, self.rng)
+        return img, lab, modality
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        imgs, fgs, hvs, cts = [], [], [], []
+        for _ in range(self.cfg.batch_size):
+            img, lab, _ = self.item()
+            imgs.append(img)
+            fgs.append(lab > 0)
+            hvs.append(hv_maps(lab))
+            cts.append(contour_map(lab, 1))
+        return {
+            "image": torch.from_numpy(np.stack(imgs)),
+            "fg": torch.from_numpy(np.stack(fgs).astype(np.int64)),
+            "hv": torch.from_numpy(np.stack(hvs)),
+            "contour": torch.from_numpy(np.stack(cts).astype(np.float32)),
+        }
+
+
+def _predict_samples(net: NucleusNet, samples: list[Sample], device: torch.device) -> list:
+    return [predict_maps(net, s.image, device=device, tile=768, overlap=64) for s in samples]
+
+
+def _score(maps_list, samples: list[Sample], params: PostprocessParams) -> float:
+    ajis = []
+    for maps, s in zip(maps_list, samples, strict=True):
+        res = Postprocessor(maps.prob, maps.hv, maps.contour, pixel_size=0.5).run(params)
+        ajis.append(evaluate_instances(s.labels, res.labels).aji)
+    return float(np.mean(ajis)) if ajis else 0.0
+
+
+def tune_postprocess(maps_list, samples: list[Sample], base: PostprocessParams | None = None):
+    """Coordinate search of the main post-processing parameters maximising mean AJI."""
+    best = base or PostprocessParams()
+    best_score = _score(maps_list, samples, best)
+    grid = {
+        "fg_threshold": [0.35, 0.4, 0.45, 0.5, 0.55, 0.6],
+        "marker_threshold": [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
+        "contour_weight": [0.0, 0.25, 0.5, 0.75, 1.0],
+        "sobel_size": [3, 5, 7],
+        "smoothing": [0.0, 0.5, 1.0],
+        "min_nucleus_size": [4, 10, 20],
+    }
+    for _ in range(2):
+        for name, values in grid.items():
+            for v in values:
+                cand = PostprocessParams(**{**best.to_dict(), name: v})
+                sc = _score(maps_list, samples, cand)
+                if sc > best_score + 1e-4:
+                    best, best_score = cand, sc
+    return best, best_score
+
+
+def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, t0: float) -> None:
+    frac = step / steps
+    bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+    msg = (
+        f"epoch {epoch + 1}/{epochs} [{bar}] {step}/{steps} loss {loss:.3f} {time.time() - t0:.0f}s"
+    )
+    if sys.stderr.isatty():
+        print("\r" + msg, end="", file=sys.stderr, flush=True)
+    elif step == steps or step % max(1, steps // 5) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    total = max(1, cfg.epochs * cfg.steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    verbose: bool = True,
+) -> Path:
+    """Train (or resume) and return the model folder ``cfg.out``.
+
+    ``on_epoch`` receives ``{"epoch", "loss", "val_aji", "best_aji"}`` after each epoch;
+    ``should_stop`` is polled every step (Cancel): the last checkpoint and the best model
+    folder stay valid.
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
+    train_s, val_s = split_samples(samples, cfg.val_fraction)
+    if not train_s:
+        raise ValueError("no training images left after the validation split")
+    manifest = [
+        {"name": s.name, "sha256": s.sha256, "split": "val" if s in val_s else "train"}
+        for s in samples
+    ]
+
+    net = NucleusNet(cfg.net)
+    parent = None
+    if cfg.init:
+        init = load_model(cfg.init)
+        net = NucleusNet(NetConfig.from_dict(init.config["net"]))
+        net.load_state_dict(init.net.state_dict())
+        parent = str(init.path)
+    net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    start_epoch, best_aji, history = 0, -1.0, []
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start_epoch, best_aji, history = ck["epoch"], ck["best_aji"], json.loads(ck["history"])
+        rng = np.random.default_rng([cfg.seed, start_epoch])
+        torch.manual_seed(cfg.seed + start_epoch)
+        if verbose:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    sampler = _Sampler(train_s, cfg, rng)
+    extra = {
+        "name": cfg.name,
+        "parent": parent,
+        "training": {"config": cfg.to_dict(), "manifest": manifest},
+    }
+
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        t0, losses = time.time(), []
+        for step in range(cfg.steps_per_epoch):
+            if should_stop is not None and should_stop():
+                raise CancelledError("training cancelled")
+            b = {k: v.to(device) for k, v in sampler.batch().items()}
+            out_t = net(b["image"])
+            loss, _ = hovernet_loss(out_t, b["fg"], b["hv"], b["contour"], weights=cfg.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if verbose:
+                _progress(
+                    epoch,
+                    cfg.epochs,
+                    step + 1,
+                    cfg.steps_per_epoch,
+                    float(np.mean(losses[-20:])),
+                    t0,
+                )
+        maps = _predict_samples(net, val_s, device)
+        val_aji = _score(maps, val_s, PostprocessParams())
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "val_aji": val_aji,
+            "seconds": time.time() - t0,
+        }
+        history.append(record)
+        if val_aji > best_aji:
+            best_aji = val_aji
+            save_model_folder(
+                out / "model",
+                net,
+                extra_config=extra,
+                metrics={"val_aji_default_params": val_aji, "epoch": epoch + 1, "history": history},
+            )
+        record["best_aji"] = best_aji
+        _atomic_torch_save(
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch + 1,
+                "best_aji": best_aji,
+                "history": json.dumps(history),
+            },
+            ckpt_path,
+        )
+        if verbose:
+            print(
+                f"\nepoch {epoch + 1}: loss {record['loss']:.4f} val AJI {val_aji:.4f} (best {best_aji:.4f})",
+                file=sys.stderr,
+                flush=True,
+            )
+        if on_epoch is not None:
+            on_epoch(record)
+    finalize(out / "model", val_s, device, history)
+    return out / "model"
+
+
+def finalize(model_dir: Path, val_s: list[Sample], device: torch.device, history: list) -> None:
+    """Tune post-processing per modality on the validation split and rewrite the folder."""
+    model = load_model(model_dir)
+    post, scores = {}, {}
+    for modality in ("he", "fluorescence"):
+        subset = [s for s in val_s if s.modality == modality]
+        if not subset:
+            continue
+        maps = _predict_samples(model.net, subset, device)
+        post[modality], scores[modality] = tune_postprocess(maps, subset)
+    metrics = {**model.metrics, "val_aji_tuned": scores, "history": history}
+    save_model_folder(
+        model_dir,
+        model.net,
+        extra_config={
+            k: v
+            for k, v in model.config.items()
+            if k not in ("format", "version", "net", "weights_sha256")
+        },
+        postprocess=post,
+        metrics=metrics,
+    )
