@@ -42,6 +42,7 @@ def test_stage_cache_only_reruns_dependent_stages():
         "energy": 1,
         "markers": 1,
         "watershed": 1,
+        "stats": 1,
         "filter": 2,
     }
     pp.run(PostprocessParams(min_nucleus_size=50, marker_threshold=0.2))

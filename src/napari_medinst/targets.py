@@ -127,21 +127,14 @@ def type_map(labels: np.ndarray, types: Mapping[int, int]) -> np.ndarray:
     return out
 
 
-def _derivative_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
-    """Separable smoothing and derivative kernels of odd size ``ksize`` >= 3.
-
-    The derivative kernel, applied with ``correlate1d``, returns half the difference of
-    the (smoothed) map ``ksize // 2`` pixels ahead and behind, so a jump from +1 to -1
-    reads as -1 and a jump of 1 reads as -0.5, independently of ``ksize``.
-    """
+def _smoothing_kernel(ksize: int) -> np.ndarray:
+    """Binomial smoothing kernel of odd size ``ksize`` >= 3 (the Sobel kernel's smoothing half)."""
     if ksize < 3 or ksize % 2 == 0:
         raise ValueError(f"Sobel kernel size must be odd and >= 3, got {ksize}")
-    deriv = np.zeros(ksize)
-    deriv[0], deriv[-1] = -0.5, 0.5
     smooth = np.array([1.0])
     for _ in range(ksize - 1):
         smooth = np.convolve(smooth, [0.5, 0.5])
-    return smooth.astype(np.float32), deriv.astype(np.float32)
+    return smooth.astype(np.float32)
 
 
 def hv_gradients(hv: np.ndarray, ksize: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -149,18 +142,37 @@ def hv_gradients(hv: np.ndarray, ksize: int = 5) -> tuple[np.ndarray, np.ndarray
 
     Inside a nucleus both are positive (the maps rise from -1 to +1); they turn negative
     where a nucleus ends: against the background, or where one nucleus touches another.
+    Each is half the difference of the (perpendicularly smoothed) map ``ksize // 2``
+    pixels ahead and behind, so a jump from +1 to -1 reads as -1 whatever ``ksize``.
     No per-image normalisation is applied, so values on a crop equal those on the
     whole image away from a ``ksize // 2`` margin.
     """
     hv = np.asarray(hv, np.float32)
     if hv.ndim != 3 or hv.shape[0] != 2:
         raise ValueError(f"HV maps must have shape (2, H, W), got {hv.shape}")
-    smooth, deriv = _derivative_kernels(ksize)
+    smooth = _smoothing_kernel(ksize)
+    half = ksize // 2
     h = ndi.correlate1d(hv[0], smooth, axis=0, mode="nearest")
-    gh = ndi.correlate1d(h, deriv, axis=1, mode="nearest")
     v = ndi.correlate1d(hv[1], smooth, axis=1, mode="nearest")
-    gv = ndi.correlate1d(v, deriv, axis=0, mode="nearest")
-    return gh, gv
+    return _half_difference(h, half, axis=1), _half_difference(v, half, axis=0)
+
+
+def _half_difference(a: np.ndarray, half: int, axis: int) -> np.ndarray:
+    """``(a[i + half] - a[i - half]) / 2`` along ``axis``, edges clamped ("nearest")."""
+    a = np.moveaxis(a, axis, -1)
+    n = a.shape[-1]
+    idx = np.arange(n)
+    ahead = np.minimum(idx + half, n - 1)
+    behind = np.maximum(idx - half, 0)
+    if n <= 2 * half:
+        out = a[..., ahead] - a[..., behind]
+    else:
+        out = np.empty_like(a)
+        np.subtract(a[..., 2 * half :], a[..., : n - 2 * half], out=out[..., half : n - half])
+        for edge in (slice(0, half), slice(n - half, n)):
+            out[..., edge] = a[..., ahead[edge]] - a[..., behind[edge]]
+    out *= 0.5
+    return np.moveaxis(out, -1, axis)
 
 
 def hv_energy(hv: np.ndarray, ksize: int = 5) -> np.ndarray:
