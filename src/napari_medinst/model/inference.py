@@ -106,7 +106,11 @@ def _forward(net: NucleusNet, x: np.ndarray, device: torch.device) -> np.ndarray
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         t = F.pad(t, (0, pw, 0, ph), mode=mode)
-    t = t.to(device).contiguous(memory_format=torch.channels_last)
+    weight = net.stem[0][0].weight  # a 3x3 kernel: its layout is unambiguous
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+        t = t.to(device).contiguous(memory_format=torch.channels_last)
+    else:  # a layout mismatch between input and weights is several times slower
+        t = t.to(device)
     out = net(t)
     parts = [out.np_logits.softmax(1)[:, 1:2], out.hv, torch.sigmoid(out.contour_logits)]
     if out.type_logits is not None:
