@@ -107,8 +107,11 @@ def write_tiff(path: str | os.PathLike, arr: np.ndarray, *, overwrite: bool = Fa
     """Write ``arr`` to a deflate-compressed TIFF atomically."""
     import tifffile
 
+    data = np.asarray(arr)
+    rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and data.dtype in (np.uint8, np.uint16)
+
     def _w(tmp: Path) -> None:
-        tifffile.imwrite(tmp, np.asarray(arr), compression="zlib")
+        tifffile.imwrite(tmp, data, compression="zlib", photometric="rgb" if rgb else "minisblack")
 
     return _atomic_write(Path(path), _w, overwrite)
 
