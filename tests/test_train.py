@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import disk_labels
+from napari_medinst.cli import main
+from napari_medinst.export import export_sample
+from napari_medinst.model.folder import load_model
+from napari_medinst.model.inference import CancelledError
+from napari_medinst.model.network import NetConfig
+from napari_medinst.model.train import TrainConfig, train
+
+
+@pytest.fixture
+def tiny_set(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "set"
+    for k in range(3):
+        centres = [tuple(rng.integers(12, 84, 2)) for _ in range(6)]
+        lab = disk_labels((96, 96), centres, 7)
+        img = np.where(lab > 0, 200, 20).astype(np.uint8) + rng.integers(0, 20, lab.shape).astype(
+            np.uint8
+        )
+        export_sample(folder, img, lab, name=f"img{k}", modality="fluorescence", pixel_size=0.5)
+    return folder
+
+
+def tiny_config(data, out, epochs):
+    return TrainConfig(
+        data=[str(data)],
+        out=str(out),
+        epochs=epochs,
+        steps_per_epoch=2,
+        batch_size=2,
+        crop=64,
+        warmup_steps=1,
+        val_fraction=0.34,
+        net=NetConfig(widths=(8, 16, 16)),
+        device="cpu",
+    )
+
+
+def test_train_resume_and_model_folder(tiny_set, tmp_path):
+    out = tmp_path / "run"
+    model_dir = train(tiny_config(tiny_set, out, 1), verbose=False)
+    ck1 = (out / "checkpoint.pt").stat().st_mtime_ns
+    model = load_model(model_dir)
+    assert model.config["training"]["manifest"][0]["sha256"]
+    assert set(model.postprocess) == {"fluorescence"}
+    train(tiny_config(tiny_set, out, 2), verbose=False)  # resumes at epoch 1
+    history = json.loads((model_dir / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert (out / "checkpoint.pt").stat().st_mtime_ns != ck1
+    assert json.loads((out / "train_config.json").read_text())["epochs"] == 2
+
+
+def test_cancel_keeps_a_loadable_checkpoint(tiny_set, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_set, out, 1), verbose=False)
+    calls = iter(range(100))
+    with pytest.raises(CancelledError):
+        train(tiny_config(tiny_set, out, 3), verbose=False, should_stop=lambda: next(calls) > 0)
+    assert load_model(out / "model").net is not None
+
+
+def test_train_cli_reports_bad_data(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "images/" in capsys.readouterr().err
