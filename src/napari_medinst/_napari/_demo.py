@@ -15,8 +15,9 @@ def show(sample: str, seg: Segmentation, screenshot: Path | None = None) -> None
     viewer = napari.Viewer(show=True, title="napari-medinst")
     viewer.open_sample("napari-medinst", sample)
     image_layer = viewer.layers[f"{sample} sample"]
-    viewer.add_labels(find_boundaries(seg.labels, mode="inner") * seg.labels,
-                      name=f"{image_layer.name} contours")
+    viewer.add_labels(
+        find_boundaries(seg.labels, mode="inner") * seg.labels, name=f"{image_layer.name} contours"
+    )
     viewer.add_labels(seg.labels, name=f"{image_layer.name} instances", opacity=0.35)
     viewer.window.add_plugin_dock_widget("napari-medinst", "Segment nuclei")
     viewer.reset_view()
