@@ -1,0 +1,1319 @@
+"""The "Segment nuclei" dock widget: maps once, then live post-processing.
+
+The widget is a thin front end: the maps come from
+:func:`napari_medinst.segment.compute_maps` (model or classical), the instances from a
+cached :class:`~napari_medinst.postprocess.Postprocessor`. User-facing documentation:
+``docs/segment_widget.md``.
+
+Flow
+----
+* **Run** computes the maps in a napari ``thread_worker`` (a generator that yields
+  progress; Cancel sets a flag the tiled inference polls) and post-processes them with
+  the current parameters. Maps and the Postprocessor are kept per (image data, plane,
+  model, pixel size, modality, device), so pressing Run again, or tuning, never runs the
+  network twice for the same input.
+* **Tuning** any post-processing parameter, or editing the markers layer, re-runs only the
+  post-processing on the cached maps (only its stages that depend on the change), in a
+  worker thread. Changes are throttled rather than delayed: a slider change starts a run
+  at once when none is in flight (a fixed debounce delay would add to the latency);
+  changes made while one runs are merged into a single follow-up run (marker edits and
+  camera moves after a 10 ms single-shot timer), so the layers always end on the latest
+  parameters and never queue up stale runs.
+* Errors are returned from the workers as values and reported with a one-line
+  notification (napari would show a traceback for an exception raised in a worker).
+* **Tune on visible region** post-processes only the part of the maps shown in the canvas
+  (plus a margin) into a preview layer; **Apply to whole image** (or leaving the mode)
+  post-processes the whole image.
+
+Hand edits are never overwritten: an instances layer that was painted, filled, erased or
+otherwise changed since the widget last wrote it is left alone, and the next result goes
+to a new layer ``"<image> instances (2)"`` (the user is told so).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import napari
+import numpy as np
+import pandas as pd
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Image, Labels, Layer
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from .._io import InputError, write_bytes
+from ..model.folder import ModelError, list_models
+from ..model.inference import CancelledError
+from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
+from ..preprocess import prepare_image
+from ..segment import CLASSICAL, MapResult, compute_maps
+
+__all__ = ["SegmentWidget"]
+
+logger = logging.getLogger(__name__)
+
+CHOOSE_FOLDER = "Choose folder…"
+CURRENT_PLANE, ALL_PLANES = "current plane", "all planes"
+#: Delay (ms) that merges bursts of changes (markers, camera moves, follow-up runs).
+TUNE_DELAY_MS = 10
+#: Extra pixels around the visible region, so its border matches the whole-image result.
+CROP_MARGIN = 32
+#: Cached maps: at most this many (image, settings) combinations and this many pixels.
+MAX_SESSIONS = 3
+CACHE_PIXELS = 60_000_000
+_ROLE = "napari_medinst_role"
+_SOURCE = "napari_medinst_source"
+
+# (field, label, widget class, options, tooltip); sizes are at the model's reference pixel size
+_PARAMS: tuple[tuple[str, str, type, dict[str, Any], str], ...] = (
+    (
+        "fg_threshold",
+        "nucleus probability ≥",
+        FloatSlider,
+        {"min": 0.0, "max": 1.0, "step": 0.01},
+        "Pixels whose (smoothed) nuclear probability exceeds this are nucleus. "
+        "Lower: larger nuclei, faint nuclei kept; higher: tighter, fewer nuclei.",
+    ),
+    (
+        "marker_threshold",
+        "marker threshold",
+        FloatSlider,
+        {"min": 0.0, "max": 1.0, "step": 0.01},
+        "Boundary energy below which a nucleus pixel can seed a nucleus. "
+        "Lower: fewer seeds, touching nuclei merge; higher: more seeds, more splits.",
+    ),
+    (
+        "sobel_size",
+        "edge kernel (odd, px)",
+        SpinBox,
+        {"min": 3, "max": 51, "step": 2},
+        "Size of the derivative kernel applied to the HV maps; larger is smoother.",
+    ),
+    (
+        "contour_weight",
+        "contour weight",
+        FloatSpinBox,
+        {"min": 0.0, "max": 10.0, "step": 0.05},
+        "How much the predicted contour adds to the boundary energy between nuclei.",
+    ),
+    (
+        "smoothing",
+        "smoothing σ (px)",
+        FloatSpinBox,
+        {"min": 0.0, "max": 20.0, "step": 0.25},
+        "Gaussian smoothing of the probability before thresholding (0: none).",
+    ),
+    (
+        "marker_opening",
+        "marker opening (px)",
+        SpinBox,
+        {"min": 0, "max": 20},
+        "Radius of the opening that removes thin bridges between seeds (0: none).",
+    ),
+    (
+        "min_marker_size",
+        "min seed area (px)",
+        SpinBox,
+        {"min": 0, "max": 10_000_000},
+        "Seeds smaller than this are dropped.",
+    ),
+    (
+        "min_nucleus_size",
+        "min nucleus area (px)",
+        SpinBox,
+        {"min": 0, "max": 10_000_000},
+        "Nuclei smaller than this are removed from the result.",
+    ),
+)
+PARAM_NAMES = tuple(p[0] for p in _PARAMS)
+
+# role -> (name suffix, layer kind, initially visible)
+_OUTPUTS: dict[str, tuple[str, str, bool]] = {
+    "instances": ("instances", "labels", True),
+    "contours": ("contours", "labels", True),
+    "probability": ("nuclear probability", "image", False),
+    "hv_h": ("HV maps (horizontal)", "image", False),
+    "hv_v": ("HV maps (vertical)", "image", False),
+    "energy": ("HV energy", "image", False),
+    "markers": ("markers", "points", True),
+    "types": ("types", "labels", False),
+    "preview": ("instances (preview)", "labels", True),
+}
+
+Plane = tuple[int, ...]
+#: Points data-event actions that end a user edit (napari's ActionType values).
+_MARKER_EDITS = frozenset({"added", "removed", "changed"})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _digest(arr: np.ndarray) -> tuple:
+    """Cheap fingerprint of an array's content (detects edits made behind our back)."""
+    a = np.ascontiguousarray(arr)
+    return a.shape, str(a.dtype), zlib.crc32(a.data)
+
+
+def _boundaries(labels: np.ndarray) -> np.ndarray:
+    """Inner boundary pixels of every instance, carrying the instance's id."""
+    edge = np.zeros(labels.shape, bool)
+    for axis in (-1, -2):
+        n = labels.shape[axis]
+        a = [slice(None)] * labels.ndim
+        b = [slice(None)] * labels.ndim
+        a[axis], b[axis] = slice(1, n), slice(0, n - 1)
+        diff = labels[tuple(a)] != labels[tuple(b)]
+        edge[tuple(a)] |= diff
+        edge[tuple(b)] |= diff
+    return np.where(edge, labels, 0).astype(labels.dtype, copy=False)
+
+
+def _same(written: tuple | None, layer: Layer, sources: tuple) -> bool:
+    """Whether ``layer`` was last written from exactly these source arrays."""
+    if written is None or written[0] is not layer or len(written[1]) != len(sources):
+        return False
+    return all(a is b for a, b in zip(written[1], sources, strict=True))
+
+
+def _type_image(r: PostprocessResult) -> np.ndarray:
+    """Per-pixel class of each instance (0: background)."""
+    types = r.types if r.types is not None else np.zeros(r.n_instances, np.int16)
+    lut = np.concatenate([[0], types.astype(np.int64)]).astype(np.uint32)
+    return lut[r.labels]
+
+
+def _centroids(markers: np.ndarray) -> np.ndarray:
+    """(N, 2) centre of mass of every marker id of an int label image."""
+    rows, cols = np.nonzero(markers)
+    if rows.size == 0:
+        return np.zeros((0, 2))
+    ids = markers[rows, cols]
+    n = int(ids.max())
+    counts = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
+    r = np.bincount(ids, weights=rows, minlength=n + 1)[1:]
+    c = np.bincount(ids, weights=cols, minlength=n + 1)[1:]
+    keep = counts > 0
+    return np.stack([r[keep] / counts[keep], c[keep] / counts[keep]], axis=1)
+
+
+def _pixel_size_from_layer(layer: Layer) -> float | None:
+    """µm/px from the layer's metadata, else from a non-unit scale (in µm unless units say)."""
+    value = layer.metadata.get("pixel_size_um") if isinstance(layer.metadata, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    scale = float(layer.scale[-1])
+    if math.isclose(scale, 1.0) or scale <= 0:
+        return None
+    try:
+        unit = layer.units[-1]
+        if unit.dimensionality == {"[length]": 1}:
+            return float((scale * unit).to("micrometer").magnitude)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        pass
+    return scale
+
+
+def _camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+def _canvas_size(viewer) -> tuple[float, float]:
+    """(height, width) of the canvas in screen pixels."""
+    canvas = getattr(viewer, "canvas", None)
+    size = getattr(canvas, "size", None)
+    return tuple(size) if size is not None else tuple(viewer._canvas_size)  # napari < 0.9
+
+
+class _Relay(QObject):
+    """Carries tile progress from the worker thread to the GUI thread."""
+
+    progress = Signal(float)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    model: str
+    pixel_size: float | None
+    modality: str | None
+    device: str
+
+
+@dataclass
+class _Session:
+    """Maps, Postprocessors and results of one image + settings; layers it wrote."""
+
+    image: Image
+    data: Any
+    settings: _Settings
+    lead: tuple[int, ...]
+    maps: dict[Plane, MapResult] = field(default_factory=dict)
+    post: dict[Plane, Postprocessor] = field(default_factory=dict)
+    results: dict[Plane, PostprocessResult] = field(default_factory=dict)
+    seeds: dict[Plane, np.ndarray] = field(default_factory=dict)  # user-edited markers
+    active: tuple[Plane, ...] = ()
+    crop: tuple | None = None  # (plane, (r0, r1, c0, c1), Postprocessor)
+    layers: dict[str, Layer] = field(default_factory=dict)
+    written: dict[str, tuple] = field(default_factory=dict)  # role -> (layer, sources)
+
+    def plane_array(self, plane: Plane) -> np.ndarray:
+        return np.asarray(self.data[plane] if plane else self.data)
+
+
+@dataclass
+class _RunJob:
+    session: _Session
+    planes: tuple[Plane, ...]
+    missing: tuple[Plane, ...]
+    params: PostprocessParams | None  # None: use the model's defaults
+    seeds: dict[Plane, np.ndarray]
+
+
+def _post_kwargs(seeds: np.ndarray | None, shape: tuple[int, int]) -> dict[str, Any]:
+    if seeds is None:
+        return {}
+    if len(seeds) == 0:  # every marker deleted: only unseeded components seed themselves
+        return {"seed_labels": np.zeros(shape, np.int32), "seed_mode": "replace"}
+    return {"seed_points": seeds, "seed_mode": "replace"}
+
+
+@dataclass
+class _Failed:
+    """An exception handed to the GUI thread as a value.
+
+    napari relays exceptions raised in a worker to its notification manager, which shows
+    a traceback; the widget reports errors itself, with a plain message.
+    """
+
+    error: Exception
+
+
+def _run_job(job: _RunJob, relay: _Relay, cancel: threading.Event):
+    """Worker generator: maps for the planes that lack them, then post-processing."""
+    try:
+        return (yield from _run_steps(job, relay, cancel))
+    except Exception as exc:
+        return _Failed(exc)
+
+
+def _run_steps(job: _RunJob, relay: _Relay, cancel: threading.Event) -> Iterator[float]:
+    s = job.session
+    maps: dict[Plane, MapResult] = {}
+    n = len(job.missing)
+    for i, plane in enumerate(job.missing):
+
+        def progress(done: int, total: int, i: int = i) -> None:
+            relay.progress.emit((i + done / max(total, 1)) / (n + 0.25))
+
+        maps[plane] = compute_maps(
+            s.plane_array(plane),
+            s.settings.model,
+            pixel_size=s.settings.pixel_size,
+            modality=s.settings.modality,  # type: ignore[arg-type]
+            device=s.settings.device,
+            progress=progress,
+            should_stop=cancel.is_set,
+        )
+        if cancel.is_set():
+            raise CancelledError("segmentation cancelled")
+        yield (i + 1) / (n + 0.25)
+    all_maps = {**s.maps, **maps}
+    posts = {}
+    for p in job.planes:
+        m = all_maps[p]
+        posts[p] = s.post.get(p) or Postprocessor(
+            m.maps.prob, m.maps.hv, m.maps.contour, m.maps.type_prob, pixel_size=m.pixel_size
+        )
+    params = job.params or all_maps[job.planes[0]].default_params
+    results = {}
+    for p in job.planes:
+        if cancel.is_set():
+            raise CancelledError("segmentation cancelled")
+        shape = all_maps[p].maps.shape
+        results[p] = posts[p].run(params, **_post_kwargs(job.seeds.get(p), shape))
+    yield 1.0
+    return maps, posts, results, params
+
+
+def _tune_job(items: list[tuple[Plane, Postprocessor, np.ndarray | None]], params):
+    """Worker function: post-processing only, on cached maps."""
+    try:
+        return {
+            plane: pp.run(params, **_post_kwargs(seeds, pp.prob.shape))
+            for plane, pp, seeds in items
+        }
+    except Exception as exc:
+        return _Failed(exc)
+
+
+# --------------------------------------------------------------------------- widget
+
+
+class SegmentWidget(Container):
+    """Segment nuclei in an image layer and tune the result live.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer whose image layers are offered and where result layers are written.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        # napari hands plugins a PublicOnlyProxy; the widget compares layers by identity
+        # across events, which needs the real objects (it uses no private viewer API).
+        self._viewer = getattr(viewer, "__wrapped__", viewer)
+        self._closed = False
+        self._sessions: list[_Session] = []
+        self._session: _Session | None = None
+        self._worker = None
+        self._job: str | None = None  # "run" or "tune" while a worker runs
+        self._running_image: Image | None = None
+        self._pending = False
+        self._writing = False
+        self._updating_params = False
+        self._params_touched = False  # user set params since the model last changed
+        self._params_model: str | None = None  # model whose defaults fill the widgets
+        self._defaults = PostprocessParams()
+        self._ref_pixel_size = self._defaults.pixel_size
+        self._cancel = threading.Event()
+        self._relay = _Relay()
+        self._relay.progress.connect(self._on_progress)
+        self._hashes: dict[int, tuple] = {}
+        self._edited: set[int] = set()
+        self._watched: set[int] = set()
+        self._tune_timer = QTimer()
+        self._tune_timer.setSingleShot(True)
+        self._tune_timer.setInterval(TUNE_DELAY_MS)
+        self._tune_timer.timeout.connect(self._start_tuning)
+        self._build_input_widgets()
+        self._build_run_widgets()
+        self._build_param_widgets()
+        self._build_file_widgets()
+        self._connect_viewer()
+        self.native.destroyed.connect(self._on_destroyed)
+        self._on_image_changed(self._image_layer.value)
+
+    # ------------------------------------------------------------------ building
+
+    def _build_input_widgets(self) -> None:
+        self._image_layer = ComboBox(label="image", choices=self._image_choices)
+        self._image_layer.changed.connect(self._on_image_changed)
+        self._no_image = Label(value="Open an image (File ▸ Open, or a sample) to segment it.")
+        models = [*list_models(), CLASSICAL, CHOOSE_FOLDER]
+        self._model = ComboBox(label="model", choices=models, value=models[0])
+        self._model.changed.connect(self._on_model_changed)
+        self._model_folder = FileEdit(label="model folder", mode="d", visible=False)
+        self._model_note = Label(
+            value="" if list_models() else "No trained model installed: using 'classical'."
+        )
+        self._pixel_size = FloatSpinBox(
+            label="pixel size (µm/px)",
+            min=0.0,
+            max=50.0,
+            step=0.01,
+            value=0.0,
+            tooltip="Microns per pixel of the image. 0 = estimate from the image.",
+        )
+        self._pixel_size.native.setDecimals(4)
+        self._modality = ComboBox(label="modality", choices=["auto", "he", "fluorescence"])
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
+        self._planes = ComboBox(label="planes", choices=[CURRENT_PLANE, ALL_PLANES], visible=False)
+        self.extend(
+            [
+                self._image_layer,
+                self._no_image,
+                self._model,
+                self._model_folder,
+                self._model_note,
+                self._pixel_size,
+                self._modality,
+                self._device,
+                self._planes,
+            ]
+        )
+
+    def _build_run_widgets(self) -> None:
+        self._run = PushButton(text="Run")
+        self._run.changed.connect(self._on_run_clicked)
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._cancel_button.changed.connect(self._on_cancel_clicked)
+        buttons = Container(
+            widgets=[self._run, self._cancel_button], layout="horizontal", labels=False, label=""
+        )
+        self._progress = ProgressBar(label="progress", min=0, max=1000, value=0)
+        self._status = Label(label="", value="")
+        self.extend([buttons, self._progress, self._status])
+
+    def _build_param_widgets(self) -> None:
+        self._params_title = Label(label="", value="<b>Post-processing</b> (updates live)")
+        self.append(self._params_title)
+        for name, label, cls, opts, tip in _PARAMS:
+            w = cls(label=label, value=getattr(self._defaults, name), tooltip=tip, **opts)
+            if cls is FloatSpinBox:
+                w.native.setDecimals(4)  # keep loaded values exactly
+            w.changed.connect(self._on_param_changed)
+            setattr(self, f"_{name}", w)
+            self.append(w)
+        self._size_note = Label(label="", value="")
+        self._tune_visible = CheckBox(text="Tune on visible region", value=False)
+        self._tune_visible.changed.connect(self._on_tune_visible_changed)
+        self._apply_whole = PushButton(text="Apply to whole image", enabled=False)
+        self._apply_whole.changed.connect(self._on_apply_whole)
+        self._reset_markers = PushButton(text="Reset markers to automatic")
+        self._reset_markers.changed.connect(self._on_reset_markers)
+        self._reset_params = PushButton(text="Reset to model defaults")
+        self._reset_params.changed.connect(self._on_reset_params)
+        self.extend(
+            [
+                self._size_note,
+                self._tune_visible,
+                self._apply_whole,
+                self._reset_markers,
+                self._reset_params,
+            ]
+        )
+        self._update_size_note()
+        for w in (self._no_image, self._model_note, self._size_note, self._status):
+            w.native.setWordWrap(True)  # long notes must not widen the dock (and shrink the canvas)
+
+    def _build_file_widgets(self) -> None:
+        self._save_params = FileEdit(label="save parameters", mode="w", filter="*.json")
+        self._load_params = FileEdit(label="load parameters", mode="r", filter="*.json")
+        for w, slot in (
+            (self._save_params, self._on_save_params),
+            (self._load_params, self._on_load_params),
+        ):
+            w.line_edit.native.setReadOnly(True)  # the dialog sets the path; no per-key saves
+            w.changed.connect(slot)
+            self.append(w)
+
+    def _connect_viewer(self) -> None:
+        ev = self._viewer.layers.events
+        ev.inserted.connect(self._on_layers_changed)
+        ev.removed.connect(self._on_layer_removed)
+        ev.reordered.connect(self._on_layers_changed)
+        for layer in self._viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _on_destroyed(self, *_: Any) -> None:
+        """The dock widget (or the whole viewer) went away: stop and never touch layers."""
+        self._closed = True
+        self._cancel.set()
+        self._tune_timer.stop()
+        ev = self._viewer.layers.events
+        for emitter, slot in (
+            (ev.inserted, self._on_layers_changed),
+            (ev.removed, self._on_layer_removed),
+            (ev.reordered, self._on_layers_changed),
+        ):
+            emitter.disconnect(slot)
+
+    def _alive(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            self.native.objectName()
+        except RuntimeError:  # C++ object deleted
+            self._closed = True
+            return False
+        return True
+
+    # ------------------------------------------------------------------ inputs
+
+    def _image_choices(self, _widget=None) -> list[tuple[str, Image]]:
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if isinstance(layer, Image) and layer.metadata.get(_ROLE) is None
+        ]
+
+    def _on_layers_changed(self, event=None) -> None:
+        if not self._alive():
+            return
+        if event is not None and getattr(event, "type", None) == "inserted":
+            event.value.events.name.connect(self._on_layers_changed)
+        self._image_layer.reset_choices()
+        self._no_image.visible = not self._image_layer.choices
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        for store in (self._hashes, self._edited, self._watched):  # ids may be reused
+            if isinstance(store, dict):
+                store.pop(id(layer), None)
+            else:
+                store.discard(id(layer))
+        if self._job == "run" and self._running_image is layer:
+            self._cancel.set()  # its result could not be shown: stop computing it
+        self._sessions = [s for s in self._sessions if s.image is not layer]
+        if self._session is not None and self._session.image is layer:
+            self._session = None
+        self._on_layers_changed()
+
+    def _on_image_changed(self, layer: Image | None) -> None:
+        self._no_image.visible = layer is None
+        if layer is None:
+            return
+        px = _pixel_size_from_layer(layer)
+        self._pixel_size.value = round(px, 4) if px else 0.0
+        modality = layer.metadata.get("modality")
+        self._modality.value = modality if modality in ("he", "fluorescence") else "auto"
+        self._planes.visible = bool(self._lead_shape(layer))
+
+    def _on_model_changed(self, value: str) -> None:
+        self._model_folder.visible = value == CHOOSE_FOLDER
+        self._params_touched = False
+
+    @staticmethod
+    def _image_data(layer: Image):
+        return layer.data[0] if layer.multiscale else layer.data
+
+    @classmethod
+    def _lead_shape(cls, layer: Image) -> tuple[int, ...]:
+        shape = cls._image_data(layer).shape
+        return tuple(shape[:-3] if layer.rgb else shape[:-2])
+
+    def _settings(self) -> _Settings | None:
+        model = self._model.value
+        if model == CHOOSE_FOLDER:
+            folder = str(self._model_folder.value or "")
+            if folder in ("", "."):
+                show_warning("Choose a model folder first (model ▸ Choose folder…).")
+                return None
+            model = folder
+        px = float(self._pixel_size.value or 0.0)
+        modality = self._modality.value
+        return _Settings(
+            model=model,
+            pixel_size=px if px > 0 else None,
+            modality=None if modality == "auto" else modality,
+            device=self._device.value,
+        )
+
+    def _current_plane(self, layer: Image, lead: tuple[int, ...]) -> Plane:
+        pos = layer.world_to_data(self._viewer.dims.point)
+        return tuple(int(np.clip(round(float(pos[i])), 0, n - 1)) for i, n in enumerate(lead))
+
+    def _check_input(self, layer: Image) -> tuple[int, ...] | None:
+        """Validate the layer before starting; returns the stack shape or None (notified)."""
+        data = self._image_data(layer)
+        if layer.rgb and data.shape[-1] not in (3, 4):
+            show_error(
+                f"'{layer.name}': {data.shape[-1]}-channel colour images are not "
+                "supported; use RGB or grayscale."
+            )
+            return None
+        lead = self._lead_shape(layer)
+        plane = self._current_plane(layer, lead) if lead else ()
+        try:
+            prepare_image(np.asarray(data[plane] if plane else data), name=f"'{layer.name}'")
+        except InputError as exc:
+            show_error(f"Cannot segment {exc}")
+            return None
+        notes = []
+        if layer.rgb and data.shape[-1] == 4:
+            notes.append("alpha channel ignored")
+        if np.issubdtype(data.dtype, np.floating) or data.dtype.itemsize > 1:
+            notes.append(f"{data.dtype} intensities normalised")
+        if layer.multiscale:
+            notes.append("full-resolution level used")
+        if notes:
+            show_info(f"'{layer.name}': " + "; ".join(notes) + ".")
+        return lead
+
+    # ------------------------------------------------------------------ run
+
+    def _get_session(self, layer: Image, settings: _Settings, lead) -> _Session:
+        data = self._image_data(layer)
+        for s in self._sessions:
+            if s.image is layer and s.data is data and s.settings == settings:
+                self._sessions.remove(s)
+                self._sessions.append(s)
+                return s
+        s = _Session(image=layer, data=data, settings=settings, lead=lead)
+        old = self._session
+        if old is not None and old.image is layer:  # keep writing into the same layers
+            s.layers = dict(old.layers)
+        self._sessions.append(s)
+        return s
+
+    def _trim_sessions(self) -> None:
+        """Keep the maps of a few recent runs (switching back is free), within a budget."""
+        kept, pixels = [], 0
+        for s in reversed(self._sessions):
+            if not s.maps:  # a cancelled or failed run
+                continue
+            pixels += sum(m.maps.prob.size for m in s.maps.values())
+            if kept and (len(kept) >= MAX_SESSIONS or pixels > CACHE_PIXELS):
+                break
+            kept.append(s)
+        self._sessions = kept[::-1]
+
+    def _on_run_clicked(self, *_: Any) -> None:
+        if not self._alive():
+            return
+        if self._job == "run":
+            show_info("A segmentation is already running; wait or press Cancel.")
+            return
+        if self._job is not None:  # a tuning run: start when it ends
+            QTimer.singleShot(20, self._on_run_clicked)
+            return
+        layer = self._image_layer.value
+        if layer is None or layer not in self._viewer.layers:
+            show_warning("No image layer to segment: open an image or a sample first.")
+            return
+        lead = self._check_input(layer)
+        settings = self._settings()
+        if lead is None or settings is None:
+            return
+        session = self._get_session(layer, settings, lead)
+        if not lead:
+            planes: tuple[Plane, ...] = ((),)
+        elif self._planes.value == ALL_PLANES:
+            planes = tuple(np.ndindex(*lead))
+        else:
+            planes = (self._current_plane(layer, lead),)
+        model_key = settings.model
+        use_defaults = model_key != self._params_model and not self._params_touched
+        job = _RunJob(
+            session=session,
+            planes=planes,
+            missing=tuple(p for p in planes if p not in session.maps),
+            params=None if use_defaults else self._read_params(),
+            seeds=dict(session.seeds),
+        )
+        self._cancel.clear()
+        self._running_image = layer
+        self._status.value = "Computing maps…" if job.missing else "Post-processing…"
+        worker = create_worker(
+            _run_job, job, self._relay, self._cancel, _start_thread=False, _ignore_errors=True
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda out: self._on_run_done(job, out))
+        # napari's activity dock may quit the worker: report it like Cancel
+        worker.aborted.connect(lambda: self._on_run_error(job, CancelledError("cancelled")))
+        self._start_worker(worker, "run")
+
+    def _on_cancel_clicked(self, *_: Any) -> None:
+        if self._job == "run":
+            self._cancel.set()
+            self._status.value = "Cancelling…"
+
+    def _start_worker(self, worker, kind: str) -> None:
+        """Start ``worker``; one at a time (a Postprocessor is not thread-safe)."""
+        self._job = kind
+        self._worker = worker
+        if kind == "run":
+            self._run.enabled = False
+            self._cancel_button.enabled = True
+            self._progress.value = 0
+        worker.finished.connect(self._on_worker_finished)
+        worker.start()
+
+    def _on_progress(self, fraction: float) -> None:
+        if self._alive():
+            self._progress.value = int(1000 * min(max(fraction, 0.0), 1.0))
+
+    def _on_worker_finished(self) -> None:
+        kind, self._job, self._worker = self._job, None, None
+        if not self._alive():
+            return
+        if kind == "run":
+            self._run.enabled = True
+            self._cancel_button.enabled = False
+        if self._pending:
+            self._pending = False
+            self._schedule_tuning()
+
+    def _on_run_done(self, job: _RunJob, out) -> None:
+        if not self._alive():
+            return
+        if isinstance(out, _Failed):
+            self._on_run_error(job, out.error)
+            return
+        s = job.session
+        if s.image not in self._viewer.layers:
+            show_warning(
+                f"'{s.image.name}' was removed while it was segmented; the result was discarded."
+            )
+            return
+        maps, posts, results, params = out
+        s.maps.update(maps)
+        s.post.update(posts)
+        s.results.update(results)
+        s.active = job.planes
+        self._session = s
+        if s not in self._sessions:
+            self._sessions.append(s)
+        self._trim_sessions()
+        first = s.maps[job.planes[0]]
+        self._defaults = first.default_params
+        if job.params is None:
+            self._params_model = s.settings.model
+            if not self._params_touched:  # unless the user tuned meanwhile (re-run pending)
+                self._set_params(params)
+        self._write_outputs(s)
+        self._viewer.layers.selection.active = s.layers["instances"]
+        if self._tune_visible.value:  # refresh the preview from the new maps
+            s.crop = None
+            self._schedule_tuning()
+        est = " (estimated)" if first.pixel_size_estimated else ""
+        n = sum(r.n_instances for r in results.values())
+        self._status.value = (
+            f"{n} nuclei in '{s.image.name}' · model {first.model_name} · "
+            f"{first.modality} · {first.pixel_size:.3g} µm/px{est}"
+        )
+        self._progress.value = 1000
+
+    def _on_run_error(self, job: _RunJob, exc: BaseException) -> None:
+        if not self._alive():
+            return
+        name = job.session.image.name
+        if isinstance(exc, CancelledError) and job.session.image not in self._viewer.layers:
+            show_warning(f"'{name}' was removed while it was segmented; the run was stopped.")
+            self._status.value = "Stopped: image removed."
+        elif isinstance(exc, CancelledError):
+            show_info(f"Segmentation of '{name}' cancelled; no layer was changed.")
+            self._status.value = "Cancelled."
+        elif isinstance(exc, ModelError):
+            show_error(
+                f"Could not load the model '{job.session.settings.model}': {exc}. "
+                "Choose 'classical' or another model folder."
+            )
+            self._status.value = "Model failed to load."
+        elif isinstance(exc, InputError | ValueError):
+            show_error(f"Cannot segment '{name}': {exc}")
+            self._status.value = "Failed."
+        elif isinstance(exc, MemoryError):
+            show_error(f"Out of memory while segmenting '{name}'; crop a smaller region.")
+            self._status.value = "Failed."
+        else:
+            logger.error("segmentation failed", exc_info=exc)
+            show_error(f"Segmentation of '{name}' failed: {type(exc).__name__}: {exc}")
+            self._status.value = "Failed."
+
+    # ------------------------------------------------------------------ parameters
+
+    def _read_params(self) -> PostprocessParams:
+        values: dict[str, Any] = {}
+        for name in PARAM_NAMES:
+            w = getattr(self, f"_{name}")
+            v = w.value
+            values[name] = int(v) if isinstance(w, SpinBox) else round(float(v), 4)
+        if values["sobel_size"] % 2 == 0:  # typed an even size: use the next odd one
+            values["sobel_size"] += 1
+            with self._sobel_size.changed.blocked():
+                self._sobel_size.value = values["sobel_size"]
+        return PostprocessParams(**values, pixel_size=self._ref_pixel_size)
+
+    def _set_params(self, params: PostprocessParams) -> None:
+        """Show ``params`` in the widgets without triggering one run per widget."""
+        self._updating_params = True
+        try:
+            for name in PARAM_NAMES:
+                getattr(self, f"_{name}").value = getattr(params, name)
+        finally:
+            self._updating_params = False
+        self._ref_pixel_size = params.pixel_size
+        self._update_size_note()
+
+    def _update_size_note(self) -> None:
+        self._size_note.value = (
+            f"<small>Sizes in px at {self._ref_pixel_size:g} µm/px (model reference), "
+            "scaled to the image.</small>"
+        )
+
+    def _on_param_changed(self, *_: Any) -> None:
+        if self._updating_params:
+            return
+        self._params_touched = True
+        self._schedule_tuning(now=True)
+
+    def _on_reset_params(self, *_: Any) -> None:
+        self._set_params(self._defaults)
+        self._params_touched = False
+        show_info("Post-processing parameters reset to the model's defaults.")
+        self._schedule_tuning()
+
+    def _on_save_params(self, path) -> None:
+        if not path or str(path) in ("", "."):
+            return
+        path = Path(path)
+        if path.suffix.lower() != ".json":
+            path = path.with_suffix(".json")
+        try:
+            write_bytes(path, self._read_params().to_json().encode(), overwrite=True)
+        except (OSError, ValueError) as exc:
+            show_error(f"Could not save the parameters to {path}: {exc}")
+        else:
+            show_info(f"Parameters saved to {path}")
+        finally:
+            with self._save_params.changed.blocked():
+                self._save_params.value = ""
+
+    def _on_load_params(self, path) -> None:
+        if not path or str(path) in ("", "."):
+            return
+        path = Path(path)
+        try:
+            params = PostprocessParams.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            show_error(f"Could not read {path}: {exc}")
+        except ValueError as exc:
+            show_error(f"{path.name}: invalid parameters, nothing changed ({exc})")
+        else:
+            self._set_params(params)
+            self._params_touched = True
+            show_info(f"Parameters loaded from {path.name}")
+            self._schedule_tuning()
+        finally:
+            with self._load_params.changed.blocked():
+                self._load_params.value = ""
+
+    # ------------------------------------------------------------------ tuning
+
+    def _schedule_tuning(self, *_: Any, now: bool = False) -> None:
+        """Re-run the post-processing soon (``now``: at once when no worker runs).
+
+        Starting at once, rather than after the pending repaint, saves a frame of latency;
+        changes made while a run is in flight are merged into one follow-up run.
+        """
+        if self._session is None or not self._session.results or not self._alive():
+            return
+        if now and self._job is None:
+            self._tune_timer.stop()
+            self._start_tuning()
+        else:
+            self._tune_timer.start()
+
+    def _start_tuning(self) -> None:
+        """Post-process the cached maps with the current parameters, off the GUI thread."""
+        s = self._session
+        if not self._alive() or s is None or not s.results:
+            return
+        if self._job is not None:
+            self._pending = True
+            return
+        try:
+            params = self._read_params()
+        except ValueError as exc:
+            show_error(f"Invalid post-processing parameters: {exc}")
+            return
+        if self._tune_visible.value:
+            items, preview = self._crop_items(s), True
+        else:
+            items = [(p, s.post[p], s.seeds.get(p)) for p in s.active]
+            preview = False
+        if not items:
+            return
+        worker = create_worker(_tune_job, items, params, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda res: self._on_tuned(s, res, preview))
+        self._start_worker(worker, "tune")
+
+    def _on_tuned(self, s: _Session, results, preview: bool) -> None:
+        if not self._alive() or s is not self._session or s.image not in self._viewer.layers:
+            return
+        if isinstance(results, _Failed):
+            self._on_tune_error(results.error)
+            return
+        if preview:
+            if self._tune_visible.value:  # else the user left the mode meanwhile
+                self._write_preview(s, next(iter(results.values())))
+            return
+        s.results.update(results)
+        self._write_outputs(s)
+        n = sum(r.n_instances for r in s.results.values() if r is not None)
+        self._status.value = f"{n} nuclei in '{s.image.name}'"
+
+    def _on_tune_error(self, exc: BaseException) -> None:
+        if not self._alive():
+            return
+        logger.error("post-processing failed", exc_info=exc)
+        show_error(f"Post-processing failed: {type(exc).__name__}: {exc}")
+
+    # visible region -----------------------------------------------------------------
+
+    def _visible_rect(self, s: _Session) -> tuple[int, int, int, int]:
+        """Rows/cols of the image shown in the canvas, plus a margin, clipped."""
+        h, w = s.maps[s.active[0]].maps.shape
+        cam, dims = _camera(self._viewer), self._viewer.dims
+        if tuple(dims.displayed)[-2:] != (dims.ndim - 2, dims.ndim - 1) or dims.ndisplay != 2:
+            return 0, h, 0, w
+        centre = np.asarray(cam.center[-2:], float)
+        half = np.asarray(_canvas_size(self._viewer), float) / 2.0 / max(cam.zoom, 1e-9)
+        point = np.asarray(dims.point, float)
+        corners = []
+        for corner in (centre - half, centre + half):
+            point[-2:] = corner
+            corners.append(s.image.world_to_data(point)[-2:])
+        lo, hi = np.minimum(*corners), np.maximum(*corners)
+        r0 = int(np.clip(math.floor(lo[0]) - CROP_MARGIN, 0, h))
+        r1 = int(np.clip(math.ceil(hi[0]) + CROP_MARGIN, 0, h))
+        c0 = int(np.clip(math.floor(lo[1]) - CROP_MARGIN, 0, w))
+        c1 = int(np.clip(math.ceil(hi[1]) + CROP_MARGIN, 0, w))
+        if r1 - r0 < 8 or c1 - c0 < 8:
+            return 0, h, 0, w
+        return r0, r1, c0, c1
+
+    def _crop_items(self, s: _Session):
+        plane = self._current_plane(s.image, s.lead) if s.lead else ()
+        if plane not in s.maps:
+            plane = s.active[0]
+        rect = self._visible_rect(s)
+        if s.crop is None or s.crop[:2] != (plane, rect):
+            r0, r1, c0, c1 = rect
+            m, mr = s.maps[plane].maps, s.maps[plane]
+            win = (slice(r0, r1), slice(c0, c1))
+            pp = Postprocessor(
+                m.prob[win],
+                m.hv[(slice(None), *win)],
+                m.contour[win],
+                None if m.type_prob is None else m.type_prob[(slice(None), *win)],
+                pixel_size=mr.pixel_size,
+            )
+            s.crop = (plane, rect, pp)
+        seeds = s.seeds.get(plane)
+        if seeds is not None:
+            r0, _, c0, _ = rect
+            seeds = seeds - np.array([r0, c0], float)
+        return [(plane, s.crop[2], seeds)]
+
+    def _on_tune_visible_changed(self, on: bool) -> None:
+        self._apply_whole.enabled = on
+        if on:
+            _camera(self._viewer).events.center.connect(self._schedule_tuning)
+            _camera(self._viewer).events.zoom.connect(self._schedule_tuning)
+            self._schedule_tuning()
+        else:
+            _camera(self._viewer).events.center.disconnect(self._schedule_tuning)
+            _camera(self._viewer).events.zoom.disconnect(self._schedule_tuning)
+            self._on_apply_whole()
+
+    def _on_apply_whole(self, *_: Any) -> None:
+        s = self._session
+        if s is None:
+            return
+        s.crop = None
+        self._remove_output(s, "preview")
+        if self._tune_visible.value:
+            with self._tune_visible.changed.blocked():
+                self._tune_visible.value = False
+            self._apply_whole.enabled = False
+            _camera(self._viewer).events.center.disconnect(self._schedule_tuning)
+            _camera(self._viewer).events.zoom.disconnect(self._schedule_tuning)
+        self._schedule_tuning()
+
+    # markers ------------------------------------------------------------------------
+
+    def _on_markers_edited(self, event) -> None:
+        if self._writing or not self._alive():
+            return
+        if str(getattr(event, "action", "")) not in _MARKER_EDITS:  # not the "-ing" events
+            return
+        s = self._session
+        layer = event.source
+        if s is None or s.layers.get("markers") is not layer:
+            return
+        pts = np.asarray(layer.data, float).reshape(-1, layer.ndim)
+        nl = len(s.lead)
+        for plane in s.active:
+            if nl:
+                sel = np.all(np.round(pts[:, :nl]).astype(int) == np.array(plane), axis=1)
+                s.seeds[plane] = pts[sel][:, nl:]
+            else:
+                s.seeds[plane] = pts
+        self._status.value = "Markers edited: the watershed uses your markers."
+        self._schedule_tuning()
+
+    def _on_reset_markers(self, *_: Any) -> None:
+        s = self._session
+        if s is None or not s.seeds:
+            return
+        s.seeds.clear()
+        s.written.pop("markers", None)
+        show_info("Markers reset to the automatic ones.")
+        self._schedule_tuning()
+
+    # ------------------------------------------------------------------ writing layers
+
+    def _find_output(self, s: _Session, role: str) -> Layer | None:
+        layer = s.layers.get(role)
+        if layer is not None and layer in self._viewer.layers:
+            return layer
+        for layer in reversed(list(self._viewer.layers)):
+            md = layer.metadata
+            if md.get(_ROLE) == role and md.get(_SOURCE) == s.image.name:
+                s.layers[role] = layer
+                return layer
+        return None
+
+    def _free_name(self, base: str) -> str:
+        names = {layer.name for layer in self._viewer.layers}
+        k = 2
+        while f"{base} ({k})" in names:
+            k += 1
+        return f"{base} ({k})"
+
+    def _is_edited(self, layer: Layer) -> bool:
+        if id(layer) in self._edited:
+            return True
+        known = self._hashes.get(id(layer))
+        return known is not None and known != _digest(layer.data)
+
+    def _watch_instances(self, layer: Labels) -> None:
+        if id(layer) in self._watched:
+            return
+        self._watched.add(id(layer))
+
+        def edited(*_: Any) -> None:
+            if not self._writing:
+                self._edited.add(id(layer))
+
+        layer.events.paint.connect(edited)
+        layer.events.data.connect(edited)
+
+    def _put(
+        self, s: _Session, role: str, make: Callable[[], Any], sources: tuple, **kwargs: Any
+    ) -> Layer:
+        """Create or update the output layer ``role``; skipped when its sources are unchanged.
+
+        ``make`` builds the data only when the layer has to be written.
+        """
+        layer = self._find_output(s, role)
+        if layer is not None and _same(s.written.get(role), layer, sources):
+            return layer
+        suffix, kind, visible = _OUTPUTS[role]
+        self._writing = True
+        try:
+            if layer is None:
+                layer = self._add_layer(
+                    s, role, f"{s.image.name} {suffix}", kind, make(), visible, kwargs
+                )
+            else:
+                layer.data = make()
+                for key, value in kwargs.items():
+                    setattr(layer, key, value)
+        finally:
+            self._writing = False
+        s.layers[role] = layer
+        s.written[role] = (layer, sources)
+        return layer
+
+    def _add_layer(self, s, role, name, kind, data, visible, kwargs) -> Layer:
+        img = s.image
+        common = {
+            "name": name,
+            "scale": img.scale,
+            "translate": img.translate,
+            "visible": visible,
+            "metadata": {_ROLE: role, _SOURCE: img.name},
+        }
+        common.update(kwargs)
+        kwargs = {}
+        if kind == "labels":
+            layer = self._viewer.add_labels(data, **common, **kwargs)
+        elif kind == "points":
+            layer = self._viewer.add_points(
+                data,
+                **common,
+                size=max(2.0, 3.0 * self._ref_pixel_size / self._plane_px(s)),
+                face_color="yellow",
+                border_width=0,
+                **kwargs,
+            )
+            layer.events.data.connect(self._on_markers_edited)
+        else:
+            layer = self._viewer.add_image(data, **common, **kwargs)
+        return layer
+
+    @staticmethod
+    def _plane_px(s: _Session) -> float:
+        return next(iter(s.maps.values())).pixel_size if s.maps else 0.5
+
+    def _remove_output(self, s: _Session, role: str) -> None:
+        layer = self._find_output(s, role)
+        if layer is not None:
+            self._viewer.layers.remove(layer)
+        s.layers.pop(role, None)
+        s.written.pop(role, None)
+
+    def _stack(self, s: _Session, get: Callable[[Plane], np.ndarray], dtype) -> np.ndarray:
+        """One 2-D image, or the stack of every plane that has a result (others zero)."""
+        if not s.lead:
+            return get(())
+        planes = sorted(s.results)
+        first = get(planes[0])
+        out = np.zeros((*s.lead, *first.shape), dtype)
+        for p in planes:
+            out[p] = get(p)
+        return out
+
+    def _instance_stack(self, s: _Session) -> tuple[np.ndarray, pd.DataFrame]:
+        """Instances with ids unique across planes, and the features table."""
+        planes = sorted(s.results) if s.lead else [()]
+        offsets, off = {}, 0
+        for p in planes:
+            offsets[p] = off
+            off += s.results[p].n_instances
+
+        def shifted(p: Plane) -> np.ndarray:
+            lab = s.results[p].labels
+            return (
+                np.where(lab > 0, lab + np.uint32(offsets[p]), 0).astype(np.uint32)
+                if offsets[p]
+                else lab.copy()
+            )
+
+        labels = self._stack(s, shifted, np.uint32)
+        rows = []
+        for p in planes:
+            r = s.results[p]
+            ids = np.arange(1, r.n_instances + 1, dtype=np.int64) + offsets[p]
+            cols: dict[str, Any] = {"index": ids, "label": ids, "score": r.scores}
+            if r.types is not None:
+                cols["type"] = r.types.astype(int)
+            if s.lead:
+                cols["plane"] = [str(p)] * len(ids)
+            rows.append(pd.DataFrame(cols))
+        return labels, pd.concat(rows, ignore_index=True)
+
+    def _write_outputs(self, s: _Session) -> None:
+        """(Re)write the output layers whose sources changed since the last write."""
+        res = [s.results[p] for p in (sorted(s.results) if s.lead else [()])]
+        label_src = tuple(r.labels for r in res)
+        maps_src = tuple(s.maps[p].maps for p in (sorted(s.results) if s.lead else [()]))
+        stack = self._stack
+        self._write_instances(s, label_src)
+        self._put(
+            s,
+            "contours",
+            lambda: stack(s, lambda p: _boundaries(s.results[p].labels), np.uint32),
+            label_src,
+        )
+        self._put(
+            s,
+            "probability",
+            lambda: stack(s, lambda p: s.maps[p].maps.prob, np.float32),
+            maps_src,
+            colormap="magma",
+            contrast_limits=(0.0, 1.0),
+        )
+        for role, ch in (("hv_h", 0), ("hv_v", 1)):
+            self._put(
+                s,
+                role,
+                lambda ch=ch: stack(s, lambda p: s.maps[p].maps.hv[ch], np.float32),
+                maps_src,
+                colormap="PiYG",
+                contrast_limits=(-1.0, 1.0),
+            )
+        self._put(
+            s,
+            "energy",
+            lambda: stack(s, lambda p: s.results[p].energy, np.float32),
+            tuple(r.energy for r in res),
+            colormap="viridis",
+            contrast_limits=(0.0, 1.0),
+        )
+        if not s.seeds:  # user-edited markers are the user's: never rewritten
+            self._put(s, "markers", lambda: self._marker_points(s), tuple(r.markers for r in res))
+        if any(r.types is not None for r in res):
+            self._put(
+                s,
+                "types",
+                lambda: stack(s, lambda p: _type_image(s.results[p]), np.uint32),
+                label_src,
+            )
+
+    def _marker_points(self, s: _Session) -> np.ndarray:
+        pts = []
+        for p, r in sorted(s.results.items()) if s.lead else [((), s.results[()])]:
+            c = _centroids(r.markers)
+            if s.lead:
+                c = np.concatenate([np.tile(np.array(p, float), (len(c), 1)), c], axis=1)
+            pts.append(c)
+        return np.concatenate(pts) if pts else np.zeros((0, 2 + len(s.lead)))
+
+    def _write_instances(self, s: _Session, sources: tuple) -> Labels:
+        """Write the instances, into a new layer when the current one was edited by hand."""
+        layer = self._find_output(s, "instances")
+        unchanged = layer is not None and _same(s.written.get("instances"), layer, sources)
+        name = f"{s.image.name} {_OUTPUTS['instances'][0]}"
+        if layer is not None and self._is_edited(layer):
+            if unchanged:
+                return layer
+            name = self._free_name(name)
+            show_info(
+                f"'{layer.name}' was edited by hand and is kept unchanged; "
+                f"the new result is in '{name}'."
+            )
+            s.layers.pop("instances", None)
+            layer = None
+        elif unchanged:
+            return layer
+        labels, features = self._instance_stack(s)
+        results = [s.results[p] for p in sorted(s.results)]
+        first = next(iter(s.maps.values()))
+        meta = {
+            "postprocess_params": results[0].params.to_json(),
+            "scores": np.concatenate([r.scores for r in results]),
+            "model": first.model_name,
+            "modality": first.modality,
+            "pixel_size_um": first.pixel_size,
+            "pixel_size_estimated": first.pixel_size_estimated,
+        }
+        self._writing = True
+        try:
+            if layer is None:
+                layer = self._add_layer(
+                    s, "instances", name, "labels", labels, True, {"opacity": 0.5}
+                )
+            else:
+                layer.data = labels
+            layer.metadata.update(meta)
+            layer.features = features
+        finally:
+            self._writing = False
+        s.layers["instances"] = layer
+        s.written["instances"] = (layer, sources)
+        self._hashes[id(layer)] = _digest(layer.data)
+        self._edited.discard(id(layer))
+        self._watch_instances(layer)
+        return layer
+
+    def _write_preview(self, s: _Session, result: PostprocessResult) -> None:
+        plane, (r0, _, c0, _), _ = s.crop
+        data = result.labels.copy()
+        lead = len(s.lead)
+        if lead:
+            data = data.reshape((1,) * lead + data.shape)
+        offset = np.array([*plane, r0, c0], float)
+        translate = np.asarray(s.image.translate, float) + offset * np.asarray(s.image.scale)
+        self._put(s, "preview", lambda: data, (result.labels,), translate=translate, opacity=0.6)
+        self._status.value = (
+            f"Preview: {result.n_instances} nuclei in the visible region. "
+            "Press 'Apply to whole image' when done."
+        )

@@ -1,0 +1,594 @@
+"""The "Segment nuclei" widget, driven like a user: run, tune, edit markers, cancel, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_medinst._napari import _segment_widget as sw
+from napari_medinst._napari._segment_widget import SegmentWidget
+from napari_medinst.postprocess import PostprocessParams
+
+pytestmark = pytest.mark.gui
+
+IMAGE = "he sample"
+RUN_TIMEOUT = 60_000
+
+
+class Notes:
+    """Captures the widget's notifications instead of showing them."""
+
+    def __init__(self, monkeypatch):
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.infos: list[str] = []
+        monkeypatch.setattr(sw, "show_error", self.errors.append)
+        monkeypatch.setattr(sw, "show_warning", self.warnings.append)
+        monkeypatch.setattr(sw, "show_info", self.infos.append)
+
+
+@pytest.fixture
+def notes(monkeypatch) -> Notes:
+    return Notes(monkeypatch)
+
+
+@pytest.fixture
+def maps_calls(monkeypatch) -> list[tuple]:
+    """Counts calls of the maps computation (the network / classical segmenter)."""
+    calls: list[tuple] = []
+    real = sw.compute_maps
+
+    def counting(image, model, **kw):
+        calls.append((image.shape, model, kw.get("pixel_size")))
+        return real(image, model, **kw)
+
+    monkeypatch.setattr(sw, "compute_maps", counting)
+    return calls
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    from napari_medinst.model.folder import save_model_folder
+    from napari_medinst.model.network import NetConfig, NucleusNet
+
+    return save_model_folder(tmp_path / "tiny", NucleusNet(NetConfig(widths=(8, 16, 16))))
+
+
+def make_widget(make_napari_viewer, *, sample: str | None = "he", show: bool = False):
+    """A viewer with the widget docked from the plugin menu (as a user opens it)."""
+    viewer = make_napari_viewer(show=show)
+    if sample:
+        viewer.open_sample("napari-medinst", sample)
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medinst", "Segment nuclei")
+    assert isinstance(widget, SegmentWidget)
+    return viewer, widget
+
+
+def shown(w) -> bool:
+    """Not hidden (``.visible`` is False for every widget while the viewer is not shown)."""
+    return not w.native.isHidden()
+
+
+def idle(widget) -> bool:
+    return widget._job is None and not widget._tune_timer.isActive() and not widget._pending
+
+
+def run(qtbot, widget, model: str = "classical", timeout: int = RUN_TIMEOUT) -> None:
+    widget._model.value = model
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: idle(widget), timeout=timeout)
+
+
+def instances(viewer, name: str = f"{IMAGE} instances"):
+    return viewer.layers[name]
+
+
+def settle(qtbot, widget) -> None:
+    qtbot.wait(5)
+    qtbot.waitUntil(lambda: idle(widget), timeout=RUN_TIMEOUT)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_run_classical_writes_every_layer(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    image = viewer.layers[IMAGE]
+    assert widget._image_layer.value is image
+    assert widget._pixel_size.value == pytest.approx(0.25)  # from the sample's metadata
+    assert widget._modality.value == "he"
+    run(qtbot, widget)
+    assert not notes.errors
+    labels = instances(viewer)
+    assert labels.data.dtype == np.uint32
+    assert labels.data.shape == image.data.shape[:2]
+    n = int(labels.data.max())
+    assert n > 20
+    assert set(np.unique(labels.data)) == set(range(n + 1))
+    names = {layer.name for layer in viewer.layers}
+    for suffix in (
+        "contours",
+        "nuclear probability",
+        "HV maps (horizontal)",
+        "HV maps (vertical)",
+        "HV energy",
+        "markers",
+    ):
+        assert f"{IMAGE} {suffix}" in names
+    assert f"{IMAGE} types" not in names  # the classical model has no types
+    assert not viewer.layers[f"{IMAGE} HV energy"].visible
+    assert not viewer.layers[f"{IMAGE} nuclear probability"].visible
+    # contours carry the instance ids on the boundaries only
+    contours = viewer.layers[f"{IMAGE} contours"].data
+    assert 0 < np.count_nonzero(contours) < np.count_nonzero(labels.data)
+    assert np.all(contours[contours > 0] == labels.data[contours > 0])
+    # parameters and scores travel with the layer
+    params = PostprocessParams.from_json(labels.metadata["postprocess_params"])
+    assert params == widget._read_params()
+    assert len(labels.metadata["scores"]) == n
+    assert list(labels.features["label"]) == list(range(1, n + 1))
+    assert labels.features["score"].between(0, 1).all()
+    # one marker per seeded nucleus (a nucleus without a seed seeds itself)
+    assert n // 2 < len(viewer.layers[f"{IMAGE} markers"].data) <= n + 5
+    # energy is the watershed's flood surface
+    energy = viewer.layers[f"{IMAGE} HV energy"].data
+    assert energy.shape == labels.data.shape and 0 <= energy.min() <= energy.max() <= 1
+    assert "nuclei" in widget._status.value
+
+
+def test_result_is_drawn_on_the_canvas(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer, show=True)
+    run(qtbot, widget)
+    labels = instances(viewer)
+    for layer in viewer.layers:
+        layer.visible = layer is labels
+    labels.opacity = 1.0
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    coloured = np.any(np.abs(shot - shot[0, 0]) > 30, axis=-1).mean()
+    # the nuclei cover part of the tile, and the tile part of the canvas
+    nuclear = np.count_nonzero(labels.data) / labels.data.size
+    assert 0.2 * nuclear < coloured < nuclear
+
+
+def test_layers_follow_the_image_scale_and_translate(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    image = viewer.layers[IMAGE]
+    image.scale = (0.5, 0.5)
+    image.translate = (10, 20)
+    widget._pixel_size.value = 0.25
+    run(qtbot, widget)
+    for suffix in ("instances", "contours", "HV energy", "markers"):
+        layer = viewer.layers[f"{IMAGE} {suffix}"]
+        np.testing.assert_allclose(layer.scale, (0.5, 0.5))
+        np.testing.assert_allclose(layer.translate, (10, 20))
+
+
+def test_tuning_reruns_postprocessing_only(make_napari_viewer, qtbot, notes, maps_calls):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    assert len(maps_calls) == 1
+    before = instances(viewer).data.copy()
+    pp = widget._session.post[()]
+    widget._fg_threshold.value = 0.8
+    settle(qtbot, widget)
+    after = instances(viewer).data
+    assert not np.array_equal(before, after)
+    assert np.count_nonzero(after) < np.count_nonzero(before)  # stricter foreground
+    assert PostprocessParams.from_json(
+        instances(viewer).metadata["postprocess_params"]
+    ).fg_threshold == pytest.approx(0.8)
+    # a late-stage parameter only re-runs the filter stage
+    runs = dict(pp.stage_runs)
+    widget._min_nucleus_size.value = 200
+    settle(qtbot, widget)
+    assert pp.stage_runs["filter"] == runs["filter"] + 1
+    assert pp.stage_runs["energy"] == runs["energy"]
+    assert pp.stage_runs["foreground"] == runs["foreground"]
+    assert instances(viewer).data.max() < after.max()
+    # every parameter widget drives the result
+    for name, value in [
+        ("marker_threshold", 0.5),
+        ("sobel_size", 7),
+        ("contour_weight", 1.0),
+        ("smoothing", 1.0),
+        ("marker_opening", 2),
+        ("min_marker_size", 8),
+    ]:
+        getattr(widget, f"_{name}").value = value
+        settle(qtbot, widget)
+        meta = json.loads(instances(viewer).metadata["postprocess_params"])
+        assert meta[name] == pytest.approx(value), name
+    assert len(maps_calls) == 1, "tuning must never recompute the maps"
+    assert not notes.errors
+
+
+def test_rerun_reuses_maps_and_layers(make_napari_viewer, qtbot, notes, maps_calls):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    n_layers = len(viewer.layers)
+    first = instances(viewer)
+    run(qtbot, widget)
+    assert len(maps_calls) == 1, "same image + settings: the maps are reused"
+    assert len(viewer.layers) == n_layers
+    assert instances(viewer) is first
+    widget._pixel_size.value = 0.3  # another pixel size: new maps, same layers
+    run(qtbot, widget)
+    assert len(maps_calls) == 2
+    assert len(viewer.layers) == n_layers
+    assert instances(viewer) is first
+
+
+def test_even_sobel_size_is_made_odd(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    widget._sobel_size.value = 6
+    settle(qtbot, widget)
+    assert widget._sobel_size.value == 7
+    assert json.loads(instances(viewer).metadata["postprocess_params"])["sobel_size"] == 7
+    assert not notes.errors
+
+
+# ----------------------------------------------------------------------------- markers
+
+
+def test_adding_a_marker_splits_a_nucleus(make_napari_viewer, qtbot, notes, maps_calls):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    labels = instances(viewer).data.copy()
+    markers = viewer.layers[f"{IMAGE} markers"]
+    n_before = int(labels.max())
+    # the largest nucleus: a seed at its far end, away from its own marker, splits it
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    big = int(sizes.argmax())
+    rr, cc = np.nonzero(labels == big)
+    centre = np.array([rr.mean(), cc.mean()])
+    d = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2
+    far = np.array([rr[d.argmax()], cc[d.argmax()]], float)
+    far = centre + 0.8 * (far - centre)
+    markers.add(far)
+    settle(qtbot, widget)
+    after = instances(viewer).data
+    assert int(after.max()) == n_before + 1
+    assert len(np.unique(after[labels == big])) == 2  # split in two
+    # deleting that marker again restores the nucleus
+    markers.selected_data = {len(markers.data) - 1}
+    markers.remove_selected()
+    settle(qtbot, widget)
+    assert int(instances(viewer).data.max()) == n_before
+    # the user's markers persist through tuning, until reset
+    widget._min_nucleus_size.value = 11
+    settle(qtbot, widget)
+    assert len(markers.data) == len(widget._session.seeds[()])
+    widget._reset_markers.native.click()
+    settle(qtbot, widget)
+    assert not widget._session.seeds
+    assert len(maps_calls) == 1
+    assert not notes.errors
+
+
+def test_moving_a_marker_onto_background_drops_it(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    markers = viewer.layers[f"{IMAGE} markers"]
+    widget._min_nucleus_size.value = 0
+    settle(qtbot, widget)
+    before = instances(viewer).data.copy()
+    # move every marker by a tiny amount: the result is unchanged, now from user seeds
+    markers.data = markers.data + 0.01
+    markers.events.data(value=markers.data, action="changed", data_indices=(), vertex_indices=((),))
+    settle(qtbot, widget)
+    assert widget._session.seeds
+    assert abs(int(instances(viewer).data.max()) - int(before.max())) <= 2
+
+
+# ----------------------------------------------------------------------------- edits
+
+
+def test_hand_edited_instances_are_never_overwritten(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    layer = instances(viewer)
+    layer.paint((5, 5), 999, refresh=True)  # a user's brush stroke
+    painted = layer.data.copy()
+    widget._fg_threshold.value = 0.7
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data, painted)
+    second = viewer.layers[f"{IMAGE} instances (2)"]
+    assert second.data.max() > 0
+    assert any("edited by hand" in m for m in notes.infos)
+    # further tuning updates the new layer, not the edited one, and adds no more layers
+    n_layers = len(viewer.layers)
+    widget._fg_threshold.value = 0.6
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data, painted)
+    assert len(viewer.layers) == n_layers
+    assert PostprocessParams.from_json(second.metadata["postprocess_params"]).fg_threshold == 0.6
+
+
+def test_in_place_edit_without_event_is_detected(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    layer = instances(viewer)
+    layer.data[:10, :10] = 7  # e.g. from the console, no event
+    edited = layer.data.copy()
+    run(qtbot, widget)  # same result: nothing to write, no new layer
+    assert f"{IMAGE} instances (2)" not in viewer.layers
+    widget._fg_threshold.value = 0.7
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data, edited)
+    assert f"{IMAGE} instances (2)" in viewer.layers
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def test_params_json_round_trip_and_malformed_file(make_napari_viewer, qtbot, notes, tmp_path):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    widget._marker_threshold.value = 0.42
+    settle(qtbot, widget)
+    out = tmp_path / "params.json"
+    widget._save_params.value = out
+    saved = PostprocessParams.from_json(out.read_text())
+    assert saved.marker_threshold == pytest.approx(0.42)
+    assert saved == widget._read_params()
+    # malformed JSON: an error notification, parameters unchanged, no traceback
+    before = widget._read_params()
+    for text in (
+        "{not json",
+        '{"fg_threshold": 2.0}',
+        '{"bogus": 1}',
+        "[1, 2]",
+        '{"sobel_size": 4}',
+        '{"fg_threshold": "high"}',
+    ):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        widget._load_params.value = bad
+        assert widget._read_params() == before
+    assert len(notes.errors) == 6
+    assert all("bad.json" in e for e in notes.errors)
+    widget._load_params.value = tmp_path / "missing.json"
+    assert len(notes.errors) == 7
+    # a valid file is applied and re-runs the post-processing
+    good = tmp_path / "good.json"
+    good.write_text(PostprocessParams(fg_threshold=0.65, min_nucleus_size=30).to_json())
+    widget._load_params.value = good
+    assert widget._fg_threshold.value == pytest.approx(0.65)
+    assert widget._min_nucleus_size.value == 30
+    settle(qtbot, widget)
+    meta = PostprocessParams.from_json(instances(viewer).metadata["postprocess_params"])
+    assert meta.fg_threshold == pytest.approx(0.65)
+    # reset to the model's defaults
+    widget._reset_params.native.click()
+    settle(qtbot, widget)
+    assert widget._read_params() == PostprocessParams()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_only_image_layers_are_offered(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    assert widget._image_layer.value is None
+    assert shown(widget._no_image)
+    widget._run.native.click()
+    assert notes.warnings and "No image layer" in notes.warnings[0]
+    viewer.add_labels(np.zeros((64, 64), np.uint32), name="some labels")
+    viewer.add_points(np.zeros((2, 2)), name="some points")
+    assert widget._image_layer.choices == ()
+    image = viewer.add_image(np.zeros((64, 64), np.uint8), name="img")
+    assert widget._image_layer.choices == (image,)
+    assert not shown(widget._no_image)
+    image.name = "renamed"
+    assert widget._image_layer.native.currentText() == "renamed"
+
+
+def test_output_image_layers_are_not_offered(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    assert widget._image_layer.choices == (viewer.layers[IMAGE],)
+
+
+@pytest.mark.parametrize(
+    "image, ok",
+    [
+        (np.dstack([np.full((96, 96, 3), 200, np.uint8), np.full((96, 96), 255, np.uint8)]), True),
+        (np.random.default_rng(0).integers(0, 4000, (96, 96)).astype(np.uint16), True),
+        (np.random.default_rng(0).random((96, 96)).astype(np.float32), True),
+        (np.zeros((4, 4), np.uint8), False),
+        (np.full((64, 64), np.nan, np.float32), False),
+    ],
+    ids=["rgba", "uint16", "float", "tiny", "nan"],
+)
+def test_unusual_images_notify(make_napari_viewer, qtbot, notes, image, ok):
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    viewer.add_image(image, name="odd", rgb=image.ndim == 3)
+    run(qtbot, widget)
+    if ok:
+        assert not notes.errors
+        assert "odd instances" in viewer.layers
+        assert notes.infos  # alpha ignored / intensities normalised
+    else:
+        assert len(notes.errors) == 1 and "odd" in notes.errors[0]
+        assert [layer.name for layer in viewer.layers] == ["odd"]
+
+
+def test_stack_current_plane_and_all_planes(make_napari_viewer, qtbot, notes, maps_calls):
+    from napari_medinst.samples import load_sample
+
+    img, _, _ = load_sample("fluorescence")
+    stack = np.stack([img, np.roll(img, 40, axis=0), img[::-1]])
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    viewer.add_image(stack, name="stack")
+    assert shown(widget._planes)
+    viewer.dims.set_current_step(0, 1)
+    run(qtbot, widget)
+    labels = viewer.layers["stack instances"].data
+    assert labels.shape == stack.shape and labels.dtype == np.uint32
+    assert labels[1].max() > 0 and labels[0].max() == 0 and labels[2].max() == 0
+    assert len(maps_calls) == 1
+    widget._planes.value = sw.ALL_PLANES
+    run(qtbot, widget)
+    labels = viewer.layers["stack instances"].data
+    assert all(labels[k].max() > 0 for k in range(3))
+    assert len(maps_calls) == 3  # plane 1 reused
+    ids = [set(np.unique(labels[k])) - {0} for k in range(3)]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])  # unique across planes
+    feats = viewer.layers["stack instances"].features
+    assert len(feats) == labels.max() and set(feats["plane"]) == {"(0,)", "(1,)", "(2,)"}
+    widget._fg_threshold.value = 0.7
+    settle(qtbot, widget)
+    assert len(maps_calls) == 3
+    assert viewer.layers["stack markers"].data.shape[1] == 3
+    assert not notes.errors
+
+
+def test_model_that_fails_to_load(make_napari_viewer, qtbot, notes, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    viewer, widget = make_widget(make_napari_viewer)
+    widget._model.value = sw.CHOOSE_FOLDER
+    assert shown(widget._model_folder)
+    widget._run.native.click()  # no folder chosen yet
+    assert notes.warnings and "model folder" in notes.warnings[-1]
+    widget._model_folder.value = broken
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: idle(widget), timeout=RUN_TIMEOUT)
+    assert len(notes.errors) == 1 and "Could not load the model" in notes.errors[0]
+    assert [layer.name for layer in viewer.layers] == [IMAGE, f"{IMAGE} ground truth"]
+    assert widget._run.enabled
+
+
+def test_missing_default_model_is_a_clear_error(make_napari_viewer, qtbot, notes, monkeypatch):
+    from napari_medinst.model import folder
+
+    monkeypatch.setattr(folder, "BUNDLED_MODELS", folder.BUNDLED_MODELS / "nowhere")
+    _viewer, widget = make_widget(make_napari_viewer)
+    widget._model.choices = ["default", "classical"]
+    widget._model.value = "default"
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: idle(widget), timeout=RUN_TIMEOUT)
+    assert len(notes.errors) == 1 and "'default'" in notes.errors[0]
+    assert "classical" in notes.errors[0]
+
+
+def test_model_with_types_writes_types(make_napari_viewer, qtbot, notes, tmp_path):
+    import torch
+
+    from napari_medinst.model.folder import save_model_folder
+    from napari_medinst.model.network import NetConfig, NucleusNet
+
+    torch.manual_seed(0)
+    folder = save_model_folder(
+        tmp_path / "typed", NucleusNet(NetConfig(widths=(8, 16, 16), n_types=3))
+    )
+    viewer, widget = make_widget(make_napari_viewer)
+    widget._device.value = "cpu"
+    widget._model.value = sw.CHOOSE_FOLDER
+    widget._model_folder.value = folder
+    # random weights give a flat ~0.45 probability: a low threshold makes nuclei come out
+    # (set after choosing the model, which otherwise brings its own defaults)
+    widget._fg_threshold.value = 0.05
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: idle(widget), timeout=RUN_TIMEOUT)
+    assert not notes.errors
+    labels = instances(viewer)
+    types = viewer.layers[f"{IMAGE} types"]
+    assert not types.visible
+    feats = labels.features
+    assert len(feats) == labels.data.max() > 0
+    assert set(feats["type"]) <= {1, 2}  # class 0 is background, never assigned
+    # the types layer paints every instance with its class
+    for row in feats.head(5).itertuples():
+        assert set(np.unique(types.data[labels.data == row.label])) == {row.type}
+    assert labels.metadata["model"] == "typed"
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_cancel_stops_a_model_run(make_napari_viewer, qtbot, notes, tiny_model):
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    big = np.random.default_rng(1).integers(0, 255, (2048, 2048, 3)).astype(np.uint8)
+    viewer.add_image(big, name="big", rgb=True)
+    widget._pixel_size.value = 0.25
+    widget._device.value = "cpu"
+    widget._model.value = sw.CHOOSE_FOLDER
+    widget._model_folder.value = tiny_model
+    widget._run.native.click()
+    assert widget._cancel_button.enabled and not widget._run.enabled
+    qtbot.waitUntil(lambda: widget._progress.value > 0, timeout=RUN_TIMEOUT)
+    widget._cancel_button.native.click()
+    qtbot.waitUntil(lambda: idle(widget), timeout=RUN_TIMEOUT)
+    assert any("cancelled" in m for m in notes.infos)
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert widget._run.enabled and not widget._cancel_button.enabled
+    assert not notes.errors
+
+
+def test_removing_the_image_during_a_run(make_napari_viewer, qtbot, notes, tiny_model):
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    img = np.random.default_rng(1).integers(0, 255, (1024, 1024, 3)).astype(np.uint8)
+    viewer.add_image(img, name="img", rgb=True)
+    widget._pixel_size.value = 0.25
+    widget._model.value = sw.CHOOSE_FOLDER
+    widget._model_folder.value = tiny_model
+    widget._run.native.click()
+    viewer.layers.remove("img")
+    qtbot.waitUntil(lambda: idle(widget), timeout=RUN_TIMEOUT)
+    assert len(viewer.layers) == 0
+    assert notes.warnings and "removed" in notes.warnings[-1]
+
+
+def test_closing_the_viewer_during_a_run(make_napari_viewer, qtbot, notes, tiny_model):
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    img = np.random.default_rng(1).integers(0, 255, (1024, 1024, 3)).astype(np.uint8)
+    viewer.add_image(img, name="img", rgb=True)
+    widget._pixel_size.value = 0.25
+    widget._model.value = sw.CHOOSE_FOLDER
+    widget._model_folder.value = tiny_model
+    widget._run.native.click()
+    worker = widget._worker
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+    viewer.close()
+    qtbot.waitUntil(lambda: bool(finished), timeout=RUN_TIMEOUT)
+    qtbot.wait(50)
+    assert widget._closed
+    assert not notes.errors
+
+
+# ----------------------------------------------------------------------------- visible region
+
+
+def test_tune_on_visible_region_then_apply(make_napari_viewer, qtbot, notes, maps_calls):
+    viewer, widget = make_widget(make_napari_viewer, show=True)
+    run(qtbot, widget)
+    full = instances(viewer).data.copy()
+    camera = sw._camera(viewer)
+    camera.center = (128, 128)
+    camera.zoom = 4 * camera.zoom
+    widget._tune_visible.value = True
+    settle(qtbot, widget)
+    preview = viewer.layers[f"{IMAGE} instances (preview)"]
+    r0, r1, c0, c1 = widget._session.crop[1]
+    assert preview.data.shape == (r1 - r0, c1 - c0)
+    assert preview.data.size < full.size
+    np.testing.assert_allclose(preview.translate, (r0, c0))
+    widget._min_nucleus_size.value = 300
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(instances(viewer).data, full)  # whole image untouched
+    assert preview.data.max() < int(full[r0:r1, c0:c1].max())
+    widget._apply_whole.native.click()
+    settle(qtbot, widget)
+    assert f"{IMAGE} instances (preview)" not in viewer.layers
+    assert not widget._tune_visible.value
+    assert instances(viewer).data.max() < full.max()
+    assert len(maps_calls) == 1
+    assert not notes.errors
