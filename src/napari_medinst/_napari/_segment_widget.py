@@ -1285,6 +1285,8 @@ class SegmentWidget(Container):
             "pixel_size_um": first.pixel_size,
             "pixel_size_estimated": first.pixel_size_estimated,
         }
+        if len(s.post) == 1:  # 2-D: the Evaluate widget's auto-tune reuses the cached maps
+            meta["napari_medinst_postprocessor"] = next(iter(s.post.values()))
         self._writing = True
         try:
             if layer is None:

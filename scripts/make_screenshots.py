@@ -1,0 +1,62 @@
+"""Regenerate the documentation screenshots (run under a virtual display).
+
+    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/make_screenshots.py
+
+Writes docs/images/*.png from the real widgets on the bundled samples.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def wait_for(cond, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while not cond():
+        QApplication.processEvents()
+        time.sleep(0.02)
+        if time.time() > end:
+            raise TimeoutError("timed out waiting for the widget")
+    for _ in range(10):
+        QApplication.processEvents()
+
+
+def shot(viewer, name: str, canvas_only: bool = False) -> None:
+    for _ in range(10):
+        QApplication.processEvents()
+    viewer.screenshot(str(OUT / name), canvas_only=canvas_only, flash=False)
+    print("wrote", OUT / name)
+
+
+def segment_screens(viewer) -> None:
+    viewer.open_sample("napari-medinst", "he")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medinst", "Segment nuclei")
+    widget._model.value = "default"
+    widget._run.native.click()
+    wait_for(lambda: "he sample instances" in viewer.layers and widget._job is None)
+    viewer.reset_view()
+    shot(viewer, "segment_widget.png")
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("he sample", "he sample HV energy", "he sample markers")
+    shot(viewer, "segment_energy_markers.png", canvas_only=True)
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("he sample", "he sample contours")
+    shot(viewer, "segment_contours.png", canvas_only=True)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(show=True, title="napari-medinst")
+    viewer.window.resize(1600, 1000)
+    segment_screens(viewer)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

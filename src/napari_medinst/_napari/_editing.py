@@ -1,0 +1,624 @@
+"""Ground-truth editing in napari: start a ground truth, edit it in one undoable step per action.
+
+The pure operations live in :mod:`napari_medinst.editing`; this module applies them to a
+:class:`napari.layers.Labels` layer.  Every action writes only the pixels that change,
+through :meth:`Labels.data_setitem`, inside :meth:`Labels.block_history`, so it is *one*
+step in the layer's undo history (Ctrl+Z / Ctrl+Shift+Z).
+
+Key bindings on a ground-truth layer (none of them is a napari Labels default):
+
+====================  =======================================================
+key                   action
+====================  =======================================================
+``N``                 new nucleus: select the next free id and the paint brush
+``D``                 delete the nucleus under the cursor
+``S``                 add / remove the nucleus under the cursor to the selection
+``G``                 merge the selected nuclei (with fewer than two selected:
+                      merge the nucleus under the cursor into the current label)
+``K``                 split ("knife"): then click two seeds in one nucleus, or
+                      drag a line across it; ``K`` again cancels
+``H``                 fill the holes of every nucleus
+``R``                 remove nuclei and fragments smaller than the minimum size
+``Shift-R``           relabel sequentially (1..N)
+``W``                 mark the nucleus under the cursor verified (again: unmark)
+``C``                 show / hide the review status colours
+====================  =======================================================
+
+Per-nucleus review status (``predicted`` / ``edited`` / ``verified``) is kept in the
+layer's ``features`` table (columns ``index``, ``label``, ``status``): a nucleus changed
+by any edit (these actions or the brush) becomes ``edited``; ``W`` marks it
+``verified``.  It is saved as CSV beside the labels TIFF (:func:`status_path`).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from napari.layers import Labels
+from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QTimer
+
+from .. import editing
+from .._io import InputError, check_labels, read_labels
+
+__all__ = [
+    "GT_KEY",
+    "KEY_BINDINGS",
+    "STATUS_COLOURS",
+    "GroundTruthEditor",
+    "editor_for",
+    "existing_editor",
+    "load_ground_truth",
+    "start_from_prediction",
+    "status_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Metadata key marking a Labels layer as ground truth (never written by the model).
+GT_KEY = "ground_truth"
+#: Colour of each review status when the status colours are shown.
+STATUS_COLOURS = {"predicted": "#8c96a8", "edited": "#ff9f1a", "verified": "#27c24c"}
+#: Minimum nucleus size (px) used by "remove fragments" unless changed in the widget.
+DEFAULT_MIN_SIZE = 30
+
+#: (key, method name, description) of every key binding on a ground-truth layer.
+KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
+    ("N", "paint_new", "new nucleus: next free id + paint brush"),
+    ("D", "delete_at_cursor", "delete the nucleus under the cursor"),
+    ("S", "toggle_select_at_cursor", "add/remove the nucleus under the cursor to the selection"),
+    ("G", "merge_at_cursor", "merge the selected nuclei"),
+    ("K", "toggle_split_mode", "split: two clicks (seeds) or a drag (cut line)"),
+    ("H", "fill_holes", "fill holes in every nucleus"),
+    ("R", "remove_small", "remove nuclei/fragments below the minimum size"),
+    ("Shift-R", "relabel", "relabel sequentially"),
+    ("W", "toggle_verified_at_cursor", "mark the nucleus under the cursor verified"),
+    ("C", "toggle_status_colours", "show/hide the review status colours"),
+)
+
+_ATTR = "_napari_medinst_editor"  # the layer keeps its editor alive (not in metadata)
+
+
+def status_path(labels_path: str | Path) -> Path:
+    """Where the status table of a labels file is saved: ``<stem>_status.csv`` beside it."""
+    p = Path(labels_path)
+    return p.with_name(f"{p.stem}_status.csv")
+
+
+def _free_name(viewer, base: str) -> str:
+    names = {layer.name for layer in viewer.layers}
+    if base not in names:
+        return base
+    k = 2
+    while f"{base} ({k})" in names:
+        k += 1
+    return f"{base} ({k})"
+
+
+def start_from_prediction(viewer, prediction: Labels, name: str | None = None) -> Labels:
+    """Add a ground-truth layer that starts as a *copy* of ``prediction``.
+
+    The copy never shares memory with the prediction, so editing one never changes
+    the other; re-running the model writes only the prediction layer.
+    """
+    data = np.array(prediction.data, copy=True)
+    layer = viewer.add_labels(
+        data,
+        name=_free_name(viewer, name or f"{prediction.name} ground truth"),
+        scale=prediction.scale,
+        translate=prediction.translate,
+        opacity=0.6,
+        metadata={GT_KEY: True, "source": f"copy of {prediction.name}"},
+    )
+    editor_for(viewer, layer, default_status="predicted")
+    return layer
+
+
+def load_ground_truth(viewer, path: str | Path, like: Any = None) -> Labels:
+    """Add a ground-truth layer read from a labels file (and its status CSV if present).
+
+    ``like`` (a layer) gives scale and translate, and its shape is checked.
+
+    Raises
+    ------
+    InputError
+        If the file is not a 2-D non-negative integer label image, its shape differs
+        from ``like``'s, or the status CSV is malformed.
+    """
+    path = Path(path)
+    data = read_labels(path)
+    if like is not None and tuple(like.data.shape[-2:]) != data.shape:
+        raise InputError(
+            f"{path}: labels shape {data.shape} differs from '{like.name}' "
+            f"{tuple(like.data.shape[-2:])}"
+        )
+    status = None
+    csv_path = status_path(path)
+    if csv_path.exists():
+        status = editing.status_from_csv(csv_path.read_text(encoding="utf-8"), str(csv_path))
+    kwargs = {}
+    if like is not None:
+        kwargs = {"scale": like.scale[-2:], "translate": like.translate[-2:]}
+    layer = viewer.add_labels(
+        np.array(data, copy=True),
+        name=_free_name(viewer, path.stem),
+        opacity=0.6,
+        metadata={GT_KEY: True, "source": str(path), "path": str(path)},
+        **kwargs,
+    )
+    editor = editor_for(viewer, layer)
+    if status:
+        editor.load_status(status)
+    editor.dirty = False
+    return layer
+
+
+def editor_for(viewer, layer: Labels, **kwargs: Any) -> GroundTruthEditor:
+    """The editor attached to ``layer`` (created, with key bindings, on first use)."""
+    viewer, layer = _unwrap(viewer), _unwrap(layer)
+    editor = getattr(layer, _ATTR, None)
+    if editor is None:
+        editor = GroundTruthEditor(viewer, layer, **kwargs)
+        setattr(layer, _ATTR, editor)
+    return editor
+
+
+def existing_editor(layer: Any) -> GroundTruthEditor | None:
+    """The editor already attached to ``layer``, if any."""
+    return getattr(_unwrap(layer), _ATTR, None)
+
+
+def _unwrap(obj: Any) -> Any:
+    """The real object behind napari's PublicOnlyProxy (plugins may be handed one)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def _atom_ids(atom: Any) -> np.ndarray:
+    """Label ids touched by one napari history atom (old and new values)."""
+    if hasattr(atom, "old_values"):  # _MaskedPaintAtom
+        old, new = atom.old_values, atom.new_value
+    else:  # (indices, old values, new values)
+        _, old, new = atom
+    return np.union1d(np.asarray(old).ravel(), np.asarray(new).ravel())
+
+
+class GroundTruthEditor:
+    """Editing actions, key bindings and review status on one ground-truth Labels layer.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    layer : Labels
+        A 2-D labels layer; it is marked ``metadata["ground_truth"] = True``.
+    status : dict, optional
+        Initial status per id (e.g. read from CSV); others get ``default_status``.
+    default_status : str
+        Status of nuclei without one.
+    bind_keys : bool
+        Install the key bindings (:data:`KEY_BINDINGS`) on the layer.
+    """
+
+    def __init__(
+        self,
+        viewer,
+        layer: Labels,
+        *,
+        status: dict[int, str] | None = None,
+        default_status: str = "predicted",
+        bind_keys: bool = True,
+    ) -> None:
+        if layer.ndim != 2:
+            raise InputError(f"'{layer.name}': ground-truth editing needs a 2-D labels layer")
+        check_labels(np.asarray(layer.data), f"'{layer.name}'")
+        self._viewer_ref = weakref.ref(viewer)
+        self._layer_ref = weakref.ref(layer)
+        self.min_size = DEFAULT_MIN_SIZE
+        self.selection: set[int] = set()
+        self.split_seeds: list[tuple[float, float]] = []
+        self.split_mode = False
+        self.dirty = False
+        self.on_change: list[Callable[[], None]] = []
+        self._default = default_status
+        self._known: dict[int, str] = dict(status or {})
+        self._before_verify: dict[int, str] = {}
+        self._applying = False
+        self._stale = False
+        self._pending_prev: dict[int, str | None] = {}
+        self._flush_timer = QTimer()
+        self._flush_timer.setSingleShot(True)
+        self._flush_timer.timeout.connect(self._flush)
+        self._status_cmap = None
+        self._saved_cmap = None
+        self._saved_mouse_pan = True
+        layer.metadata[GT_KEY] = True
+        self._sync_status(edited=())
+        layer.events.paint.connect(self._on_paint)
+        layer.events.data.connect(self._on_data)
+        layer.events.set_data.connect(self._on_set_data)
+        if bind_keys:
+            self._bind_keys(layer)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def layer(self) -> Labels | None:
+        return self._layer_ref()
+
+    @property
+    def viewer(self):
+        return self._viewer_ref()
+
+    def _say(self, text: str) -> None:
+        viewer = self.viewer
+        if viewer is not None:
+            viewer.status = text
+
+    def _bind_keys(self, layer: Labels) -> None:
+        for key, method, _ in KEY_BINDINGS:
+            action = getattr(self, method)
+
+            def run(_layer, action=action):
+                self._guarded(action)
+
+            layer.bind_key(key, run, overwrite=True)
+
+    def _guarded(self, action: Callable[[], Any]) -> Any:
+        """Run a key action; problems become a warning instead of a traceback."""
+        try:
+            return action()
+        except (ValueError, InputError) as exc:
+            show_warning(str(exc))
+        return None
+
+    def cursor_point(self) -> tuple[float, float]:
+        """Cursor position in the layer's data coordinates (row, col)."""
+        layer = self.layer
+        viewer = self.viewer
+        if viewer is None:
+            raise ValueError("the viewer is closed")
+        pos = layer.world_to_data(viewer.cursor.position)
+        return float(pos[-2]), float(pos[-1])
+
+    def _data(self) -> np.ndarray:
+        return np.asarray(self.layer.data)
+
+    def apply(self, edit: editing.Edit, what: str) -> bool:
+        """Write ``edit`` to the layer as one undoable step; False when nothing changed."""
+        if not edit.changed:
+            show_info(f"{what}: nothing to change.")
+            return False
+        self.write(edit.indices, edit.values)
+        return True
+
+    def write(self, indices: tuple[np.ndarray, ...], values: np.ndarray) -> None:
+        """Set pixels as one undoable step (``Labels.data_setitem`` in one history block)."""
+        layer = self.layer
+        if not layer.visible:
+            # napari writes into the displayed slice too, which a never-shown layer lacks;
+            # and an edit should be seen anyway
+            layer.visible = True
+        with layer.block_history():
+            layer.data_setitem(indices, values)
+
+    def _notify(self) -> None:
+        for callback in list(self.on_change):
+            try:
+                callback()
+            except Exception:  # a broken listener must not break editing
+                logger.exception("ground-truth change listener failed")
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def status(self) -> dict[int, str]:
+        """Status of every nucleus present, by id."""
+        self._flush()
+        return dict(self._current)
+
+    def _sync_status(self, edited: Iterable[int]) -> None:
+        ids = editing.present_ids(self._data())
+        self._current = editing.update_status(
+            self._known, ids, edited=edited, default=self._default
+        )
+        self._known.update(self._current)
+        self._write_features()
+
+    def _write_features(self) -> None:
+        layer = self.layer
+        layer.features = pd.DataFrame(editing.status_columns(self._current))
+        if self._status_cmap is not None:
+            self._apply_status_colours()
+
+    def set_status(self, ids: Iterable[int], status: str) -> None:
+        """Set the review status of nuclei (ids not present are ignored)."""
+        if status not in editing.STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        self._flush()
+        for i in ids:
+            if int(i) in self._current:
+                self._current[int(i)] = status
+                self._known[int(i)] = status
+        self.dirty = True
+        self._write_features()
+        self._notify()
+
+    def load_status(self, status: dict[int, str]) -> None:
+        """Replace the known statuses (e.g. read from CSV) and refresh the table."""
+        self._flush()
+        self._known.update({int(k): str(v) for k, v in status.items()})
+        for i, v in status.items():
+            if int(i) in self._current:
+                self._current[int(i)] = str(v)
+        self._sync_status(edited=())
+
+    def status_csv(self) -> str:
+        """The status table as CSV (see :func:`napari_medinst.editing.status_to_csv`)."""
+        self._flush()
+        return editing.status_to_csv(self._current)
+
+    def _on_paint(self, event) -> None:
+        # napari emits "paint" when it records the history, which for a single
+        # data_setitem / paint call is *before* the pixels are written: remember the
+        # touched ids as edited now and read the ids present once the write is done
+        # (on the next event-loop turn, or whenever the status is read).
+        if not self._applying:
+            try:
+                touched = [_atom_ids(atom) for atom in event.value]
+                for i in np.unique(np.concatenate(touched)) if touched else ():
+                    i = int(i)
+                    if i != 0:
+                        self._pending_prev.setdefault(i, self._known.get(i))
+                        self._known[i] = "edited"
+            except Exception:  # an unknown history format: resync without marking
+                logger.debug("could not read the paint event's history item", exc_info=True)
+        self.dirty = True
+        self._stale = True
+        self._flush_timer.start(0)
+        self._notify()
+
+    def _flush(self) -> None:
+        """Bring the status table up to date with the pixels, if an edit is pending."""
+        if self._stale and self.layer is not None:
+            self._stale = False
+            present = set(editing.present_ids(self._data()).tolist())
+            for i, prev in self._pending_prev.items():
+                if i not in present:  # deleted: keep its old status should an undo bring it back
+                    if prev is None:
+                        self._known.pop(i, None)
+                    else:
+                        self._known[i] = prev
+            self._pending_prev = {}
+            self._sync_status(edited=())
+
+    def _on_data(self, event=None) -> None:
+        if self._applying:
+            return
+        self.dirty = True
+        self._stale = True
+        self._flush()
+        self._notify()
+
+    def _on_set_data(self, event=None) -> None:
+        # undo / redo only refresh the layer: resync the ids present
+        if self._applying:
+            return
+        if self._stale:
+            self._flush()
+            return
+        ids = editing.present_ids(self._data())
+        if set(ids.tolist()) != set(self._current):
+            self.dirty = True
+            self._sync_status(edited=())
+            self._notify()
+
+    # ------------------------------------------------------------------ actions
+
+    def paint_new(self) -> int:
+        """Select the next free id and the paint brush; returns that id."""
+        layer = self.layer
+        new_id = editing.next_free_id(self._data())
+        layer.selected_label = new_id
+        layer.mode = "paint"
+        return new_id
+
+    def delete_at(self, point: Sequence[float]) -> bool:
+        """Delete the nucleus at ``point`` (data row, col)."""
+        edit = editing.delete_at(self._data(), point)
+        if not edit.changed:
+            show_info("No nucleus under the cursor.")
+            return False
+        self.selection -= set(edit.removed_ids)
+        return self.apply(edit, "Delete")
+
+    def delete_at_cursor(self) -> bool:
+        return self.delete_at(self.cursor_point())
+
+    def toggle_select(self, point: Sequence[float]) -> set[int]:
+        """Add the nucleus at ``point`` to the merge selection, or remove it."""
+        i = editing.label_at(self._data(), point)
+        if i == 0:
+            show_info("No nucleus under the cursor.")
+        elif i in self.selection:
+            self.selection.discard(i)
+        else:
+            self.selection.add(i)
+        self._say(f"Selected nuclei: {sorted(self.selection) or 'none'}")
+        return set(self.selection)
+
+    def toggle_select_at_cursor(self) -> set[int]:
+        return self.toggle_select(self.cursor_point())
+
+    def merge(self, ids: Iterable[int]) -> bool:
+        """Merge nuclei into the smallest of their ids."""
+        edit = editing.merge(self._data(), ids)
+        ok = self.apply(edit, "Merge")
+        self.selection.clear()
+        return ok
+
+    def merge_at_cursor(self) -> bool:
+        """Merge the selection; without one, the nucleus under the cursor and the current label."""
+        ids = set(self.selection)
+        if len(ids) < 2:
+            ids |= {editing.label_at(self._data(), self.cursor_point()), self.layer.selected_label}
+        return self.merge(ids)
+
+    def split(self, seeds: Sequence[Sequence[float]]) -> bool:
+        """Split the nucleus containing ``seeds`` (data row, col) with a seeded watershed."""
+        return self.apply(editing.split_by_seeds(self._data(), seeds), "Split")
+
+    def split_along(self, line: Sequence[Sequence[float]]) -> bool:
+        """Cut the nuclei a polyline (data row, col vertices) crosses."""
+        edit = editing.split_by_line(self._data(), line)
+        if not edit.changed:
+            show_info("The line does not cut any nucleus in two; draw it across a nucleus.")
+            return False
+        return self.apply(edit, "Cut")
+
+    def add_split_seed(self, point: Sequence[float]) -> bool | None:
+        """Record a split seed; the second one performs the split (True if it changed)."""
+        self.split_seeds.append((float(point[-2]), float(point[-1])))
+        if len(self.split_seeds) < 2:
+            self._say("Split: click the second seed in the same nucleus.")
+            return None
+        seeds, self.split_seeds = self.split_seeds, []
+        self._leave_split_mode()
+        return self.split(seeds)
+
+    def toggle_split_mode(self) -> bool:
+        """Enter split mode (clicks are seeds, a drag is a cut line), or leave it."""
+        if self.split_mode:
+            self._leave_split_mode()
+            self._say("Split cancelled.")
+            return False
+        layer = self.layer
+        self.split_mode = True
+        self.split_seeds = []
+        layer.mode = "pan_zoom"
+        viewer = self.viewer
+        if viewer is not None and layer in viewer.layers:
+            viewer.layers.selection.active = layer
+        self._saved_mouse_pan = layer.mouse_pan
+        layer.mouse_pan = False
+        layer.mouse_drag_callbacks.append(self._split_mouse)
+        self._say("Split: click two seeds in a nucleus, or drag a line across it (K cancels).")
+        return True
+
+    def _leave_split_mode(self) -> None:
+        layer = self.layer
+        self.split_mode = False
+        self.split_seeds = []
+        if layer is None:
+            return
+        if self._split_mouse in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.remove(self._split_mouse)
+        layer.mouse_pan = self._saved_mouse_pan
+
+    def _split_mouse(self, layer, event):
+        """Mouse callback in split mode: a click adds a seed, a drag draws a cut line."""
+        path = [tuple(layer.world_to_data(event.position)[-2:])]
+        yield
+        while event.type == "mouse_move":
+            path.append(tuple(layer.world_to_data(event.position)[-2:]))
+            yield
+        span = np.ptp(np.asarray(path, float), axis=0).max() if len(path) > 1 else 0.0
+        if span >= 3:
+            self._leave_split_mode()
+            self._guarded(lambda: self.split_along(path))
+        else:
+            self._guarded(lambda: self.add_split_seed(path[0]))
+
+    def fill_holes(self) -> bool:
+        return self.apply(editing.fill_holes(self._data()), "Fill holes")
+
+    def remove_small(self, min_size: int | None = None) -> bool:
+        size = self.min_size if min_size is None else int(min_size)
+        return self.apply(editing.remove_small(self._data(), size), f"Remove below {size} px")
+
+    def relabel(self) -> bool:
+        """Renumber the nuclei 1..N, carrying their status along."""
+        self._flush()
+        edit = editing.relabel_sequential(self._data())
+        if not edit.changed:
+            show_info("Relabel: the ids are already 1..N.")
+            return False
+        self._applying = True
+        try:
+            self.apply(edit, "Relabel")
+        finally:
+            self._applying = False
+        old = dict(self._current)
+        self._known = {new: old[o] for o, new in edit.mapping.items() if o in old}
+        self.selection = {edit.mapping[i] for i in self.selection if i in edit.mapping}
+        self._stale = False
+        self._pending_prev = {}
+        self._sync_status(edited=())
+        self.dirty = True
+        self._notify()
+        return True
+
+    def toggle_verified(self, point: Sequence[float]) -> str | None:
+        """Mark the nucleus at ``point`` verified; if it already is, restore its status."""
+        i = editing.label_at(self._data(), point)
+        if i == 0:
+            show_info("No nucleus under the cursor.")
+            return None
+        self._flush()
+        if self._current.get(i) == "verified":
+            new = self._before_verify.pop(i, "edited")
+        else:
+            self._before_verify[i] = self._current.get(i, self._default)
+            new = "verified"
+        self.set_status([i], new)
+        self._say(f"Nucleus {i}: {new}")
+        return new
+
+    def toggle_verified_at_cursor(self) -> str | None:
+        return self.toggle_verified(self.cursor_point())
+
+    # ------------------------------------------------------------------ colours
+
+    @property
+    def showing_status(self) -> bool:
+        return self._status_cmap is not None
+
+    def toggle_status_colours(self) -> bool:
+        """Colour the nuclei by review status, or restore the normal colours."""
+        layer = self.layer
+        if self._status_cmap is None:
+            self._saved_cmap = layer.colormap
+            self._apply_status_colours()
+            return True
+        self._status_cmap = None
+        if self._saved_cmap is not None:
+            layer.colormap = self._saved_cmap
+        return False
+
+    def _apply_status_colours(self) -> None:
+        colours = {None: "transparent", 0: "transparent"}
+        colours.update({i: STATUS_COLOURS[s] for i, s in self._current.items()})
+        self._status_cmap = DirectLabelColormap(color_dict=colours)
+        self.layer.colormap = self._status_cmap
+
+    def detach(self) -> None:
+        """Remove the key bindings and event connections."""
+        layer = self.layer
+        if layer is None:
+            return
+        self._leave_split_mode()
+        for key, _, _ in KEY_BINDINGS:
+            layer.bind_key(key, None)
+        for emitter, cb in (
+            (layer.events.paint, self._on_paint),
+            (layer.events.data, self._on_data),
+            (layer.events.set_data, self._on_set_data),
+        ):
+            emitter.disconnect(cb)
+        if getattr(layer, _ATTR, None) is self:
+            delattr(layer, _ATTR)
