@@ -33,7 +33,7 @@ from skimage.measure import label as label_components
 from skimage.segmentation import watershed
 
 from ._io import InputError, check_labels
-from .metrics import CATEGORIES, InstanceOutcomes, OverlapTable, _pq_from_counts, _ratio
+from .metrics import CATEGORIES, InstanceOutcomes, OverlapTable, pq_from_counts, safe_ratio
 from .targets import relabel_sequential as _relabel_sequential
 
 __all__ = [
@@ -655,10 +655,10 @@ class ErrorItem:
 def _count_score(metric: str, tp: int, fp: int, fn: int, iou_sum: float) -> float:
     """Accuracy, F1 or PQ from counts, with the conventions of :mod:`metrics`."""
     if metric == "accuracy":
-        return _ratio(tp, tp + fp + fn)
+        return safe_ratio(tp, tp + fp + fn)
     if metric == "f1":
-        return _ratio(2 * tp, 2 * tp + fp + fn)
-    return _pq_from_counts(tp, fp, fn, iou_sum)[0]
+        return safe_ratio(2 * tp, 2 * tp + fp + fn)
+    return pq_from_counts(tp, fp, fn, iou_sum)[0]
 
 
 class _Counts:
@@ -723,7 +723,7 @@ class _Aji:
             self.by_pred.setdefault(int(self.pick[gi]), []).append(gi)
         self.total_c = int(self.c.sum())
         self.total_u = int(self.u.sum() + table.pred_areas[self.pickers == 0].sum())
-        self.base = _ratio(self.total_c, self.total_u)
+        self.base = safe_ratio(self.total_c, self.total_u)
 
     def gain(self, gts: Iterable[int], preds: Iterable[int]) -> float:
         gts, preds = set(gts), set(preds)
@@ -741,7 +741,7 @@ class _Aji:
         for p in {int(self.pick[g]) for g in gts if self.pick[g] >= 0} - preds:
             if all(g in gts for g in self.by_pred[p]):  # nobody else picks it any more
                 du += int(self.pred_areas[p])
-        return _ratio(self.total_c + dc, self.total_u + du) - self.base
+        return safe_ratio(self.total_c + dc, self.total_u + du) - self.base
 
 
 def rank_errors(

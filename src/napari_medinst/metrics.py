@@ -55,7 +55,9 @@ __all__ = [
     "match",
     "overlap_table",
     "panoptic_quality",
+    "pq_from_counts",
     "pr_curve",
+    "safe_ratio",
     "threshold_key",
 ]
 
@@ -80,7 +82,7 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 # --------------------------------------------------------------------------- helpers
 
 
-def _ratio(num: float, den: float) -> float:
+def safe_ratio(num: float, den: float) -> float:
     """``num / den`` as a float, with 0/0 (empty denominator) defined as 1.0."""
     return 1.0 if den == 0 else float(num) / float(den)
 
@@ -478,10 +480,10 @@ def _matching_from(table: OverlapTable, threshold: float, cand: np.ndarray) -> M
         tp=tp,
         fp=fp,
         fn=fn,
-        precision=_ratio(tp, n_pred),
-        recall=_ratio(tp, n_gt),
-        f1=_ratio(2 * tp, 2 * tp + fp + fn),
-        accuracy=_ratio(tp, tp + fp + fn),
+        precision=safe_ratio(tp, n_pred),
+        recall=safe_ratio(tp, n_gt),
+        f1=safe_ratio(2 * tp, 2 * tp + fp + fn),
+        accuracy=safe_ratio(tp, tp + fp + fn),
         mean_matched_iou=_mean_iou(float(iou.sum()), tp, n_gt + n_pred),
         matched_gt_index=_readonly(gi),
         matched_pred_index=_readonly(pi),
@@ -702,9 +704,9 @@ def _pq_counts(table: OverlapTable) -> tuple[int, int, int, float]:
     return tp, table.n_pred - tp, table.n_gt - tp, float(table.pair_iou[sel].sum())
 
 
-def _pq_from_counts(tp: int, fp: int, fn: int, iou_sum: float) -> tuple[float, float, float]:
+def pq_from_counts(tp: int, fp: int, fn: int, iou_sum: float) -> tuple[float, float, float]:
     """(pq, dq, sq) from counts; all 1.0 when there is nothing at all."""
-    dq = _ratio(tp, tp + 0.5 * fp + 0.5 * fn)
+    dq = safe_ratio(tp, tp + 0.5 * fp + 0.5 * fn)
     sq = _mean_iou(iou_sum, tp, tp + fp + fn)
     return dq * sq, dq, sq
 
@@ -720,7 +722,7 @@ def panoptic_quality(table: OverlapTable) -> tuple[float, float, float]:
     -------
     pq, dq, sq : float
     """
-    return _pq_from_counts(*_pq_counts(table))
+    return pq_from_counts(*_pq_counts(table))
 
 
 def _aji_sums(table: OverlapTable) -> tuple[int, int]:
@@ -772,13 +774,13 @@ def aggregated_jaccard(table: OverlapTable) -> tuple[float, float]:
     """
     c, u = _aji_sums(table)
     c2, u2 = _aji_plus_sums(table)
-    return _ratio(c, u), _ratio(c2, u2)
+    return safe_ratio(c, u), safe_ratio(c2, u2)
 
 
 def foreground_dice(table: OverlapTable) -> float:
     """Dice ``2|A & B| / (|A| + |B|)`` of the binary foregrounds (1.0 if both empty)."""
     inter = int(table.pair_inter.sum())
-    return _ratio(2 * inter, int(table.gt_areas.sum() + table.pred_areas.sum()))
+    return safe_ratio(2 * inter, int(table.gt_areas.sum() + table.pred_areas.sum()))
 
 
 # ------------------------------------------------------------------------ outcomes
@@ -1016,7 +1018,7 @@ def evaluate_table(
     detections = _detections(table, matchings, s, gt_types, pred_types)
     ap = _ap_per_threshold(detections, len(thresholds))
     pq_tp, pq_fp, pq_fn, pq_iou = _pq_counts(table)
-    pq, dq, sq = _pq_from_counts(pq_tp, pq_fp, pq_fn, pq_iou)
+    pq, dq, sq = pq_from_counts(pq_tp, pq_fp, pq_fn, pq_iou)
     aji_c, aji_u = _aji_sums(table)
     ajip_c, ajip_u = _aji_plus_sums(table)
     dice_inter = int(table.pair_inter.sum())
@@ -1041,9 +1043,9 @@ def evaluate_table(
         pq=pq,
         dq=dq,
         sq=sq,
-        aji=_ratio(aji_c, aji_u),
-        aji_plus=_ratio(ajip_c, ajip_u),
-        dice=_ratio(2 * dice_inter, dice_sum),
+        aji=safe_ratio(aji_c, aji_u),
+        aji_plus=safe_ratio(ajip_c, ajip_u),
+        dice=safe_ratio(2 * dice_inter, dice_sum),
         has_scores=s is not None,
         ap_note=SCORES_NOTE if s is not None else NO_SCORES_NOTE,
         pq_tp=pq_tp,
@@ -1171,12 +1173,12 @@ def _pooled_dict(images: Sequence[ImageScores]) -> dict[str, Any]:
     for t in thresholds:
         k = threshold_key(t)
         tp, fp, fn = out["tp"][k], out["fp"][k], out["fn"][k]
-        per["accuracy"][k] = _ratio(tp, tp + fp + fn)
-        per["precision"][k] = _ratio(tp, tp + fp)
-        per["recall"][k] = _ratio(tp, tp + fn)
-        per["f1"][k] = _ratio(2 * tp, 2 * tp + fp + fn)
+        per["accuracy"][k] = safe_ratio(tp, tp + fp + fn)
+        per["precision"][k] = safe_ratio(tp, tp + fp)
+        per["recall"][k] = safe_ratio(tp, tp + fn)
+        per["f1"][k] = safe_ratio(2 * tp, 2 * tp + fp + fn)
     ap = _ap_per_threshold(_pooled_detections(images), len(thresholds))
-    pq, dq, sq = _pq_from_counts(
+    pq, dq, sq = pq_from_counts(
         sum(s.pq_tp for s in images),
         sum(s.pq_fp for s in images),
         sum(s.pq_fn for s in images),
@@ -1192,9 +1194,9 @@ def _pooled_dict(images: Sequence[ImageScores]) -> dict[str, Any]:
         pq=pq,
         dq=dq,
         sq=sq,
-        aji=_ratio(sum(s.aji_c for s in images), sum(s.aji_u for s in images)),
-        aji_plus=_ratio(sum(s.aji_plus_c for s in images), sum(s.aji_plus_u for s in images)),
-        dice=_ratio(2 * sum(s.dice_inter for s in images), sum(s.dice_sum for s in images)),
+        aji=safe_ratio(sum(s.aji_c for s in images), sum(s.aji_u for s in images)),
+        aji_plus=safe_ratio(sum(s.aji_plus_c for s in images), sum(s.aji_plus_u for s in images)),
+        dice=safe_ratio(2 * sum(s.dice_inter for s in images), sum(s.dice_sum for s in images)),
     )
     return out
 
