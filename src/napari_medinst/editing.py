@@ -33,7 +33,14 @@ from skimage.measure import label as label_components
 from skimage.segmentation import watershed
 
 from ._io import InputError, check_labels
-from .metrics import CATEGORIES, InstanceOutcomes, OverlapTable, pq_from_counts, safe_ratio
+from .metrics import (
+    CATEGORIES,
+    InstanceOutcomes,
+    OverlapTable,
+    aji_picks,
+    pq_from_counts,
+    safe_ratio,
+)
 from .targets import relabel_sequential as _relabel_sequential
 
 __all__ = [
@@ -705,9 +712,8 @@ class _Aji:
     """AJI sums with each gt nucleus' pick (see metrics.aggregated_jaccard)."""
 
     def __init__(self, table: OverlapTable) -> None:
-        g, p, iou = table.pair_gt_index, table.pair_pred_index, table.pair_iou
-        order = np.lexsort((p, -iou, g))
-        first = order[np.append(True, g[order][1:] != g[order][:-1])] if order.size else order
+        g, p = table.pair_gt_index, table.pair_pred_index
+        first = aji_picks(table)
         self.gt_areas = table.gt_areas
         self.pred_areas = table.pred_areas
         self.pick = np.full(table.n_gt, -1, np.intp)

@@ -45,6 +45,7 @@ __all__ = [
     "Matching",
     "OverlapTable",
     "aggregated_jaccard",
+    "aji_picks",
     "average_precision",
     "combine_scores",
     "evaluate",
@@ -437,7 +438,7 @@ class Matching:
         ]
 
 
-def match(table: OverlapTable, threshold: float = 0.5) -> Matching:
+def match(table: OverlapTable, threshold: float = 0.5, priority: Any = None) -> Matching:
     """Match gt and predicted nuclei one-to-one at an IoU threshold.
 
     A pair is a candidate when its IoU >= ``threshold``.  The matching has maximum
@@ -452,6 +453,11 @@ def match(table: OverlapTable, threshold: float = 0.5) -> Matching:
     table : OverlapTable
     threshold : float, default 0.5
         IoU threshold in (0, 1].
+    priority : array of float, optional
+        One value per prediction (in ``table.pred_ids`` order), e.g. its confidence:
+        among equally good matchings, the one pairing higher-priority predictions
+        wins. This makes AP independent of the ids in the exact-0.5 tie case, as
+        COCO's score-ordered matching is.
 
     Returns
     -------
@@ -459,14 +465,21 @@ def match(table: OverlapTable, threshold: float = 0.5) -> Matching:
     """
     threshold = _check_threshold(threshold)
     cand = np.flatnonzero(table.pair_iou >= threshold)
-    return _matching_from(table, threshold, cand)
+    return _matching_from(table, threshold, cand, priority)
 
 
-def _matching_from(table: OverlapTable, threshold: float, cand: np.ndarray) -> Matching:
+def _matching_from(
+    table: OverlapTable, threshold: float, cand: np.ndarray, priority: Any = None
+) -> Matching:
+    weights = table.pair_iou[cand]
+    if priority is not None and cand.size:
+        p = np.asarray(priority, np.float64)
+        rank = np.argsort(np.argsort(p, kind="stable"), kind="stable") / max(1, p.size)
+        weights = weights + 1e-7 * rank[table.pair_pred_index[cand]]
     picked = _max_weight_matching(
         table.pair_gt_index[cand],
         table.pair_pred_index[cand],
-        table.pair_iou[cand],
+        weights,
         cardinality_first=True,
     )
     sel = cand[picked]
@@ -603,8 +616,8 @@ def pr_curve(
         holds that score.  Recall is 1.0 when there is no gt nucleus.  Empty when
         there is no prediction.
     """
-    matching = match(table, threshold)
     s = np.ones(table.n_pred) if scores is None else _score_array(scores, table.pred_ids)
+    matching = match(table, threshold, priority=s)
     if table.n_pred == 0:
         empty = np.zeros(0)
         return empty, empty.copy(), empty.copy()
@@ -623,8 +636,8 @@ def average_precision(table: OverlapTable, scores: Any = None, threshold: float 
     single operating point.  No gt nucleus: 1.0 if there is no prediction either,
     else 0.0.
     """
-    matching = match(table, threshold)
     s = None if scores is None else _score_array(scores, table.pred_ids)
+    matching = match(table, threshold, priority=s)
     return _ap_from_hits(table.n_gt, s, _pred_hits(table, matching))
 
 
@@ -685,7 +698,8 @@ def _detections(
     for c in np.union1d(g_cls, p_cls):
         p_keep = p_cls == c
         sub = _subtable(table, g_cls == c, p_keep)
-        hits = [_pred_hits(sub, match(sub, m.threshold)) for m in matchings]
+        prio = None if scores is None else scores[p_keep]
+        hits = [_pred_hits(sub, match(sub, m.threshold, priority=prio)) for m in matchings]
         out[int(c)] = _ClassDetections(
             sub.n_gt,
             None if scores is None else scores[p_keep],
@@ -725,12 +739,21 @@ def panoptic_quality(table: OverlapTable) -> tuple[float, float, float]:
     return pq_from_counts(*_pq_counts(table))
 
 
+def aji_picks(table: OverlapTable) -> np.ndarray:
+    """Pair index of the prediction each gt nucleus takes in AJI (one per overlapped gt).
+
+    Highest IoU; ties go to the larger intersection (equal IoU and intersection mean
+    equal areas, so the choice changes neither C nor U: the result is id-independent).
+    """
+    g, p = table.pair_gt_index, table.pair_pred_index
+    order = np.lexsort((p, -table.pair_inter, -table.pair_iou, g))
+    return order[np.append(True, g[order][1:] != g[order][:-1])] if order.size else order
+
+
 def _aji_sums(table: OverlapTable) -> tuple[int, int]:
     """Kumar AJI numerator C and denominator U (best-IoU prediction per gt, reusable)."""
-    g, p, iou = table.pair_gt_index, table.pair_pred_index, table.pair_iou
-    # per gt: highest IoU first, ties -> lowest prediction index (smallest id)
-    order = np.lexsort((p, -iou, g))
-    first = order[np.append(True, g[order][1:] != g[order][:-1])] if order.size else order
+    g, p = table.pair_gt_index, table.pair_pred_index
+    first = aji_picks(table)
     inter = table.pair_inter[first]
     union = table.gt_areas[g[first]] + table.pred_areas[p[first]] - inter
     covered = np.zeros(table.n_gt, bool)
@@ -744,8 +767,13 @@ def _aji_sums(table: OverlapTable) -> tuple[int, int]:
 
 def _aji_plus_sums(table: OverlapTable) -> tuple[int, int]:
     """AJI+ numerator and denominator (one-to-one, total IoU maximised)."""
+    # equal total IoU: prefer larger intersections, so the result does not depend on ids
+    tiebreak = 1e-9 * table.pair_inter / max(1, int(table.pair_inter.max(initial=0)))
     sel = _max_weight_matching(
-        table.pair_gt_index, table.pair_pred_index, table.pair_iou, cardinality_first=False
+        table.pair_gt_index,
+        table.pair_pred_index,
+        table.pair_iou + tiebreak,
+        cardinality_first=False,
     )
     g, p = table.pair_gt_index[sel], table.pair_pred_index[sel]
     inter = table.pair_inter[sel]
@@ -1014,7 +1042,7 @@ def evaluate_table(
     if (gt_types is None) != (pred_types is None):
         raise ValueError("give both gt_types and pred_types, or neither")
     s = None if scores is None else _score_array(scores, table.pred_ids)
-    matchings = [match(table, t) for t in thresholds]
+    matchings = [match(table, t, priority=s) for t in thresholds]
     detections = _detections(table, matchings, s, gt_types, pred_types)
     ap = _ap_per_threshold(detections, len(thresholds))
     pq_tp, pq_fp, pq_fn, pq_iou = _pq_counts(table)
