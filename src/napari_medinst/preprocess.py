@@ -70,13 +70,20 @@ def prepare_image(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def detect_modality(image: np.ndarray) -> Modality:
-    """'he' for colour images, 'fluorescence' for grayscale (or colour with equal channels)."""
+    """Guess the modality: 'he' (brightfield) or 'fluorescence'.
+
+    Grey images, colour images with equal channels, and colour images on a dark
+    background (a DAPI/Hoechst channel saved as RGB) are fluorescence; colour images
+    on a bright background are brightfield H&E.
+    """
     arr = prepare_image(image)
     if arr.ndim == 2:
         return "fluorescence"
     step = max(1, arr.shape[0] * arr.shape[1] // 250_000)
-    sample = arr.reshape(-1, 3)[::step].astype(np.float32)
+    sample = _unit_range(arr.reshape(-1, 1, 3)[::step])[:, 0, :]
     if np.allclose(sample[:, 0], sample[:, 1]) and np.allclose(sample[:, 1], sample[:, 2]):
+        return "fluorescence"
+    if np.median(sample.max(axis=1)) < 0.35:  # mostly dark: emitted light, not transmitted
         return "fluorescence"
     return "he"
 
@@ -98,7 +105,7 @@ def _percentile_normalise(gray: np.ndarray, lo: float = 1.0, hi: float = 99.8) -
     p_lo, p_hi = np.percentile(gray.ravel()[::step], [lo, hi])
     if p_hi - p_lo < 1e-6:
         return np.zeros_like(gray)
-    return np.clip((gray - p_lo) / (p_hi - p_lo), -0.2, 1.5)
+    return np.clip((gray - np.float32(p_lo)) / np.float32(p_hi - p_lo), -0.2, 1.5)
 
 
 def to_network_input(image: np.ndarray, modality: Modality) -> np.ndarray:
