@@ -41,7 +41,8 @@ __all__ = ["CLASSICAL", "MapResult", "Segmentation", "compute_maps", "get_model"
 CLASSICAL = "classical"
 #: Images above this many pixels are refused (tile them, or crop a region).
 MAX_PIXELS = 400_000_000
-_SCALE_TOLERANCE = (0.72, 1.4)
+_SCALE_TOLERANCE = (0.72, 1.4)  # first check: natural spread of nucleus sizes
+_SCALE_CONVERGED = (0.88, 1.14)  # once rescaling, converge this close
 
 _MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
 
@@ -155,11 +156,18 @@ def compute_maps(
         scale = float(np.clip(CANONICAL_DIAMETER / d, 0.1, 4.0)) if d > 0 else 1.0
     maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop)
     if estimated and model != CLASSICAL:
-        d = _diameter_at_canonical(maps, params)
-        ratio = d / CANONICAL_DIAMETER if d > 0 else 1.0
-        if not (_SCALE_TOLERANCE[0] <= ratio <= _SCALE_TOLERANCE[1]):
+        # Nuclei far from the trained size mean a wrong guess (a 20x slide taken as 40x):
+        # rescale. Sizes measured at a wrong scale are biased towards it, so iterate a
+        # few times, now towards the tighter band.
+        band = _SCALE_TOLERANCE
+        for _ in range(3):
+            d = _diameter_at_canonical(maps, params)
+            ratio = d / CANONICAL_DIAMETER if d > 0 else 1.0
+            if band[0] <= ratio <= band[1]:
+                break
             scale = float(np.clip(scale / ratio, 0.05, 4.0))
             maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop)
+            band = _SCALE_CONVERGED
     return MapResult(
         maps=maps.resized(arr.shape[:2]),
         modality=modality,
