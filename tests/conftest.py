@@ -17,6 +17,12 @@ def disk_labels(shape=(96, 96), centres=((30, 30), (30, 52), (70, 60)), radius=1
     return out
 
 
+@pytest.fixture(autouse=True)
+def _private_model_registry(tmp_path_factory, monkeypatch):
+    """Tests never read or write the user's own registered models."""
+    monkeypatch.setenv("NAPARI_MEDINST_MODELS", str(tmp_path_factory.mktemp("user-models")))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "monuseg" / "index.csv").exists():

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from ._io import InputError
 from .classical import classical_labels, classical_maps
 from .model.data import median_diameter
-from .model.folder import LoadedModel, load_model
+from .model.folder import LoadedModel, load_model, resolve_model_dir
 from .model.inference import Maps, pick_device, predict_maps
 from .postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from .preprocess import (
@@ -44,7 +44,7 @@ MAX_PIXELS = 400_000_000
 _SCALE_TOLERANCE = (0.72, 1.4)  # first check: natural spread of nucleus sizes
 _SCALE_CONVERGED = (0.88, 1.14)  # once rescaling, converge this close
 
-_MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
+_MODEL_CACHE: dict[tuple[str, str, int], LoadedModel] = {}
 
 
 def get_model(name: str | LoadedModel, device: str = "auto") -> LoadedModel | str:
@@ -52,9 +52,12 @@ def get_model(name: str | LoadedModel, device: str = "auto") -> LoadedModel | st
     if isinstance(name, LoadedModel) or name == CLASSICAL:
         return name
     dev = str(pick_device(device))
-    key = (str(name), dev)
+    path = resolve_model_dir(name)
+    weights = path / "weights.pt"
+    stamp = weights.stat().st_mtime_ns if weights.exists() else 0
+    key = (str(path.resolve()), dev, stamp)  # a rewritten model folder is reloaded
     if key not in _MODEL_CACHE:
-        _MODEL_CACHE[key] = load_model(name, device=dev)
+        _MODEL_CACHE[key] = load_model(path, device=dev)
     return _MODEL_CACHE[key]
 
 

@@ -62,6 +62,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from .._io import InputError, write_bytes
+from ..model import registry
 from ..model.folder import ModelError, list_models
 from ..model.inference import CancelledError
 from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
@@ -412,6 +413,7 @@ class SegmentWidget(Container):
         self._build_param_widgets()
         self._build_file_widgets()
         self._connect_viewer()
+        registry.add_listener(self._on_models_changed)
         self.native.destroyed.connect(self._on_destroyed)
         self._on_image_changed(self._image_layer.value)
 
@@ -421,8 +423,8 @@ class SegmentWidget(Container):
         self._image_layer = ComboBox(label="image", choices=self._image_choices)
         self._image_layer.changed.connect(self._on_image_changed)
         self._no_image = Label(value="Open an image (File ▸ Open, or a sample) to segment it.")
-        models = [*list_models(), CLASSICAL, CHOOSE_FOLDER]
-        self._model = ComboBox(label="model", choices=models, value=models[0])
+        models = self._model_choices()
+        self._model = ComboBox(label="model", choices=self._model_choices, value=models[0])
         self._model.changed.connect(self._on_model_changed)
         self._model_folder = FileEdit(label="model folder", mode="d", visible=False)
         self._model_note = Label(
@@ -524,6 +526,7 @@ class SegmentWidget(Container):
         self._closed = True
         self._cancel.set()
         self._tune_timer.stop()
+        registry.remove_listener(self._on_models_changed)
         ev = self._viewer.layers.events
         for emitter, slot in (
             (ev.inserted, self._on_layers_changed),
@@ -582,6 +585,19 @@ class SegmentWidget(Container):
         modality = layer.metadata.get("modality")
         self._modality.value = modality if modality in ("he", "fluorescence") else "auto"
         self._planes.visible = bool(self._lead_shape(layer))
+
+    @staticmethod
+    def _model_choices(_widget=None) -> list[str]:
+        return [*list_models(), CLASSICAL, CHOOSE_FOLDER]
+
+    def _on_models_changed(self) -> None:
+        """A model was registered or unregistered (e.g. by the Fine-tune widget)."""
+        if not self._alive():
+            return
+        keep = self._model.value
+        self._model.reset_choices()
+        if keep in self._model.choices:
+            self._model.value = keep
 
     def _on_model_changed(self, value: str) -> None:
         self._model_folder.visible = value == CHOOSE_FOLDER

@@ -91,11 +91,16 @@ def resolve_model_dir(name_or_dir: str | os.PathLike) -> Path:
     return path
 
 
-def list_models(extra_dirs: list[Path] | None = None) -> list[str]:
-    """Names of bundled models plus any model folders found directly under ``extra_dirs``."""
+def list_models(extra_dirs: list[Path] | None = None, *, registered: bool = True) -> list[str]:
+    """Names of bundled models, then model folders found directly under ``extra_dirs``,
+    then (with ``registered``) the user's own models (:mod:`.registry`), as paths."""
     names = sorted(p.name for p in BUNDLED_MODELS.glob("*") if (p / "config.json").exists())
     for d in extra_dirs or []:
         names += sorted(str(p) for p in Path(d).glob("*") if (p / "config.json").exists())
+    if registered:
+        from .registry import registered_models
+
+        names += [p for p in registered_models() if p not in names]
     return names
 
 

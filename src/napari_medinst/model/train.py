@@ -307,7 +307,7 @@ def train(
             "seconds": time.time() - t0,
         }
         history.append(record)
-        if val_aji > best_aji:
+        if val_aji > best_aji or not val_s:  # no held-in split: keep the latest
             best_aji = val_aji
             save_model_folder(
                 out / "model",
