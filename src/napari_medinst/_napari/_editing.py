@@ -47,6 +47,7 @@ from qtpy.QtCore import QTimer
 
 from .. import editing
 from .._io import InputError, check_labels, read_labels
+from ._common import unwrap
 
 __all__ = [
     "GT_KEY",
@@ -162,7 +163,7 @@ def load_ground_truth(viewer, path: str | Path, like: Any = None) -> Labels:
 
 def editor_for(viewer, layer: Labels, **kwargs: Any) -> GroundTruthEditor:
     """The editor attached to ``layer`` (created, with key bindings, on first use)."""
-    viewer, layer = _unwrap(viewer), _unwrap(layer)
+    viewer, layer = unwrap(viewer), unwrap(layer)
     editor = getattr(layer, _ATTR, None)
     if editor is None:
         editor = GroundTruthEditor(viewer, layer, **kwargs)
@@ -172,12 +173,7 @@ def editor_for(viewer, layer: Labels, **kwargs: Any) -> GroundTruthEditor:
 
 def existing_editor(layer: Any) -> GroundTruthEditor | None:
     """The editor already attached to ``layer``, if any."""
-    return getattr(_unwrap(layer), _ATTR, None)
-
-
-def _unwrap(obj: Any) -> Any:
-    """The real object behind napari's PublicOnlyProxy (plugins may be handed one)."""
-    return getattr(obj, "__wrapped__", obj)
+    return getattr(unwrap(layer), _ATTR, None)
 
 
 def _atom_ids(atom: Any) -> np.ndarray:

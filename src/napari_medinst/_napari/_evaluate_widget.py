@@ -71,6 +71,7 @@ from qtpy.QtWidgets import (
 from .. import editing, metrics
 from .._io import InputError, check_labels, read_labels, write_bytes, write_tiff
 from ..postprocess import Postprocessor, PostprocessParams
+from ._common import ROLE, unwrap
 from ._editing import (
     GT_KEY,
     KEY_BINDINGS,
@@ -99,7 +100,6 @@ LIVE_MAX_PIXELS = 16_000_000
 #: Above this many pixels the widget refuses to evaluate.
 MAX_PIXELS = 150_000_000
 
-ROLE = "napari_medinst_role"
 SOURCE = "napari_medinst_source"
 POSTPROCESSOR_KEY = "napari_medinst_postprocessor"
 PARAMS_KEY = "postprocess_params"
@@ -317,7 +317,7 @@ class EvaluateWidget(Container):
         # napari hands plugin widgets a PublicOnlyProxy; layers are compared by identity
         # across events and combo boxes, which needs the real objects (no private
         # napari API is used through it)
-        self._viewer = getattr(viewer, "__wrapped__", viewer)
+        self._viewer = unwrap(viewer)
         self.result: EvaluationResult | None = None
         self._tuned: tuple[PostprocessParams, Any, float, float] | None = None
         self._tune_worker = None

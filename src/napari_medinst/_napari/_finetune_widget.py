@@ -63,6 +63,7 @@ from ..model.augment import AugmentConfig
 from ..model.folder import BUNDLED_MODELS, list_models, load_model
 from ..model.inference import CancelledError
 from ..preprocess import detect_modality, prepare_image
+from ._common import ROLE, input_images, qt_alive, unwrap
 from ._editing import existing_editor
 from ._segment_widget import _pixel_size_from_layer
 
@@ -72,13 +73,8 @@ logger = logging.getLogger(__name__)
 
 CHOOSE_FOLDER = "Choose folder…"
 NO_LAYER = "(none)"
-_ROLE = "napari_medinst_role"  # the Segment widget ignores image layers carrying it
 PREVIEW_ROLE = "augmentation preview"
 PLOT_HEIGHT = 220
-
-
-def _unwrap(obj: Any) -> Any:
-    return getattr(obj, "__wrapped__", obj)
 
 
 def _folder_value(edit: FileEdit) -> Path | None:
@@ -226,7 +222,7 @@ class FinetuneWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=False, scrollable=True)
-        self._viewer = _unwrap(viewer)
+        self._viewer = unwrap(viewer)
         self._closed = False
         self._cancel = threading.Event()
         self._compare_cancel = threading.Event()
@@ -518,29 +514,20 @@ class FinetuneWidget(Container):
             emitter.disconnect(self._on_layers_changed)
 
     def _alive(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            self.native.objectName()
-        except RuntimeError:  # the Qt widget is gone
+        if not self._closed and not qt_alive(self):
             self._closed = True
-            return False
-        return True
+        return not self._closed
 
     # ------------------------------------------------------------------ choices
 
     def _image_choices(self, _w=None) -> list[tuple[str, Image]]:
-        return [
-            (layer.name, layer)
-            for layer in self._viewer.layers
-            if isinstance(layer, Image) and layer.metadata.get(_ROLE) is None
-        ]
+        return input_images(self._viewer)
 
     def _labels_choices(self, _w=None) -> list[tuple[str, Labels]]:
         labels = [
             layer
             for layer in self._viewer.layers
-            if isinstance(layer, Labels) and layer.metadata.get(_ROLE) is None
+            if isinstance(layer, Labels) and layer.metadata.get(ROLE) is None
         ]
         labels.sort(key=lambda layer: not layer.metadata.get("ground_truth", False))
         return [(layer.name, layer) for layer in labels]
@@ -730,13 +717,13 @@ class FinetuneWidget(Container):
         layers = []
         for kind, cls, data, kw in specs:
             name = f"{image.name} augmented" + ("" if kind == "image" else f" {kind}")
-            meta = {_ROLE: PREVIEW_ROLE, "preview": kind, "preview_of": image.name}
+            meta = {ROLE: PREVIEW_ROLE, "preview": kind, "preview_of": image.name}
             old = next(
                 (
                     x
                     for x in self._viewer.layers
                     if isinstance(x, cls)
-                    and x.metadata.get(_ROLE) == PREVIEW_ROLE
+                    and x.metadata.get(ROLE) == PREVIEW_ROLE
                     and x.metadata.get("preview") == kind
                     and x.metadata.get("preview_of") == image.name
                 ),

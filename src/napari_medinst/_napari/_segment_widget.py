@@ -68,6 +68,7 @@ from ..model.inference import CancelledError
 from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from ..preprocess import prepare_image
 from ..segment import CLASSICAL, MapResult, compute_maps
+from ._common import ROLE, input_images, qt_alive, unwrap
 
 __all__ = ["SegmentWidget"]
 
@@ -82,7 +83,6 @@ CROP_MARGIN = 32
 #: Cached maps: at most this many (image, settings) combinations and this many pixels.
 MAX_SESSIONS = 3
 CACHE_PIXELS = 60_000_000
-_ROLE = "napari_medinst_role"
 _SOURCE = "napari_medinst_source"
 
 # (field, label, widget class, options, tooltip); sizes are at the model's reference pixel size
@@ -384,7 +384,7 @@ class SegmentWidget(Container):
         super().__init__(labels=True)
         # napari hands plugins a PublicOnlyProxy; the widget compares layers by identity
         # across events, which needs the real objects (it uses no private viewer API).
-        self._viewer = getattr(viewer, "__wrapped__", viewer)
+        self._viewer = unwrap(viewer)
         self._closed = False
         self._sessions: list[_Session] = []
         self._session: _Session | None = None
@@ -536,23 +536,14 @@ class SegmentWidget(Container):
             emitter.disconnect(slot)
 
     def _alive(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            self.native.objectName()
-        except RuntimeError:  # C++ object deleted
+        if not self._closed and not qt_alive(self):
             self._closed = True
-            return False
-        return True
+        return not self._closed
 
     # ------------------------------------------------------------------ inputs
 
     def _image_choices(self, _widget=None) -> list[tuple[str, Image]]:
-        return [
-            (layer.name, layer)
-            for layer in self._viewer.layers
-            if isinstance(layer, Image) and layer.metadata.get(_ROLE) is None
-        ]
+        return input_images(self._viewer)
 
     def _on_layers_changed(self, event=None) -> None:
         if not self._alive():
@@ -1081,7 +1072,7 @@ class SegmentWidget(Container):
             return layer
         for layer in reversed(list(self._viewer.layers)):
             md = layer.metadata
-            if md.get(_ROLE) == role and md.get(_SOURCE) == s.image.name:
+            if md.get(ROLE) == role and md.get(_SOURCE) == s.image.name:
                 s.layers[role] = layer
                 return layer
         return None
@@ -1145,7 +1136,7 @@ class SegmentWidget(Container):
             "scale": img.scale,
             "translate": img.translate,
             "visible": visible,
-            "metadata": {_ROLE: role, _SOURCE: img.name},
+            "metadata": {ROLE: role, _SOURCE: img.name},
         }
         common.update(kwargs)
         kwargs = {}
