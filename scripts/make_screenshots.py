@@ -50,11 +50,38 @@ def segment_screens(viewer) -> None:
     shot(viewer, "segment_contours.png", canvas_only=True)
 
 
+def evaluate_screens(viewer) -> None:
+    """Needs segment_screens first (the instances layer)."""
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("he sample",)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medinst", "Evaluate")
+    widget._pred.value = viewer.layers["he sample instances"]
+    widget._gt.value = viewer.layers["he sample ground truth"]
+    widget.evaluate_now()
+    wait_for(lambda: any(layer.name.endswith("errors") for layer in viewer.layers), 30)
+    viewer.reset_view()
+    shot(viewer, "evaluate_widget.png")
+
+
+def finetune_screens(viewer) -> None:
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medinst", "Fine-tune model")
+    widget._image.value = viewer.layers["he sample"]
+    widget._gt.value = viewer.layers["he sample ground truth"]
+    widget._paste_count.value = 40
+    layers = widget.preview()
+    for layer in viewer.layers:
+        layer.visible = layer in layers[:2]
+    viewer.reset_view()
+    shot(viewer, "finetune_preview.png")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(show=True, title="napari-medinst")
     viewer.window.resize(1600, 1000)
     segment_screens(viewer)
+    evaluate_screens(viewer)
+    finetune_screens(viewer)
     viewer.close()
 
 

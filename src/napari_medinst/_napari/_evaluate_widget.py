@@ -289,7 +289,8 @@ class _CloseGuard(QObject):
     def eventFilter(self, obj, event) -> bool:
         try:
             kind = event.type()
-            widget = self._widget()
+            ref = getattr(self, "_widget", None)  # absent while Python tears the object down
+            widget = ref() if ref is not None else None
             if widget is None:
                 return False
             if kind in (QEvent.Type.ParentChange, QEvent.Type.Show):
