@@ -38,3 +38,12 @@ def test_segment_outputs_are_consistent(he):
     assert seg.scores.shape == (int(seg.labels.max()),)
     assert np.all((seg.scores >= 0) & (seg.scores <= 1))
     assert seg.maps.maps.prob.shape == image.shape[:2]
+
+
+def test_huge_image_is_refused_before_any_work(monkeypatch):
+    from napari_medinst import segment as seg_mod
+    from napari_medinst._io import InputError
+
+    monkeypatch.setattr(seg_mod, "MAX_PIXELS", 10_000)
+    with pytest.raises(InputError, match="crop a region"):
+        segment(np.zeros((200, 200), np.uint8), "classical")

@@ -39,8 +39,9 @@ from .preprocess import (
 __all__ = ["CLASSICAL", "MapResult", "Segmentation", "compute_maps", "get_model", "segment"]
 
 CLASSICAL = "classical"
-#: Images above this many pixels are refused (tile them, or crop a region).
-MAX_PIXELS = 400_000_000
+#: Images above this many pixels are refused (crop a region first): the maps at the
+#: image's resolution take ~16 bytes a pixel, post-processing as much again.
+MAX_PIXELS = 150_000_000
 _SCALE_TOLERANCE = (0.72, 1.4)  # first check: natural spread of nucleus sizes
 _SCALE_CONVERGED = (0.88, 1.14)  # once rescaling, converge this close
 
@@ -136,7 +137,8 @@ def compute_maps(
     if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
         raise InputError(
             f"image of {arr.shape[0]}x{arr.shape[1]} px is larger than the "
-            f"{MAX_PIXELS / 1e6:.0f} Mpx this tool processes at once; crop a region first"
+            f"{MAX_PIXELS / 1e6:.0f} Mpx this tool processes at once (about "
+            f"{32 * arr.shape[0] * arr.shape[1] / 2**30:.0f} GiB of memory); crop a region first"
         )
     if pixel_size is not None and not (0.01 <= pixel_size <= 50):
         raise InputError(f"pixel size {pixel_size} µm/px is outside the plausible 0.01-50 range")
