@@ -86,3 +86,18 @@ def test_bad_labels_are_rejected():
         make_targets(np.array([[-1, 0]], np.int32))
     with pytest.raises(InputError, match="2-D"):
         make_targets(np.zeros((2, 3, 3), np.int32))
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_relabel_sparse_huge_ids_keeps_background(background):
+    lab = np.zeros((64, 64), np.int64)
+    lab[:, 10:20], lab[:, 30:40] = 20000, 30000
+    if not background:
+        lab[lab == 0] = 5_000_000
+    seq, old = relabel_sequential(lab)
+    if background:
+        np.testing.assert_array_equal(np.unique(seq), [0, 1, 2])
+        assert seq[0, 0] == 0 and seq[0, 15] == 1 and seq[0, 35] == 2
+        np.testing.assert_array_equal(old, [20000, 30000])
+    else:
+        np.testing.assert_array_equal(np.unique(seq), [1, 2, 3])

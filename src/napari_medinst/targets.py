@@ -50,11 +50,8 @@ def relabel_sequential(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lut[present] = np.arange(1, present.size + 1, dtype=np.int32)
         return lut[labels], present.astype(labels.dtype)
     uniq, inv = np.unique(flat, return_inverse=True)
-    offset = 1 if uniq[0] == 0 else 0
-    new = (inv + offset).astype(np.int32).reshape(labels.shape)
-    if offset == 0:
-        new = new + 1
-        new[labels == 0] = 0
+    # with background present it is uniq[0] and inverse index 0 already; else shift by one
+    new = (inv if uniq[0] == 0 else inv + 1).astype(np.int32).reshape(labels.shape)
     return new, uniq[uniq > 0]
 
 
