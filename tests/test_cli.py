@@ -130,3 +130,30 @@ def test_segment_then_evaluate_json(tmp_path, he_image):
     img = result["images"][0]
     assert img["name"] == "tile" and 0.2 < img["aji"] < 1.0
     assert set(img["accuracy"]) == {f"{t:.2f}" for t in np.arange(0.5, 0.96, 0.05)}
+
+
+def test_two_inputs_with_one_output_name_are_refused_before_writing(tmp_path, he_image, capsys):
+    other = tmp_path / "b"
+    other.mkdir()
+    twin = other / "tile.tif"
+    twin.write_bytes(he_image.read_bytes())
+    out = tmp_path / "out"
+    assert main(["segment", str(he_image), str(twin), "-o", str(out), "--model", "classical"]) == 2
+    assert "same output name" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_implausible_pixel_size_is_refused(tmp_path, he_image, capsys):
+    rc = main(
+        [
+            "segment",
+            str(he_image),
+            "-o",
+            str(tmp_path / "o"),
+            "--model",
+            "classical",
+            "--pixel-size",
+            "40",
+        ]
+    )
+    assert rc == 2 and "working scale" in capsys.readouterr().err

@@ -44,3 +44,12 @@ def test_export_bad_input(tmp_path):
         export_sample(
             tmp_path, np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.int32), name="x"
         )
+
+
+def test_export_keeps_existing_index_columns_and_files_are_readable(tmp_path):
+    (tmp_path / "index.csv").write_text("id,height,width,organ\nold,10,10,kidney\n")
+    lab = disk_labels((64, 64), ((20, 20),), 8)
+    res = export_sample(tmp_path, np.where(lab > 0, 200, 20).astype(np.uint8), lab, name="new")
+    text = (tmp_path / "index.csv").read_text().splitlines()
+    assert text[0].startswith("id,height,width,organ") and "kidney" in text[1]
+    assert res.image_path.stat().st_mode & 0o044  # group/others may read, as usual

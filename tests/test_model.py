@@ -119,3 +119,9 @@ def test_crop_and_photometric_keep_alignment():
         assert np.all(ci[0][inner] > 0.75) and np.all(ci[0][outer] < 0.25)  # no shift
     out = photometric(img * 0.5 + 0.25, "he", AugmentConfig(), rng)
     assert out.shape == img.shape and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("bad", [{"widths": []}, {"widths": [8, 0]}, {"n_types": -1}, {"depth": 3}])
+def test_invalid_network_config_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="network config"):
+        NetConfig.from_dict(bad)

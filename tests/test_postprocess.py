@@ -122,3 +122,8 @@ def test_shape_mismatch_is_reported():
     with pytest.raises(ValueError, match="HV maps"):
         Postprocessor(np.zeros((10, 10)), np.zeros((2, 10, 11)))
     assert json.loads(PostprocessParams().to_json())["napari_medinst_postprocess"] == 1
+
+
+def test_scaling_to_a_fine_pixel_size_stays_valid():
+    q = PostprocessParams(marker_opening=5).scaled_to(0.1)  # a 100x objective
+    assert q.marker_opening == 25

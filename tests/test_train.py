@@ -67,3 +67,17 @@ def test_cancel_keeps_a_loadable_checkpoint(tiny_set, tmp_path):
 def test_train_cli_reports_bad_data(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "images/" in capsys.readouterr().err
+
+
+def test_out_folder_is_never_clobbered_and_runs_are_not_mixed(tiny_set, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        train(tiny_config(tiny_set, busy, 1), verbose=False)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_set, out, 1), verbose=False)
+    other = tiny_config(tiny_set, out, 2)
+    other.seed = 7  # a different run in the same folder
+    with pytest.raises(ValueError, match="other data or another network"):
+        train(other, verbose=False)

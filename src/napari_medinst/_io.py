@@ -94,6 +94,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it private; use the usual mode
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -101,6 +102,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) ->
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_tiff(path: str | os.PathLike, arr: np.ndarray, *, overwrite: bool = False) -> Path:

@@ -81,6 +81,12 @@ def _planes(arr):
     import numpy as np
 
     channels_last = arr.ndim == 3 and arr.shape[-1] <= 4  # colour, or rejected as such
+    if arr.ndim == 3 and not channels_last and arr.shape[0] in (3, 4):
+        print(
+            f"note: shape {arr.shape} is segmented as {arr.shape[0]} grey planes; "
+            "save colour images channel-last (H, W, 3) to segment them as colour",
+            file=sys.stderr,
+        )
     if arr.ndim == 2 or channels_last:
         yield None, arr
     elif arr.ndim in (3, 4):
@@ -119,9 +125,15 @@ def run_segment(args) -> int:
             raise InputError(f"{args.params}: parameters file not found") from exc
         except ValueError as exc:
             raise InputError(f"{args.params}: {exc}") from exc
-    jobs = []
+    jobs, stems = [], {}
     for name in args.images:
         path = Path(name)
+        if path.stem in stems:
+            raise InputError(
+                f"{path}: same output name as {stems[path.stem]} ({path.stem}_instances.tif); "
+                "segment them into different output folders"
+            )
+        stems[path.stem] = path
         targets = _outputs_for(out, path.stem, args.save_maps)
         clash = [str(p) for p in targets.values() if p.exists()]
         if clash and not args.overwrite:

@@ -71,13 +71,18 @@ def _sha(arr: np.ndarray) -> str:
 
 def _append_index(folder: Path, row: dict) -> None:
     path = folder / "index.csv"
-    rows = []
+    rows, fields = [], list(INDEX_FIELDS)
     if path.exists():
         with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            # keep every column already there (organ, cell line, ...), add ours after
+            fields = list(reader.fieldnames or []) + [
+                f for f in INDEX_FIELDS if f not in (reader.fieldnames or [])
+            ]
     rows.append(row)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=INDEX_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_bytes(path, buf.getvalue().encode(), overwrite=True)

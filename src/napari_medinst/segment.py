@@ -90,6 +90,11 @@ def _rescale(x: np.ndarray, scale: float) -> np.ndarray:
         return x
     h, w = x.shape[1:]
     size = (max(8, round(h * scale)), max(8, round(w * scale)))
+    if size[0] * size[1] > MAX_PIXELS:
+        raise InputError(
+            f"at the model's working scale the image would be {size[0]}x{size[1]} px, more "
+            "than this tool processes at once; check the pixel size, or crop a region first"
+        )
     t = torch.from_numpy(np.ascontiguousarray(x))[None]
     out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
     return out[0].numpy()

@@ -36,7 +36,7 @@ __all__ = ["DEFAULT_EXCLUDE_SPLITS", "Sample", "find_pairs", "load_folder", "par
 DEFAULT_EXCLUDE_SPLITS = frozenset({"MoNuSeg2018-test"})
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not array comparison
 class Sample:
     """One training image at the canonical pixel size."""
 
@@ -46,6 +46,7 @@ class Sample:
     modality: Modality
     scale: float  # factor applied to the original image
     sha256: str
+    group: str = ""  # the data folder it came from (validation is split per folder)
 
 
 def parse_folder_spec(spec: str) -> tuple[Path, float | None]:
@@ -96,6 +97,18 @@ def median_diameter(labels: np.ndarray) -> float:
     return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
 
 
+def _pixel_size(text: str | None, index: Path, key: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.01 <= value <= 50:
+        raise InputError(f"{index}: row {key}: pixel_size {text!r} is not a size in µm/px")
+    return value
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -122,7 +135,7 @@ def load_folder(
         modality: Modality = (
             "fluorescence" if mod == "fluorescence" else "he" if mod else detect_modality(image)
         )
-        px = float(row["pixel_size"]) if row.get("pixel_size") else folder_px
+        px = _pixel_size(row.get("pixel_size"), folder / "index.csv", key) or folder_px
         labels, _ = relabel_sequential(labels)
         if px is not None:
             scale = px / CANONICAL_PIXEL_SIZE
@@ -138,6 +151,7 @@ def load_folder(
         samples.append(
             Sample(
                 name=f"{folder.name}/{key}",
+                group=str(folder.resolve()),
                 image=np.ascontiguousarray(net_in, np.float32),
                 labels=labels.astype(np.int32),
                 modality=modality,

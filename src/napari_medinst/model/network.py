@@ -46,9 +46,15 @@ class NetConfig:
         if unknown:
             raise ValueError(f"unknown network config keys: {sorted(unknown)}")
         d = dict(d)
-        if "widths" in d:
-            d["widths"] = tuple(int(w) for w in d["widths"])
-        return cls(**d)
+        try:
+            if "widths" in d:
+                d["widths"] = tuple(int(w) for w in d["widths"])
+            cfg = cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid network config: {exc}") from exc
+        if len(cfg.widths) < 2 or min(cfg.widths) < 1 or cfg.in_channels < 1 or cfg.n_types < 0:
+            raise ValueError(f"invalid network config: {cfg}")
+        return cfg
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

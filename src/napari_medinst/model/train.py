@@ -28,7 +28,7 @@ from ..postprocess import Postprocessor, PostprocessParams
 from ..targets import contour_map, hv_maps
 from .augment import AugmentConfig, copy_paste, photometric, random_crop
 from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
-from .folder import load_model, save_model_folder
+from .folder import ModelError, load_model, save_model_folder
 from .inference import CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
 from .network import NetConfig, NucleusNet
@@ -83,7 +83,7 @@ def split_samples(samples: list[Sample], fraction: float) -> tuple[list[Sample],
     """Deterministic held-in validation split: per data folder, by a hash of the name."""
     groups: dict[str, list[Sample]] = {}
     for s in samples:
-        groups.setdefault(s.name.split("/")[0], []).append(s)
+        groups.setdefault(getattr(s, "group", "") or s.name.split("/")[0], []).append(s)
     train, val = [], []
     for members in groups.values():
         ranked = sorted(members, key=lambda s: hashlib.sha1(s.name.encode()).hexdigest())
@@ -208,6 +208,38 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def _identity(cfg: TrainConfig) -> str:
+    """What must not change when a run is resumed (epochs, steps, lr may)."""
+    keys = ("data", "init", "exclude_splits", "net", "crop", "seed", "val_fraction")
+    d = cfg.to_dict()
+    return json.dumps({k: d[k] for k in keys}, sort_keys=True)
+
+
+def _check_run_folder(out: Path, ckpt_path: Path) -> None:
+    """Refuse to write a run into a folder holding something else (never clobber)."""
+    if not out.exists() or ckpt_path.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    # a fine-tune run stages its data and notes before training starts
+    ours = {
+        "train_config.json",
+        "model",
+        "checkpoint.pt",
+        ".checkpoint.pt.part",
+        "data",
+        "finetune.json",
+    }
+    other = [
+        p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".model")
+    ]
+    if other:
+        raise ValueError(
+            f"{out}: folder is not empty and holds no training run ({', '.join(sorted(other)[:3])}"
+            "...); choose an empty or new --out folder"
+        )
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.part")
     torch.save(obj, tmp)
@@ -228,8 +260,9 @@ def train(
     folder stay valid.
     """
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
+    _check_run_folder(out, ckpt_path)
+    out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -258,7 +291,15 @@ def train(
     start_epoch, best_aji, history = 0, -1.0, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(ck["model"])
+        if "identity" in ck and ck["identity"] != _identity(cfg):
+            raise ValueError(
+                f"{out} holds a training run with other data or another network; "
+                "choose a new --out folder (or the same arguments to resume it)"
+            )
+        try:
+            net.load_state_dict(ck["model"])
+        except RuntimeError as exc:
+            raise ModelError(f"{ckpt_path}: checkpoint does not fit the network") from exc
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start_epoch, best_aji, history = ck["epoch"], ck["best_aji"], json.loads(ck["history"])
@@ -324,6 +365,7 @@ def train(
                 "epoch": epoch + 1,
                 "best_aji": best_aji,
                 "history": json.dumps(history),
+                "identity": _identity(cfg),
             },
             ckpt_path,
         )
