@@ -551,3 +551,30 @@ def test_choosing_a_segment_output_as_ground_truth_warns(make_napari_viewer, not
     widget = make_widget(viewer)
     widget._gt.value = out
     assert "Start ground truth from prediction" in notes["warning"][-1]
+
+
+def test_apply_tuned_refuses_when_the_prediction_changed(make_napari_viewer, qtbot, monkeypatch):
+    rr, cc = np.mgrid[:120, :120]
+    gt_data = np.zeros((120, 120), np.int32)
+    for k, (r, c) in enumerate([(30, 30), (30, 80), (80, 50)], start=1):
+        gt_data[(rr - r) ** 2 + (cc - c) ** 2 <= 120] = k
+    t = make_targets(gt_data)
+    pp = Postprocessor(t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32))
+    bad = PostprocessParams(min_nucleus_size=400)
+    res = pp.run(bad)
+    viewer = make_napari_viewer()
+    gt = viewer.add_labels(gt_data, name="gt", metadata={"ground_truth": True})
+    pred = viewer.add_labels(res.labels, name="instances")
+    pred.metadata.update({EW.POSTPROCESSOR_KEY: pp, EW.PARAMS_KEY: bad.to_json()})
+    monkeypatch.setattr(EW, "TUNE_GRID", {"min_nucleus_size": (10, 400)})
+    widget = make_widget(viewer, pred, gt)
+    worker = widget.start_autotune()
+    with qtbot.waitSignal(worker.finished, timeout=30000):
+        pass
+    qtbot.waitUntil(lambda: widget._tune_worker is None, timeout=5000)
+    edited = np.array(pred.data, copy=True)
+    edited[:5, :5] = 99  # the user paints while tuning ran
+    pred.data = edited
+    with pytest.raises(EW._Problem, match="changed since auto-tune started"):
+        widget.apply_tuned()
+    np.testing.assert_array_equal(pred.data, edited)

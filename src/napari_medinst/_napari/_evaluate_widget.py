@@ -71,7 +71,7 @@ from qtpy.QtWidgets import (
 from .. import editing, metrics
 from .._io import InputError, check_labels, read_labels, write_bytes, write_tiff
 from ..postprocess import Postprocessor, PostprocessParams
-from ._common import ROLE, unwrap
+from ._common import ROLE, qt_alive, unwrap
 from ._editing import (
     GT_KEY,
     KEY_BINDINGS,
@@ -315,6 +315,8 @@ class EvaluateWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=False)
+        self._closed = False
+        self._tune_fingerprint: tuple | None = None
         # napari hands plugin widgets a PublicOnlyProxy; layers are compared by identity
         # across events and combo boxes, which needs the real objects (no private
         # napari API is used through it)
@@ -353,6 +355,7 @@ class EvaluateWidget(Container):
 
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.native.destroyed.connect(self._on_destroyed)
         self._pick_defaults()
         self._attach_ground_truths()
         self._connect_live()
@@ -608,7 +611,17 @@ class EvaluateWidget(Container):
             if made or preds:
                 self._pred.value = (made or preds)[-1]
 
+    def _on_destroyed(self, *_: object) -> None:
+        """The dock was closed: stop auto-tune and stop listening to the viewer."""
+        self._closed = True
+        if self._tune_worker is not None:
+            self._tune_worker.quit()
+        for emitter in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
+            emitter.disconnect(self._on_layers_changed)
+
     def _on_layers_changed(self, event=None) -> None:
+        if self._closed or not qt_alive(self):
+            return
         self.reset_choices()
         self._pick_defaults()
         self._attach_ground_truths()
@@ -1430,6 +1443,7 @@ class EvaluateWidget(Container):
         worker.errored.connect(lambda exc: show_error(f"Auto-tune failed: {exc}"))
         worker.finished.connect(self._on_tune_finished)
         self._tune_worker = worker
+        self._tune_fingerprint = _fingerprint(pred_layer.data)
         self._tuned = None
         self.tune_apply.setEnabled(False)
         self.tune_button.setEnabled(False)
@@ -1444,13 +1458,15 @@ class EvaluateWidget(Container):
             self.tune_result.setText("Cancelling…")
 
     def _on_tune_progress(self, info: tuple[int, int, float, PostprocessParams]) -> None:
+        if self._closed:
+            return
         done, total, best, _ = info
         self.tune_progress.setRange(0, total)
         self.tune_progress.setValue(done)
         self.tune_result.setText(f"{done}/{total} tried, best so far {best:.4f}")
 
     def _on_tune_done(self, res, pred_layer, objective: str) -> None:
-        if res is None:
+        if res is None or self._closed:
             return
         best_params, best_result, base, best = res
         self._tuned = (best_params, best_result, base, best)
@@ -1465,6 +1481,8 @@ class EvaluateWidget(Container):
 
     def _on_tune_finished(self) -> None:
         self._tune_worker = None
+        if self._closed:
+            return
         self.tune_button.setEnabled(True)
         self.tune_cancel.setEnabled(False)
         if self._tuned is None:
@@ -1480,6 +1498,11 @@ class EvaluateWidget(Container):
         params, result, _, _ = self._tuned
         if layer.metadata.get(GT_KEY):
             raise _Problem(f"'{layer.name}' is a ground truth; auto-tune never writes to one.")
+        if _fingerprint(layer.data) != self._tune_fingerprint:
+            raise _Problem(
+                f"'{layer.name}' changed since auto-tune started; nothing was overwritten. "
+                "Run auto-tune again to tune the current labels."
+            )
         layer.data = result.labels
         layer.metadata[PARAMS_KEY] = params.to_json()
         layer.metadata["scores"] = np.asarray(result.scores)
@@ -1489,6 +1512,11 @@ class EvaluateWidget(Container):
         show_info(f"Applied the tuned parameters to '{layer.name}'.")
         self._schedule()
         return True
+
+
+def _fingerprint(data) -> tuple:
+    arr = np.ascontiguousarray(np.asarray(data))
+    return arr.shape, str(arr.dtype), zlib.crc32(arr.view(np.uint8).ravel())
 
 
 def _camera(viewer):

@@ -840,6 +840,7 @@ class FinetuneWidget(Container):
         worker.returned.connect(lambda outcome: self._on_done(job, outcome))
         worker.errored.connect(lambda exc: self._on_done(job, ("error", str(exc))))
         worker.finished.connect(self._on_finished)
+        worker.aborted.connect(self._cancel.set)  # quit from napari's activity dock
         self._worker = worker
         self._start.enabled = False
         self._cancel_button.enabled = True
