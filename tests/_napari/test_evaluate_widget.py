@@ -578,3 +578,16 @@ def test_apply_tuned_refuses_when_the_prediction_changed(make_napari_viewer, qtb
     with pytest.raises(EW._Problem, match="changed since auto-tune started"):
         widget.apply_tuned()
     np.testing.assert_array_equal(pred.data, edited)
+
+
+def test_live_refresh_without_edits_keeps_the_result(make_napari_viewer, qtbot, notes):
+    viewer, gt = open_he(make_napari_viewer)
+    pred = add_prediction(viewer, perturbed(np.asarray(gt.data)))
+    widget = make_widget(viewer, pred, gt)
+    first = widget.evaluate_now().scores.aji
+    pred.refresh()  # a redraw, not an edit: the pixels are compared, nothing recomputed
+    before = widget.evaluations
+    qtbot.wait(400)
+    assert widget.result is not None and widget.result.scores.aji == first
+    assert widget.evaluations >= before
+    assert not notes["error"]

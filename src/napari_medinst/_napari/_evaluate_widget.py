@@ -1443,7 +1443,7 @@ class EvaluateWidget(Container):
         worker.errored.connect(lambda exc: show_error(f"Auto-tune failed: {exc}"))
         worker.finished.connect(self._on_tune_finished)
         self._tune_worker = worker
-        self._tune_fingerprint = _fingerprint(pred_layer.data)
+        self._tune_fingerprint = _fingerprint(np.asarray(pred_layer.data))
         self._tuned = None
         self.tune_apply.setEnabled(False)
         self.tune_button.setEnabled(False)
@@ -1498,7 +1498,7 @@ class EvaluateWidget(Container):
         params, result, _, _ = self._tuned
         if layer.metadata.get(GT_KEY):
             raise _Problem(f"'{layer.name}' is a ground truth; auto-tune never writes to one.")
-        if _fingerprint(layer.data) != self._tune_fingerprint:
+        if _fingerprint(np.asarray(layer.data)) != self._tune_fingerprint:
             raise _Problem(
                 f"'{layer.name}' changed since auto-tune started; nothing was overwritten. "
                 "Run auto-tune again to tune the current labels."
@@ -1512,11 +1512,6 @@ class EvaluateWidget(Container):
         show_info(f"Applied the tuned parameters to '{layer.name}'.")
         self._schedule()
         return True
-
-
-def _fingerprint(data) -> tuple:
-    arr = np.ascontiguousarray(np.asarray(data))
-    return arr.shape, str(arr.dtype), zlib.crc32(arr.view(np.uint8).ravel())
 
 
 def _camera(viewer):
