@@ -7,6 +7,9 @@ Writes docs/images/*.png from the real widgets on the bundled samples.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +67,8 @@ def evaluate_screens(viewer) -> None:
 
 
 def finetune_screens(viewer) -> None:
+    """In a fresh viewer, so the window holds just this panel."""
+    viewer.open_sample("napari-medinst", "he")
     _, widget = viewer.window.add_plugin_dock_widget("napari-medinst", "Fine-tune model")
     widget._image.value = viewer.layers["he sample"]
     widget._gt.value = viewer.layers["he sample ground truth"]
@@ -74,6 +79,28 @@ def finetune_screens(viewer) -> None:
     viewer.reset_view()
     shot(viewer, "finetune_preview.png")
 
+    # a deliberately tiny fine-tune (a few steps) so the screenshot shows a finished run;
+    # in a neutral temporary folder, so no path of this machine shows in the picture
+    work = Path(tempfile.gettempdir()) / "napari-medinst-example"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    os.chdir(work)
+    widget._set_folder.value = work / "my_set"
+    widget._verified_only.value = False
+    widget.export()
+    widget._epochs.value, widget._steps.value = 2, 4
+    widget._batch.value, widget._crop.value = 2, 128
+    widget._out.value = work / "finetuned"
+    widget.start()
+    wait_for(lambda: widget._worker is None, timeout=900)
+    widget.compare()
+    wait_for(lambda: widget._compare_worker is None, timeout=300)
+    for _ in range(10):
+        QApplication.processEvents()
+    widget.native.grab().save(str(OUT / "finetune_widget.png"))  # the panel alone
+    print("wrote", OUT / "finetune_widget.png")
+    shutil.rmtree(work, ignore_errors=True)
+
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
@@ -81,6 +108,9 @@ def main() -> None:
     viewer.window.resize(1600, 1000)
     segment_screens(viewer)
     evaluate_screens(viewer)
+    viewer.close()
+    viewer = napari.Viewer(show=True, title="napari-medinst")
+    viewer.window.resize(1600, 1000)
     finetune_screens(viewer)
     viewer.close()
 
