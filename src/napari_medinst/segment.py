@@ -42,7 +42,7 @@ CLASSICAL = "classical"
 #: Images above this many pixels are refused (crop a region first): the maps at the
 #: image's resolution take ~16 bytes a pixel, post-processing as much again.
 MAX_PIXELS = 150_000_000
-_SCALE_TOLERANCE = (0.72, 1.4)  # first check: natural spread of nucleus sizes
+_SCALE_TOLERANCE = (0.82, 1.4)  # first check: natural spread of nucleus sizes at 40x
 _SCALE_CONVERGED = (0.88, 1.14)  # once rescaling, converge this close
 
 _MODEL_CACHE: dict[tuple[str, str, int], LoadedModel] = {}
