@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from magicgui.widgets import FloatSpinBox
 from napari.layers import Image
 
 #: Metadata key marking layers our widgets wrote (outputs, previews); such image layers
@@ -32,3 +33,12 @@ def input_images(viewer) -> list[tuple[str, Image]]:
         for layer in viewer.layers
         if isinstance(layer, Image) and layer.metadata.get(ROLE) is None
     ]
+
+
+def pixel_size_box(tooltip: str) -> FloatSpinBox:
+    """The µm/px field both panels show (0 = unknown / estimate)."""
+    box = FloatSpinBox(
+        label="pixel size (µm/px)", min=0.0, max=50.0, step=0.01, value=0.0, tooltip=tooltip
+    )
+    box.native.setDecimals(4)
+    return box

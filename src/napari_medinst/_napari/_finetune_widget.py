@@ -63,7 +63,7 @@ from ..model.augment import AugmentConfig
 from ..model.folder import BUNDLED_MODELS, list_models, load_model
 from ..model.inference import CancelledError
 from ..preprocess import detect_modality, prepare_image
-from ._common import ROLE, input_images, qt_alive, unwrap
+from ._common import ROLE, input_images, pixel_size_box, qt_alive, unwrap
 from ._editing import existing_editor
 from ._segment_widget import _pixel_size_from_layer
 
@@ -275,15 +275,9 @@ class FinetuneWidget(Container):
         )
         self._set_folder = FileEdit(label="training-set folder", mode="d")
         self._sample_name = LineEdit(label="name", value="")
-        self._pixel_size = FloatSpinBox(
-            label="pixel size (µm/px)",
-            min=0.0,
-            max=50.0,
-            step=0.01,
-            value=0.0,
-            tooltip="Microns per pixel; 0 = unknown (the nucleus size sets the scale).",
+        self._pixel_size = pixel_size_box(
+            "Microns per pixel; 0 = unknown (the nucleus size sets the scale)."
         )
-        self._pixel_size.native.setDecimals(4)
         self._export_button = PushButton(text="Export to training set")
         self._export_button.changed.connect(self._on_export)
         self.extend(

@@ -68,7 +68,7 @@ from ..model.inference import CancelledError
 from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from ..preprocess import prepare_image
 from ..segment import CLASSICAL, MapResult, compute_maps
-from ._common import ROLE, input_images, qt_alive, unwrap
+from ._common import ROLE, input_images, pixel_size_box, qt_alive, unwrap
 
 __all__ = ["SegmentWidget"]
 
@@ -430,15 +430,9 @@ class SegmentWidget(Container):
         self._model_note = Label(
             value="" if list_models() else "No trained model installed: using 'classical'."
         )
-        self._pixel_size = FloatSpinBox(
-            label="pixel size (µm/px)",
-            min=0.0,
-            max=50.0,
-            step=0.01,
-            value=0.0,
-            tooltip="Microns per pixel of the image. 0 = estimate from the image.",
+        self._pixel_size = pixel_size_box(
+            "Microns per pixel of the image. 0 = estimate from the image."
         )
-        self._pixel_size.native.setDecimals(4)
         self._modality = ComboBox(label="modality", choices=["auto", "he", "fluorescence"])
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
         self._planes = ComboBox(label="planes", choices=[CURRENT_PLANE, ALL_PLANES], visible=False)
