@@ -86,6 +86,16 @@ def check_labels(arr: np.ndarray, name: str = "labels") -> np.ndarray:
     return arr
 
 
+def free_name(base: str, taken, template: str = "{base} ({k})") -> str:
+    """``base`` if it is not in ``taken``, else the first ``template`` (k = 2, 3, ...) that is not."""
+    if base not in taken:
+        return base
+    k = 2
+    while template.format(base=base, k=k) in taken:
+        k += 1
+    return template.format(base=base, k=k)
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:

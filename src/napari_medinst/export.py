@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import InputError, check_labels, write_bytes, write_tiff
+from ._io import InputError, check_labels, free_name, write_bytes, write_tiff
 from .preprocess import prepare_image
 from .targets import make_targets, relabel_sequential
 
@@ -57,12 +57,7 @@ def _unique_id(folder: Path, base: str) -> str:
     taken = {p.stem for p in (folder / "images").glob("*")} | {
         p.stem for p in (folder / "labels").glob("*")
     }
-    if base not in taken:
-        return base
-    k = 2
-    while f"{base}-{k}" in taken:
-        k += 1
-    return f"{base}-{k}"
+    return free_name(base, taken, "{base}-{k}")
 
 
 def _sha(arr: np.ndarray) -> str:

@@ -46,7 +46,7 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from .. import editing
-from .._io import InputError, check_labels, read_labels
+from .._io import InputError, check_labels, free_name, read_labels
 from ._common import unwrap
 
 __all__ = [
@@ -94,13 +94,7 @@ def status_path(labels_path: str | Path) -> Path:
 
 
 def _free_name(viewer, base: str) -> str:
-    names = {layer.name for layer in viewer.layers}
-    if base not in names:
-        return base
-    k = 2
-    while f"{base} ({k})" in names:
-        k += 1
-    return f"{base} ({k})"
+    return free_name(base, {layer.name for layer in viewer.layers})
 
 
 def start_from_prediction(viewer, prediction: Labels, name: str | None = None) -> Labels:

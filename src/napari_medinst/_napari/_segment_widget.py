@@ -61,7 +61,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from .._io import InputError, write_bytes
+from .._io import InputError, free_name, write_bytes
 from ..model import registry
 from ..model.folder import ModelError, list_models
 from ..model.inference import CancelledError
@@ -1072,11 +1072,7 @@ class SegmentWidget(Container):
         return None
 
     def _free_name(self, base: str) -> str:
-        names = {layer.name for layer in self._viewer.layers}
-        k = 2
-        while f"{base} ({k})" in names:
-            k += 1
-        return f"{base} ({k})"
+        return free_name(base, {layer.name for layer in self._viewer.layers})
 
     def _is_edited(self, layer: Layer) -> bool:
         if id(layer) in self._edited:
