@@ -18,9 +18,13 @@ def disk_labels(shape=(96, 96), centres=((30, 30), (30, 52), (70, 60)), radius=1
 
 
 @pytest.fixture(autouse=True)
-def _private_model_registry(tmp_path_factory, monkeypatch):
-    """Tests never read or write the user's own registered models."""
-    monkeypatch.setenv("NAPARI_MEDINST_MODELS", str(tmp_path_factory.mktemp("user-models")))
+def user_models(tmp_path, monkeypatch) -> Path:
+    """Registered models go to a temporary folder: tests never touch the user's own."""
+    from napari_medinst.model import registry
+
+    root = tmp_path / "user-models"
+    monkeypatch.setenv(registry.ENV_VAR, str(root))
+    return root
 
 
 @pytest.fixture

@@ -26,14 +26,6 @@ from napari_medinst.targets import make_targets
 TINY = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "crop": 64, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def user_models(tmp_path, monkeypatch) -> Path:
-    """Registered models go to a temporary folder, never the real home."""
-    root = tmp_path / "user-models"
-    monkeypatch.setenv(registry.ENV_VAR, str(root))
-    return root
-
-
 @pytest.fixture
 def base(tmp_path) -> Path:
     torch.manual_seed(0)

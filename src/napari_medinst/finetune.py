@@ -183,13 +183,7 @@ def export_ground_truth(
         Empty ground truth, image and labels of different shapes, no review status or
         no verified nucleus with ``verified_only``, or a folder that cannot be written.
     """
-    lab = check_labels(labels, name="ground truth")
-    img = prepare_image(image, name="image")
-    if img.shape[:2] != lab.shape:
-        raise InputError(
-            f"the image is {img.shape[0]}x{img.shape[1]} px but the ground truth is "
-            f"{lab.shape[0]}x{lab.shape[1]} px: they must have the same size"
-        )
+    img, lab = _image_and_labels(image, labels, what="ground truth")
     if not lab.any():
         raise InputError("the ground truth is empty: there is no nucleus to export")
     ids = None
@@ -237,12 +231,14 @@ class AugmentationPreview(NamedTuple):
     targets: Targets
 
 
-def _image_and_labels(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _image_and_labels(
+    image: np.ndarray, labels: np.ndarray, what: str = "labels"
+) -> tuple[np.ndarray, np.ndarray]:
     img = prepare_image(image, name="image")
     lab = check_labels(labels, name="ground truth")
     if img.shape[:2] != lab.shape:
         raise InputError(
-            f"the image is {img.shape[0]}x{img.shape[1]} px but the labels are "
+            f"the image is {img.shape[0]}x{img.shape[1]} px, the {what} "
             f"{lab.shape[0]}x{lab.shape[1]} px: they must have the same size"
         )
     return img, lab

@@ -37,13 +37,6 @@ def notes(monkeypatch) -> Notes:
     return Notes(monkeypatch)
 
 
-@pytest.fixture(autouse=True)
-def user_models(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "user-models"
-    monkeypatch.setenv(registry.ENV_VAR, str(root))
-    return root
-
-
 @pytest.fixture
 def tiny_model(tmp_path) -> Path:
     return save_model_folder(tmp_path / "tiny", NucleusNet(NetConfig(widths=(8, 16, 16))))
