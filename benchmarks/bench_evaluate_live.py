@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -28,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import print_latencies
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 TARGET_MS = 150.0
-
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
 
 
 def main() -> None:
@@ -172,16 +169,9 @@ def main() -> None:
         ("all (overlay, list, PR curve, idle)", all_ms),
         ("  metrics + outcomes + ranking", compute_ms),
     ]
-    for label, xs in rows:
-        print(f"  {label:<38} median {statistics.median(xs):6.1f} ms   p90 {_pct(xs, 90):6.1f} ms")
     if overlay_ms:
         print(f"  {'  overlay layer write (last edit)':<38} {overlay_ms[-1]:6.1f} ms")
-    print("  per edit kind (median table latency):")
-    for name, xs in per_edit.items():
-        print(f"    {name:<12} {statistics.median(xs):6.1f} ms")
-    med, p90 = statistics.median(table_ms), _pct(table_ms, 90)
-    verdict = "meets" if p90 <= TARGET_MS else ("median meets" if med <= TARGET_MS else "misses")
-    print(f"target: <= {TARGET_MS:.0f} ms -> {verdict} (median {med:.1f} ms, p90 {p90:.1f} ms)")
+    print_latencies(rows, per_edit, "per edit kind (median table latency)", TARGET_MS, width=38)
     viewer.close()
 
 

@@ -17,10 +17,11 @@ the writing of the layers (in the GUI thread). Target: labels <= 100 ms (median 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
+
+from _report import print_latencies
 
 TARGET_MS = 100.0
 
@@ -43,10 +44,6 @@ def _image(size: int = 1000) -> np.ndarray:
     img, _, _ = load_sample("he")
     reps = (-(-size // img.shape[0]), -(-size // img.shape[1]), 1)
     return np.ascontiguousarray(np.tile(img, reps)[:size, :size])
-
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
 
 
 def main() -> None:
@@ -132,19 +129,13 @@ def main() -> None:
         f"post-processing + layers) {first_s:.2f} s"
     )
     print(f"{len(labels_ms)} parameter changes (slider change -> new labels in the layer):")
-    for label, xs in (
+    rows = [
         ("labels", labels_ms),
         ("all layers", all_ms),
         ("  post-processing (worker)", post_ms),
         ("  writing layers (GUI)", write_ms),
-    ):
-        print(f"  {label:<28} median {statistics.median(xs):6.1f} ms   p90 {_pct(xs, 90):6.1f} ms")
-    print("  per parameter (median labels latency):")
-    for name, xs in per_param.items():
-        print(f"    {name:<18} {statistics.median(xs):6.1f} ms")
-    med, p90 = statistics.median(labels_ms), _pct(labels_ms, 90)
-    verdict = "meets" if p90 <= TARGET_MS else ("median meets" if med <= TARGET_MS else "misses")
-    print(f"target: <= {TARGET_MS:.0f} ms -> {verdict} (median {med:.1f} ms, p90 {p90:.1f} ms)")
+    ]
+    print_latencies(rows, per_param, "per parameter (median labels latency)", TARGET_MS)
     viewer.close()
 
 
