@@ -127,3 +127,55 @@ def test_shape_mismatch_is_reported():
 def test_scaling_to_a_fine_pixel_size_stays_valid():
     q = PostprocessParams(marker_opening=5).scaled_to(0.1)  # a 100x objective
     assert q.marker_opening == 25
+
+
+def _octagon_footprint(radius: int) -> np.ndarray:
+    """Sum of alternating 3x3 squares and crosses: |x|, |y| <= r and |x| + |y| <= 2 x
+    (number of squares) + (number of crosses)."""
+    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (np.abs(x) + np.abs(y)) <= 2 * ((radius + 1) // 2) + radius // 2
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 4])
+def test_marker_opening_octagon_matches_rank_filters(radius):
+    from scipy import ndimage as ndi
+
+    from napari_medinst.postprocess import _octagon
+
+    rng = np.random.default_rng(radius)
+    mask = ndi.gaussian_filter(rng.random((67, 53)), 1.5) > 0.5
+    fp = _octagon_footprint(radius)
+    as_u8 = mask.astype(np.uint8)
+    eroded = ndi.minimum_filter(as_u8, footprint=fp, mode="nearest").astype(bool)
+    dilated = ndi.maximum_filter(as_u8, footprint=fp, mode="nearest").astype(bool)
+    assert np.array_equal(_octagon(mask, radius, erode=True), eroded)
+    assert np.array_equal(_octagon(mask, radius, erode=False), dilated)
+
+
+@pytest.mark.parametrize("seed_mode", [None, "add"])
+def test_watershed_shortcuts_equal_one_plain_flood(monuseg_train_labels, seed_mode):
+    """Single-marker components, marker-less components and skipped marker interiors
+    give exactly what one skimage watershed over the whole foreground gives."""
+    from skimage.segmentation import watershed
+
+    lab = monuseg_train_labels[0][:400, :400]
+    prob, hv, contour = ideal_maps(lab)
+    rng = np.random.default_rng(1)
+    noisy = np.clip(prob * 0.8 + 0.3 * rng.random(prob.shape), 0, 1).astype(np.float32)
+    pp = Postprocessor(noisy, hv + 0.2 * rng.standard_normal(hv.shape), contour, pixel_size=0.25)
+    seeds = {} if seed_mode is None else {"seed_points": rng.uniform(0, 400, (40, 2))}
+    res = pp.run(PostprocessParams(min_nucleus_size=1, fg_threshold=0.55), **seeds)
+    raw = pp._cache["watershed"][1]
+    # reference: every marker-less component gets a marker of its own (numbered after the
+    # markers, in component order), then one flood of everything
+    comps, n = pp._cache["foreground"][1][1:]
+    markers = res.markers.copy()
+    has = np.zeros(n + 1, bool)
+    has[comps[markers > 0]] = True
+    extra = np.flatnonzero(~has[1:]) + 1
+    ids = np.zeros(n + 1, np.int64)
+    ids[extra] = markers.max() + np.arange(1, extra.size + 1)
+    markers = np.where((markers == 0) & (comps > 0), ids[comps], markers)
+    ref = watershed(res.energy, markers, mask=comps > 0)
+    assert extra.size > 0 and np.unique(raw).size > 50
+    np.testing.assert_array_equal(raw, ref)

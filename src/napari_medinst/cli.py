@@ -42,6 +42,12 @@ def _add_train(sub) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--he-fraction",
+        type=float,
+        default=0.65,
+        help="share of H&E crops per batch when both modalities are present (default 0.65)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--name", default=None, help="model name stored in its config")
@@ -188,6 +194,7 @@ def run_train(args) -> int:
         steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size,
         lr=args.lr,
+        he_fraction=args.he_fraction,
         seed=args.seed,
         device=args.device,
         name=args.name or Path(args.out).name,

@@ -180,22 +180,37 @@ class PostprocessResult:
         return {i + 1: float(s) for i, s in enumerate(self.scores)}
 
 
+def _line3(a: np.ndarray, axis: int, op) -> np.ndarray:
+    """``op`` (logical and / or) of each pixel with its two neighbours along ``axis``.
+
+    Pixels on the border see only their one inside neighbour (edge replication), as
+    scipy's 3-wide minimum/maximum filters do in their default mode.
+    """
+    out = a.copy()
+    ahead, behind = [slice(None)] * a.ndim, [slice(None)] * a.ndim
+    ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+    ahead_t, behind_t = tuple(ahead), tuple(behind)
+    op(out[ahead_t], a[behind_t], out=out[ahead_t])
+    op(out[behind_t], a[ahead_t], out=out[behind_t])
+    return out
+
+
 def _octagon(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
     """Erode or dilate a boolean mask by an octagon of ``radius`` pixels.
 
     Alternates 3x3 squares and crosses: their Minkowski sum is exactly the radius-2
     disk ``x^2 + y^2 <= r^2 + r`` (radius 1 is the square); larger radii give an
-    octagon, a close stand-in for a disk that costs a few 1-D passes.
+    octagon, a close stand-in for a disk. Each step is a few boolean and/or passes
+    over shifted views, 20-30x faster than the equivalent 1-D rank filters.
     """
-    filt = ndi.minimum_filter1d if erode else ndi.maximum_filter1d
-    pick = np.minimum if erode else np.maximum
-    out = mask.view(np.uint8)
+    op = np.logical_and if erode else np.logical_or
+    out = np.asarray(mask, bool)
     for k in range(radius):
         if k % 2 == 0:  # square
-            out = filt(filt(out, 3, axis=0), 3, axis=1)
+            out = _line3(_line3(out, 0, op), 1, op)
         else:  # cross
-            out = pick(filt(out, 3, axis=0), filt(out, 3, axis=1))
-    return out.view(bool)
+            out = op(_line3(out, 0, op), _line3(out, 1, op))
+    return out
 
 
 def _open(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -281,24 +296,21 @@ class Postprocessor:
         return fg, comps, n
 
     def _energy(self, p: PostprocessParams) -> np.ndarray:
-        energy = hv_energy(self.hv, p.sobel_size)
-        if self.contour is not None and p.contour_weight > 0:
-            energy += p.contour_weight * self.contour
-            np.clip(energy, 0.0, 1.0, out=energy)
-        return energy
+        return hv_energy(self.hv, p.sobel_size, self.contour, p.contour_weight)
 
     def _auto_markers(self, p: PostprocessParams, fg: np.ndarray, energy: np.ndarray):
         mask = fg & (energy < p.marker_threshold)
         mask = _open(mask, p.marker_opening)
         markers, n = ndi.label(mask)
         if n and p.min_marker_size > 1:
-            sizes = np.bincount(markers.ravel(), minlength=n + 1)
-            small = sizes < p.min_marker_size
+            flat = markers.ravel()
+            at = np.flatnonzero(flat != 0)  # (a boolean scan is ~5x faster than an int one)
+            ids = flat[at]
+            small = np.bincount(ids, minlength=n + 1) < p.min_marker_size
             small[0] = False
             if small.any():
-                keep = np.cumsum(~small) * ~small
-                keep[0] = 0
-                markers = keep.astype(np.int32)[markers]
+                keep = (np.cumsum(~small) * ~small).astype(markers.dtype)
+                flat[at] = keep[ids]
         return markers.astype(np.int32, copy=False)
 
     def _markers(self, p, fg_stage, energy, user, mode):
@@ -323,7 +335,7 @@ class Postprocessor:
         """
         _, comps, n = fg_stage
         flat, cflat = markers.ravel(), comps.ravel()
-        at = np.flatnonzero(flat)
+        at = np.flatnonzero(flat != 0)
         n_markers = int(flat.max()) if flat.size else 0
         comp_of_marker = np.zeros(n_markers + 1, np.int64)
         comp_of_marker[flat[at]] = cflat[at]
@@ -336,18 +348,33 @@ class Postprocessor:
         empty = np.flatnonzero(per_comp == 0)[1:]
         lut[empty] = np.arange(n_markers + 1, n_markers + 1 + empty.size, dtype=np.int32)
         out = lut[comps]
-        multi = (per_comp >= 2)[comps]
+        multi = out == 0  # foreground pixels left unlabelled: components with several markers
+        multi &= comps > 0
         if multi.any():
             rows, cols = np.flatnonzero(multi.any(1)), np.flatnonzero(multi.any(0))
             box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-            sub = watershed(energy[box], markers[box], mask=multi[box])
-            np.copyto(out[box], sub, where=multi[box], casting="unsafe")
+            inside, seeds = multi[box], markers[box]
+            # Marker pixels whose four neighbours are all marker pixels can never label
+            # anything; leaving them out of the flood gives the same result (the queue
+            # keeps the order of the others) with a third to half fewer queue operations.
+            labelled = (seeds > 0) & inside
+            inner = labelled.copy()
+            for ahead, behind in (
+                (np.s_[1:], np.s_[:-1]),
+                (np.s_[:-1], np.s_[1:]),
+                (np.s_[:, 1:], np.s_[:, :-1]),
+                (np.s_[:, :-1], np.s_[:, 1:]),
+            ):
+                np.logical_and(inner[ahead], labelled[behind], out=inner[ahead])
+            sub = watershed(energy[box], seeds, mask=inside & ~inner)
+            np.copyto(sub, seeds, where=inner)
+            np.copyto(out[box], sub, where=inside, casting="unsafe")
         return out
 
     def _stats(self, raw: np.ndarray):
         """Per raw-instance area, summed probability and summed type probabilities."""
         flat = raw.ravel()
-        at = np.flatnonzero(flat)
+        at = np.flatnonzero(flat != 0)
         ids = flat[at]
         n = int(raw.max()) + 1
         sizes = np.bincount(ids, minlength=n)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["NetConfig", "NucleusNet"]
+__all__ = ["TRAIN_DEFAULT_NET", "NetConfig", "NucleusNet"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class NetConfig:
         Input channels (3: RGB, or a grey image repeated).
     widths : tuple of int
         Channels at full, 1/2, 1/4, 1/8 and 1/16 resolution.
+    blocks : tuple of int
+        Residual blocks in the encoder at each level below full resolution (one entry per
+        down step; empty means one each). Extra blocks at coarse levels add capacity and
+        context for little CPU time.
     n_types : int
         Number of nucleus classes for the type head (0 disables it).
     """
@@ -35,6 +39,7 @@ class NetConfig:
     in_channels: int = 3
     widths: tuple[int, ...] = (16, 32, 64, 96, 128)
     n_types: int = 0
+    blocks: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,14 +52,31 @@ class NetConfig:
             raise ValueError(f"unknown network config keys: {sorted(unknown)}")
         d = dict(d)
         try:
-            if "widths" in d:
-                d["widths"] = tuple(int(w) for w in d["widths"])
+            for key in ("widths", "blocks"):
+                if key in d:
+                    d[key] = tuple(int(w) for w in d[key])
             cfg = cls(**d)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid network config: {exc}") from exc
-        if len(cfg.widths) < 2 or min(cfg.widths) < 1 or cfg.in_channels < 1 or cfg.n_types < 0:
+        if (
+            len(cfg.widths) < 2
+            or min(cfg.widths) < 1
+            or cfg.in_channels < 1
+            or cfg.n_types < 0
+            or (cfg.blocks and (len(cfg.blocks) != len(cfg.widths) - 1 or min(cfg.blocks) < 1))
+        ):
             raise ValueError(f"invalid network config: {cfg}")
         return cfg
+
+    def encoder_blocks(self) -> tuple[int, ...]:
+        """Residual blocks per down step (``blocks``, or one each when empty)."""
+        return self.blocks or (1,) * (len(self.widths) - 1)
+
+
+#: The architecture ``napari-medinst train`` builds unless told otherwise: 4.8 M parameters,
+#: as fast as the 1.3 M-parameter ``NetConfig()`` at inference on a CPU (the extra blocks
+#: and channels sit at 1/8 and 1/16 resolution) and about 20 % slower to train.
+TRAIN_DEFAULT_NET = NetConfig(widths=(16, 32, 64, 128, 256), blocks=(1, 2, 3, 2))
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -109,9 +131,14 @@ class NucleusNet(nn.Module):
         w = self.config.widths
         if len(w) < 2:
             raise ValueError("NetConfig.widths needs at least two levels")
+        if len(self.config.encoder_blocks()) != len(w) - 1:
+            raise ValueError("NetConfig.blocks needs one entry per level below full resolution")
         self.stem = nn.Sequential(_conv_bn(self.config.in_channels, w[0]), _conv_bn(w[0], w[0]))
+        nb = self.config.encoder_blocks()
         self.down = nn.ModuleList(
-            nn.Sequential(_conv_bn(w[i], w[i + 1], stride=2), _ResBlock(w[i + 1]))
+            nn.Sequential(
+                _conv_bn(w[i], w[i + 1], stride=2), *(_ResBlock(w[i + 1]) for _ in range(nb[i]))
+            )
             for i in range(len(w) - 1)
         )
         self.up = nn.ModuleList(_Up(w[i + 1], w[i], w[i]) for i in reversed(range(len(w) - 1)))

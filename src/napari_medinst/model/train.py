@@ -31,7 +31,7 @@ from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
 from .folder import ModelError, load_model, save_model_folder
 from .inference import CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
-from .network import NetConfig, NucleusNet
+from .network import TRAIN_DEFAULT_NET, NetConfig, NucleusNet
 
 __all__ = ["TrainConfig", "split_samples", "train", "tune_postprocess"]
 
@@ -56,7 +56,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     he_fraction: float = 0.65  # share of H&E crops in a batch when both modalities exist
     exclude_splits: list[str] = field(default_factory=lambda: sorted(DEFAULT_EXCLUDE_SPLITS))
-    net: NetConfig = field(default_factory=NetConfig)
+    net: NetConfig = field(default_factory=lambda: TRAIN_DEFAULT_NET)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     name: str = "napari-medinst model"
