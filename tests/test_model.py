@@ -52,6 +52,24 @@ def test_save_load_round_trip(tmp_path):
     )
 
 
+def test_encoder_blocks_round_trip_and_legacy_configs(tmp_path):
+    deep = NetConfig(widths=(8, 16, 16), blocks=(1, 3))
+    net = NucleusNet(deep).eval()
+    assert len(net.down[1]) == 1 + 3  # strided conv + three residual blocks
+    save_model_folder(tmp_path / "deep", net, half=False)
+    loaded = load_model(tmp_path / "deep")
+    assert loaded.net.config == deep
+    x = np.random.default_rng(2).random((3, 40, 40), dtype=np.float32)
+    np.testing.assert_allclose(predict_maps(net, x).hv, predict_maps(loaded.net, x).hv, atol=1e-5)
+    # a config saved before ``blocks`` existed means one block per level
+    legacy = NetConfig.from_dict({"in_channels": 3, "widths": [8, 16, 16], "n_types": 0})
+    assert legacy.encoder_blocks() == (1, 1)
+    with pytest.raises(ValueError, match="invalid network config"):
+        NetConfig.from_dict({"widths": [8, 16, 16], "blocks": [1]})
+    with pytest.raises(ValueError, match="one entry per level"):
+        NucleusNet(NetConfig(widths=(8, 16, 16), blocks=(1, 1, 1)))
+
+
 def test_bad_model_folders_give_clear_errors(tmp_path):
     save_model_folder(tmp_path / "m", NucleusNet(TINY))
     with pytest.raises(ModelError, match="not found"):

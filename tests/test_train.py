@@ -69,6 +69,17 @@ def test_train_cli_reports_bad_data(tmp_path, capsys):
     assert "images/" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "name"),
+    [("--he-fraction", "1.5", "he_fraction"), ("--epochs", "0", "epochs"), ("--lr", "-1", "lr")],
+)
+def test_train_cli_rejects_bad_settings(tiny_set, tmp_path, capsys, flag, value, name):
+    args = ["train", str(tiny_set), "--out", str(tmp_path / "o"), flag, value]
+    assert main(args) == 2
+    assert name in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_folder_is_never_clobbered_and_runs_are_not_mixed(tiny_set, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

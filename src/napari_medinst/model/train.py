@@ -61,6 +61,22 @@ class TrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     name: str = "napari-medinst model"
 
+    def __post_init__(self) -> None:
+        checks = (
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("steps_per_epoch", self.steps_per_epoch >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("crop", self.crop >= 32, "at least 32 px"),
+            ("lr", self.lr > 0, "positive"),
+            ("he_fraction", 0.0 <= self.he_fraction <= 1.0, "between 0 and 1"),
+            ("val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(
+                    f"training setting {name} must be {rule}, got {getattr(self, name)}"
+                )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["net"], d["augment"], d["loss"] = (
