@@ -42,6 +42,28 @@ def test_type_head_and_loss_backward():
     assert all(np.isfinite(v) for v in parts.values())
 
 
+def test_flip_tta_is_equivariant_and_close_to_plain():
+    torch.manual_seed(0)
+    net = NucleusNet(TINY).eval()
+    x = np.random.default_rng(3).random((3, 64, 96), dtype=np.float32)
+    plain = predict_maps(net, x)
+    tta = predict_maps(net, x, tta=True)
+    mirrored = predict_maps(net, np.ascontiguousarray(x[:, :, ::-1]), tta=True)
+    # the average over all four mirror images commutes with mirroring: the horizontal
+    # map changes sign, everything else just mirrors
+    np.testing.assert_allclose(mirrored.prob, tta.prob[:, ::-1], atol=1e-5)
+    np.testing.assert_allclose(mirrored.hv[0], -tta.hv[0][:, ::-1], atol=1e-5)
+    np.testing.assert_allclose(mirrored.hv[1], tta.hv[1][:, ::-1], atol=1e-5)
+    np.testing.assert_allclose(mirrored.contour, tta.contour[:, ::-1], atol=1e-5)
+    assert not np.allclose(plain.hv, tta.hv, atol=1e-4)  # it did average something
+    with pytest.raises(AssertionError):  # and the plain network is not equivariant
+        np.testing.assert_allclose(
+            predict_maps(net, np.ascontiguousarray(x[:, :, ::-1])).hv[0],
+            -plain.hv[0][:, ::-1],
+            atol=1e-5,
+        )
+
+
 def test_save_load_round_trip(tmp_path):
     net = NucleusNet(TINY).eval()
     save_model_folder(tmp_path / "m", net, half=False)

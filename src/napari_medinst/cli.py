@@ -26,6 +26,12 @@ def _add_segment(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--params", default=None, help="post-processing parameters JSON")
     p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="average the model over the four mirror images (about 4x the model time)",
+    )
+    p.add_argument(
         "--save-maps", action="store_true", help="also write probability, HV and contour maps"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -158,6 +164,7 @@ def run_segment(args) -> int:
                     modality=args.modality,
                     params=params,
                     device=args.device,
+                    tta=args.tta,
                 )
             except InputError as exc:
                 raise InputError(f"{where}: {exc}") from exc

@@ -41,7 +41,7 @@ def maps_calls(monkeypatch) -> list[tuple]:
     real = sw.compute_maps
 
     def counting(image, model, **kw):
-        calls.append((image.shape, model, kw.get("pixel_size")))
+        calls.append((image.shape, model, kw.get("pixel_size"), kw.get("tta")))
         return real(image, model, **kw)
 
     monkeypatch.setattr(sw, "compute_maps", counting)
@@ -219,6 +219,20 @@ def test_rerun_reuses_maps_and_layers(make_napari_viewer, qtbot, notes, maps_cal
     assert len(maps_calls) == 2
     assert len(viewer.layers) == n_layers
     assert instances(viewer) is first
+
+
+def test_mirror_averaging_is_a_setting_of_its_own(
+    make_napari_viewer, qtbot, notes, maps_calls, tiny_model
+):
+    _viewer, widget = make_widget(make_napari_viewer)
+    widget._model.value = sw.CHOOSE_FOLDER
+    widget._model_folder.value = str(tiny_model)
+    run(qtbot, widget, sw.CHOOSE_FOLDER)
+    widget._tta.value = True
+    run(qtbot, widget, sw.CHOOSE_FOLDER)
+    run(qtbot, widget, sw.CHOOSE_FOLDER)
+    assert [c[3] for c in maps_calls] == [False, True], "TTA maps are computed once, apart"
+    assert not notes.errors
 
 
 def test_even_sobel_size_is_made_odd(make_napari_viewer, qtbot, notes):

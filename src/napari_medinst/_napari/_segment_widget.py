@@ -259,6 +259,7 @@ class _Settings:
     pixel_size: float | None
     modality: str | None
     device: str
+    tta: bool = False
 
 
 @dataclass
@@ -335,6 +336,7 @@ def _run_steps(job: _RunJob, relay: _Relay, cancel: threading.Event) -> Iterator
             device=s.settings.device,
             progress=progress,
             should_stop=cancel.is_set,
+            tta=s.settings.tta,
         )
         if cancel.is_set():
             raise CancelledError("segmentation cancelled")
@@ -435,6 +437,11 @@ class SegmentWidget(Container):
         )
         self._modality = ComboBox(label="modality", choices=["auto", "he", "fluorescence"])
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
+        self._tta = CheckBox(text="Average mirror images (TTA)", value=False)
+        self._tta.tooltip = (
+            "Run the model on the image and its three mirror images and average the maps: "
+            "about 4x the model time, slightly more accurate outlines. Tuning stays as fast."
+        )
         self._planes = ComboBox(label="planes", choices=[CURRENT_PLANE, ALL_PLANES], visible=False)
         self.extend(
             [
@@ -446,6 +453,7 @@ class SegmentWidget(Container):
                 self._pixel_size,
                 self._modality,
                 self._device,
+                self._tta,
                 self._planes,
             ]
         )
@@ -612,6 +620,7 @@ class SegmentWidget(Container):
             pixel_size=px if px > 0 else None,
             modality=None if modality == "auto" else modality,
             device=self._device.value,
+            tta=bool(self._tta.value),
         )
 
     def _current_plane(self, layer: Image, lead: tuple[int, ...]) -> Plane:

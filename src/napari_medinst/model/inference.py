@@ -96,9 +96,38 @@ def _window(tile_h: int, tile_w: int, margin: int, at_edge: tuple[bool, bool, bo
     return ramp(tile_h, top, bottom)[:, None] * ramp(tile_w, left, right)[None, :]
 
 
+#: Test-time flips: (flip rows, flip columns) for the four variants averaged with ``tta``.
+_FLIPS = ((False, False), (False, True), (True, False), (True, True))
+
+
+def _unflip_mean(y: torch.Tensor) -> torch.Tensor:
+    """Average of the four flipped predictions ``(4, C, h, w)``, each flipped back.
+
+    Channel 1 is the horizontal map and channel 2 the vertical one: mirroring the
+    columns reverses the horizontal offsets, so that map changes sign (and likewise
+    for the rows and the vertical map).
+    """
+    acc = torch.zeros_like(y[0])
+    for k, (rows, cols) in enumerate(_FLIPS):
+        yk = y[k]
+        dims = [d for d, on in ((1, rows), (2, cols)) if on]
+        if dims:
+            yk = yk.flip(dims)
+        if cols:
+            yk[1] = -yk[1]
+        if rows:
+            yk[2] = -yk[2]
+        acc += yk
+    return acc / len(_FLIPS)
+
+
 @torch.inference_mode()
-def _forward(net: NucleusNet, x: np.ndarray, device: torch.device) -> np.ndarray:
-    """(3, h, w) float32 -> (C, h, w) probabilities/maps; pads to the network stride."""
+def _forward(net: NucleusNet, x: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
+    """(3, h, w) float32 -> (C, h, w) probabilities/maps; pads to the network stride.
+
+    With ``tta`` the tile and its three mirror images go through the network as one
+    batch and the flipped-back outputs are averaged.
+    """
     h, w = x.shape[1:]
     s = net.stride
     ph, pw = (-h) % s, (-w) % s
@@ -111,12 +140,15 @@ def _forward(net: NucleusNet, x: np.ndarray, device: torch.device) -> np.ndarray
         t = t.to(device).contiguous(memory_format=torch.channels_last)
     else:  # a layout mismatch between input and weights is several times slower
         t = t.to(device)
+    if tta:
+        t = torch.cat([t.flip([d for d, on in ((2, r), (3, c)) if on]) for r, c in _FLIPS])
     out = net(t)
     parts = [out.np_logits.softmax(1)[:, 1:2], out.hv, torch.sigmoid(out.contour_logits)]
     if out.type_logits is not None:
         parts.append(out.type_logits.softmax(1))
-    y = torch.cat(parts, 1)[0, :, :h, :w].float()
-    return y.cpu().numpy()
+    y = torch.cat(parts, 1).float()
+    y = _unflip_mean(y) if tta else y[0]
+    return y[:, :h, :w].cpu().numpy()
 
 
 def predict_maps(
@@ -128,11 +160,14 @@ def predict_maps(
     overlap: int = 64,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    tta: bool = False,
 ) -> Maps:
     """Run the network over a ``(3, H, W)`` network input in overlapping tiles.
 
     Tiles of ``tile`` px overlap by ``overlap`` px; in each overlap the outer half is
-    ignored and the inner half blended linearly, so tile seams do not show.
+    ignored and the inner half blended linearly, so tile seams do not show. With
+    ``tta`` (test-time augmentation) each tile's four mirror images are predicted and
+    averaged: about 4x the time, smoother and slightly more accurate maps.
     """
     if isinstance(device, str):
         device = pick_device(device)
@@ -151,7 +186,7 @@ def predict_maps(
             if should_stop is not None and should_stop():
                 raise CancelledError("prediction cancelled")
             r1, c1 = min(r0 + tile, h), min(c0 + tile, w)
-            y = _forward(net, x[:, r0:r1, c0:c1], device)
+            y = _forward(net, x[:, r0:r1, c0:c1], device, tta)
             win = _window(r1 - r0, c1 - c0, overlap, (r0 == 0, r1 == h, c0 == 0, c1 == w))
             acc[:, r0:r1, c0:c1] += y * win
             wsum[r0:r1, c0:c1] += win
