@@ -92,3 +92,32 @@ def test_out_folder_is_never_clobbered_and_runs_are_not_mixed(tiny_set, tmp_path
     other.seed = 7  # a different run in the same folder
     with pytest.raises(ValueError, match="other data or another network"):
         train(other, verbose=False)
+
+
+def test_postprocessing_is_tuned_at_the_images_own_pixels(tmp_path):
+    """Samples are stored at the working scale; tuning scores them as users see them:
+    maps resized back to the image, labels as annotated, sizes at its pixel size."""
+    from napari_medinst.model.data import load_folder
+    from napari_medinst.model.inference import Maps
+    from napari_medinst.model.train import _native_postprocessors, tune_postprocess
+    from napari_medinst.targets import make_targets
+
+    for k in range(2):
+        centres = [(24 + k, 24), (24, 70), (70, 26), (68 - k, 70), (47, 47)]
+        lab = disk_labels((96, 96), centres, 11)
+        img = np.where(lab > 0, 200, 20).astype(np.uint8)
+        export_sample(
+            tmp_path / "fine", img, lab, name=f"i{k}", modality="fluorescence", pixel_size=0.25
+        )
+    samples = load_folder(tmp_path / "fine")  # 0.25 µm/px: stored at half size
+    assert samples[0].labels.shape == (48, 48)
+    maps = []
+    for s in samples:
+        t = make_targets(s.labels)
+        maps.append(Maps(t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32)))
+    posts = _native_postprocessors(maps, samples)
+    assert all(labels.shape == (96, 96) and pp.pixel_size == 0.25 for pp, labels in posts)
+    _params, scores = tune_postprocess(maps, samples)
+    assert set(scores) == {"aji", "pq", "objective"}
+    assert scores["aji"] > 0.8 and scores["pq"] > 0.7
+    assert scores["objective"] == pytest.approx(0.5 * (scores["aji"] + scores["pq"]))

@@ -47,6 +47,7 @@ class Sample:
     scale: float  # factor applied to the original image
     sha256: str
     group: str = ""  # the data folder it came from (validation is split per folder)
+    label_path: str = ""  # the original label file (scores at the image's own pixels)
 
 
 def parse_folder_spec(spec: str) -> tuple[Path, float | None]:
@@ -157,6 +158,7 @@ def load_folder(
                 modality=modality,
                 scale=float(scale),
                 sha256=_sha256(img_path)[:16] + _sha256(lab_path)[:16],
+                label_path=str(lab_path),
             )
         )
     if not samples:

@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._io import read_labels
 from ..metrics import evaluate as evaluate_instances
 from ..postprocess import Postprocessor, PostprocessParams
-from ..targets import contour_map, hv_maps
+from ..preprocess import CANONICAL_PIXEL_SIZE
+from ..targets import contour_map, hv_maps, relabel_sequential
 from .augment import AugmentConfig, copy_paste, photometric, random_crop
 from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
 from .folder import ModelError, load_model, save_model_folder
@@ -178,10 +180,43 @@ def _score(maps_list, samples: list[Sample], params: PostprocessParams) -> float
     return float(np.mean(ajis)) if ajis else 0.0
 
 
+def _native_postprocessors(maps_list, samples: list[Sample]):
+    """Per sample: a Postprocessor on the maps at the image's own pixels, and its labels.
+
+    This is what a user gets (``segment`` resizes the maps back to the image), so
+    parameters are tuned there rather than at the working scale.
+    """
+    out = []
+    for maps, s in zip(maps_list, samples, strict=True):
+        labels, px = s.labels, CANONICAL_PIXEL_SIZE
+        if s.label_path and Path(s.label_path).is_file():
+            labels = relabel_sequential(read_labels(s.label_path))[0]
+            px = CANONICAL_PIXEL_SIZE * s.scale
+        m = maps.resized(labels.shape)
+        out.append((Postprocessor(m.prob, m.hv, m.contour, pixel_size=px), labels))
+    return out
+
+
+def _tuning_scores(posts, params: PostprocessParams) -> dict[str, float]:
+    ajis, pqs = [], []
+    for pp, labels in posts:
+        e = evaluate_instances(labels, pp.run(params).labels)
+        ajis.append(e.aji)
+        pqs.append(e.pq)
+    aji, pq = float(np.mean(ajis)), float(np.mean(pqs))
+    return {"aji": aji, "pq": pq, "objective": 0.5 * (aji + pq)}
+
+
 def tune_postprocess(maps_list, samples: list[Sample], base: PostprocessParams | None = None):
-    """Coordinate search of the main post-processing parameters maximising mean AJI."""
+    """Coordinate search of the main post-processing parameters.
+
+    Maximises the mean of AJI and PQ (one rewards pixel overlap, the other counts
+    detections and splits), scored at each image's own pixel size. Returns the best
+    parameters and their ``{"aji", "pq", "objective"}`` scores.
+    """
+    posts = _native_postprocessors(maps_list, samples)
     best = base or PostprocessParams()
-    best_score = _score(maps_list, samples, best)
+    best_scores = _tuning_scores(posts, best)
     grid = {
         "fg_threshold": [0.35, 0.4, 0.45, 0.5, 0.55, 0.6],
         "marker_threshold": [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
@@ -194,10 +229,10 @@ def tune_postprocess(maps_list, samples: list[Sample], base: PostprocessParams |
         for name, values in grid.items():
             for v in values:
                 cand = PostprocessParams(**{**best.to_dict(), name: v})
-                sc = _score(maps_list, samples, cand)
-                if sc > best_score + 1e-4:
-                    best, best_score = cand, sc
-    return best, best_score
+                scores = _tuning_scores(posts, cand)
+                if scores["objective"] > best_scores["objective"] + 1e-4:
+                    best, best_scores = cand, scores
+    return best, best_scores
 
 
 def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, t0: float) -> None:
@@ -407,7 +442,8 @@ def finalize(model_dir: Path, val_s: list[Sample], device: torch.device, history
             continue
         maps = _predict_samples(model.net, subset, device)
         post[modality], scores[modality] = tune_postprocess(maps, subset)
-    metrics = {**model.metrics, "val_aji_tuned": scores, "history": history}
+    metrics = {**model.metrics, "val_tuned": scores, "history": history}
+    metrics.pop("val_aji_tuned", None)
     save_model_folder(
         model_dir,
         model.net,
