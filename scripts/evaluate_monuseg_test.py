@@ -6,7 +6,7 @@ on the 14 test images (40x, 0.25 µm/px), and also on the same images downscaled
 generalises across magnifications. Nothing here tunes anything: the test split is only
 ever scored.
 
-    .venv/bin/python scripts/evaluate_monuseg_test.py [--model default] [--data ../shared/data]
+    .venv/bin/python scripts/evaluate_monuseg_test.py [--model default] [--tta] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     )
     ap.add_argument("--work", type=Path, default=Path("out/monuseg_test"))
     ap.add_argument("--quick", action="store_true", help="40x with the given pixel size only")
+    ap.add_argument("--tta", action="store_true", help="model runs average mirror images")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     sets = prepare(args.data, args.work)
@@ -71,7 +72,8 @@ def main() -> None:
     table = {}
     for mag, model, px in runs:
         img_dir, gt_dir = sets[mag]
-        name = f"{mag} {Path(model).name} pixel size {'given ' + px if px else 'estimated'}"
+        tta = args.tta and model != "classical"
+        name = f"{mag} {Path(model).name}{' tta' if tta else ''} pixel size {'given ' + px if px else 'estimated'}"
         out = args.work / name.replace(" ", "_")
         seg_args = [
             "segment",
@@ -83,6 +85,8 @@ def main() -> None:
         ]
         if px:
             seg_args += ["--pixel-size", px]
+        if tta:
+            seg_args.append("--tta")
         run(seg_args)
         res = json.loads(run(["evaluate", "--pred", str(out), "--gt", str(gt_dir), "--json"]))
         mean = res["mean"]
