@@ -24,7 +24,7 @@ from ._io import InputError
 from .classical import classical_labels, classical_maps
 from .model.data import median_diameter
 from .model.folder import LoadedModel, load_model, resolve_model_dir
-from .model.inference import Maps, pick_device, predict_maps
+from .model.inference import DEFAULT_TTA, Maps, pick_device, predict_maps
 from .postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from .preprocess import (
     CANONICAL_DIAMETER,
@@ -126,7 +126,7 @@ def compute_maps(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    tta: bool = False,
+    tta: bool = DEFAULT_TTA,
 ) -> MapResult:
     """Run the model (or the classical fallback) on a 2-D image.
 
@@ -142,7 +142,7 @@ def compute_maps(
         Detected from the image when omitted (colour: H&E, grey: fluorescence).
     tta : bool
         Average the model over the image's four mirror images (about 4x the model
-        time; ignored by the classical fallback).
+        time; ignored by the classical fallback). On by default (:data:`DEFAULT_TTA`).
     """
     arr = prepare_image(image)
     if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
@@ -207,7 +207,7 @@ def segment(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    tta: bool = False,
+    tta: bool = DEFAULT_TTA,
 ) -> Segmentation:
     """Segment nuclei in a 2-D image; see :func:`compute_maps` for the arguments."""
     mr = compute_maps(

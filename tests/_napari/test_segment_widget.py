@@ -227,11 +227,12 @@ def test_mirror_averaging_is_a_setting_of_its_own(
     _viewer, widget = make_widget(make_napari_viewer)
     widget._model.value = sw.CHOOSE_FOLDER
     widget._model_folder.value = str(tiny_model)
+    assert widget._tta.value, "mirror averaging is on by default"
     run(qtbot, widget, sw.CHOOSE_FOLDER)
-    widget._tta.value = True
+    widget._tta.value = False
     run(qtbot, widget, sw.CHOOSE_FOLDER)
     run(qtbot, widget, sw.CHOOSE_FOLDER)
-    assert [c[3] for c in maps_calls] == [False, True], "TTA maps are computed once, apart"
+    assert [c[3] for c in maps_calls] == [True, False], "TTA maps are computed once, apart"
     assert not notes.errors
 
 

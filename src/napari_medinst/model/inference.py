@@ -96,6 +96,11 @@ def _window(tile_h: int, tile_w: int, margin: int, at_edge: tuple[bool, bool, bo
     return ramp(tile_h, top, bottom)[:, None] * ramp(tile_w, left, right)[None, :]
 
 
+#: Mirror averaging is on unless turned off (``--no-tta``, the panel's checkbox): on the
+#: validation images it raised AJI and PQ by about 0.01 each, and a 1000 x 1000 tile at 40x
+#: still takes well under a second on a laptop CPU. Sliders never re-run the model.
+DEFAULT_TTA = True
+
 #: Test-time flips: (flip rows, flip columns) for the four variants averaged with ``tta``.
 _FLIPS = ((False, False), (False, True), (True, False), (True, True))
 

@@ -31,7 +31,7 @@ from ..targets import contour_map, hv_maps, relabel_sequential
 from .augment import AugmentConfig, copy_paste, photometric, random_crop
 from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
 from .folder import ModelError, load_model, save_model_folder
-from .inference import CancelledError, pick_device, predict_maps
+from .inference import DEFAULT_TTA, CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
 from .network import TRAIN_DEFAULT_NET, NetConfig, NucleusNet
 
@@ -168,8 +168,12 @@ class _Sampler:
         }
 
 
-def _predict_samples(net: NucleusNet, samples: list[Sample], device: torch.device) -> list:
-    return [predict_maps(net, s.image, device=device, tile=768, overlap=64) for s in samples]
+def _predict_samples(
+    net: NucleusNet, samples: list[Sample], device: torch.device, tta: bool = False
+) -> list:
+    return [
+        predict_maps(net, s.image, device=device, tile=768, overlap=64, tta=tta) for s in samples
+    ]
 
 
 def _score(maps_list, samples: list[Sample], params: PostprocessParams) -> float:
@@ -440,7 +444,7 @@ def finalize(model_dir: Path, val_s: list[Sample], device: torch.device, history
         subset = [s for s in val_s if s.modality == modality]
         if not subset:
             continue
-        maps = _predict_samples(model.net, subset, device)
+        maps = _predict_samples(model.net, subset, device, tta=DEFAULT_TTA)  # as users run it
         post[modality], scores[modality] = tune_postprocess(maps, subset)
     metrics = {**model.metrics, "val_tuned": scores, "history": history}
     metrics.pop("val_aji_tuned", None)
