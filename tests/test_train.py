@@ -9,7 +9,7 @@ from napari_medinst.export import export_sample
 from napari_medinst.model.folder import load_model
 from napari_medinst.model.inference import CancelledError
 from napari_medinst.model.network import NetConfig
-from napari_medinst.model.train import TrainConfig, train
+from napari_medinst.model.train import TrainConfig, retune, train
 
 
 @pytest.fixture
@@ -53,6 +53,12 @@ def test_train_resume_and_model_folder(tiny_set, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert (out / "checkpoint.pt").stat().st_mtime_ns != ck1
     assert json.loads((out / "train_config.json").read_text())["epochs"] == 2
+    # the post-processing defaults can be re-tuned later without retraining
+    weights = (model_dir / "weights.pt").read_bytes()
+    scores = retune(out, device="cpu")
+    assert set(scores) == {"fluorescence"} and set(scores["fluorescence"]) >= {"aji", "pq"}
+    assert (model_dir / "weights.pt").read_bytes() == weights
+    assert load_model(model_dir).metrics["history"] == history
 
 
 def test_cancel_keeps_a_loadable_checkpoint(tiny_set, tmp_path):

@@ -35,7 +35,7 @@ from .inference import DEFAULT_TTA, CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
 from .network import TRAIN_DEFAULT_NET, NetConfig, NucleusNet
 
-__all__ = ["TrainConfig", "split_samples", "train", "tune_postprocess"]
+__all__ = ["TrainConfig", "retune", "split_samples", "train", "tune_postprocess"]
 
 
 @dataclass
@@ -434,6 +434,21 @@ def train(
             on_epoch(record)
     finalize(out / "model", val_s, device, history)
     return out / "model"
+
+
+def retune(run_dir: str | Path, device: str = "auto") -> dict[str, dict[str, float]]:
+    """Re-run :func:`finalize` on a finished run (after a change to the tuning itself).
+
+    Reads the run's ``train_config.json``, rebuilds its validation split and rewrites
+    ``run_dir/model`` with new post-processing defaults; returns their scores.
+    """
+    run = Path(run_dir)
+    cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+    samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
+    _, val_s = split_samples(samples, cfg.val_fraction)
+    history = load_model(run / "model").metrics.get("history", [])
+    finalize(run / "model", val_s, pick_device(device), history)
+    return load_model(run / "model").metrics["val_tuned"]
 
 
 def finalize(model_dir: Path, val_s: list[Sample], device: torch.device, history: list) -> None:
