@@ -13,10 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from napari_medinst.model.data import load_folder
 from napari_medinst.model.folder import BUNDLED_MODELS
-from napari_medinst.model.inference import pick_device
-from napari_medinst.model.train import TrainConfig, finalize, split_samples
+from napari_medinst.model.train import retune
 
 
 def main() -> None:
@@ -24,15 +22,11 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="training run folder (has train_config.json, model/)")
     ap.add_argument("--name", default="default")
     args = ap.parse_args()
-    cfg = TrainConfig.from_dict(json.loads((args.run / "train_config.json").read_text()))
-    samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
-    _, val = split_samples(samples, cfg.val_fraction)
-    history = json.loads((args.run / "model" / "metrics.json").read_text()).get("history", [])
     target = BUNDLED_MODELS / args.name
     tmp = target.with_name(f".{args.name}.staging")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(args.run / "model", tmp)
-    finalize(tmp, val, pick_device("cpu"), history)
+    retune(args.run, device="cpu", model_dir=tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     metrics = json.loads((target / "metrics.json").read_text())

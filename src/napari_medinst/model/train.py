@@ -436,19 +436,23 @@ def train(
     return out / "model"
 
 
-def retune(run_dir: str | Path, device: str = "auto") -> dict[str, dict[str, float]]:
+def retune(
+    run_dir: str | Path, device: str = "auto", model_dir: str | Path | None = None
+) -> dict[str, dict[str, float]]:
     """Re-run :func:`finalize` on a finished run (after a change to the tuning itself).
 
     Reads the run's ``train_config.json``, rebuilds its validation split and rewrites
-    ``run_dir/model`` with new post-processing defaults; returns their scores.
+    ``model_dir`` (default ``run_dir/model``; a copy of it, say) with new post-processing
+    defaults; returns their scores.
     """
     run = Path(run_dir)
+    target = Path(model_dir) if model_dir is not None else run / "model"
     cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
     samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
     _, val_s = split_samples(samples, cfg.val_fraction)
-    history = load_model(run / "model").metrics.get("history", [])
-    finalize(run / "model", val_s, pick_device(device), history)
-    return load_model(run / "model").metrics["val_tuned"]
+    history = load_model(target).metrics.get("history", [])
+    finalize(target, val_s, pick_device(device), history)
+    return load_model(target).metrics["val_tuned"]
 
 
 def finalize(model_dir: Path, val_s: list[Sample], device: torch.device, history: list) -> None:
