@@ -8,6 +8,8 @@ from napari_medinst._io import InputError
 from napari_medinst.targets import (
     contour_map,
     hv_energy,
+    hv_gradient_magnitude,
+    hv_gradients,
     hv_maps,
     make_targets,
     relabel_sequential,
@@ -77,6 +79,19 @@ def test_energy_is_high_between_touching_nuclei_and_low_inside():
     e = hv_energy(hv_maps(lab), 5)
     assert e[20, 29:31].min() > 0.5
     assert e[20, 15] < 0.05 and e[20, 42] < 0.05
+
+
+def test_gradient_magnitude_is_brightest_where_nuclei_touch():
+    lab = np.zeros((40, 60), np.int32)
+    lab[10:30, 5:30] = 1
+    lab[10:30, 30:55] = 2
+    hv = hv_maps(lab)
+    g = hv_gradient_magnitude(hv, 5)
+    gh, gv = hv_gradients(hv, 5)
+    np.testing.assert_allclose(g, np.hypot(gh, gv), rtol=1e-6)
+    touching, outer_edge, inside = g[20, 29:31].max(), g[20, 4:6].max(), g[20, 15]
+    assert touching > outer_edge > inside
+    assert touching > 0.85 and inside < 0.3
 
 
 def test_bad_labels_are_rejected():

@@ -10,6 +10,7 @@ import pytest
 from napari_medinst._napari import _segment_widget as sw
 from napari_medinst._napari._segment_widget import SegmentWidget
 from napari_medinst.postprocess import PostprocessParams
+from napari_medinst.targets import hv_gradient_magnitude
 
 pytestmark = pytest.mark.gui
 
@@ -113,10 +114,19 @@ def test_run_classical_writes_every_layer(make_napari_viewer, qtbot, notes):
         "nuclear probability",
         "HV maps (horizontal)",
         "HV maps (vertical)",
+        "HV gradient",
         "HV energy",
         "markers",
     ):
         assert f"{IMAGE} {suffix}" in names
+    gradient = viewer.layers[f"{IMAGE} HV gradient"]
+    assert not gradient.visible
+    # the magnitude of the HV layers' gradients at the Sobel size in use (40x: 5 -> 9)
+    hv = np.stack(
+        [viewer.layers[f"{IMAGE} HV maps ({d})"].data for d in ("horizontal", "vertical")]
+    )
+    size = PostprocessParams(sobel_size=widget._sobel_size.value).scaled_to(0.25).sobel_size
+    np.testing.assert_allclose(gradient.data, hv_gradient_magnitude(hv, size), atol=1e-6)
     assert f"{IMAGE} types" not in names  # the classical model has no types
     assert not viewer.layers[f"{IMAGE} HV energy"].visible
     assert not viewer.layers[f"{IMAGE} nuclear probability"].visible

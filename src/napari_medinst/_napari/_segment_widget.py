@@ -68,6 +68,7 @@ from ..model.inference import DEFAULT_TTA, CancelledError
 from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from ..preprocess import prepare_image
 from ..segment import CLASSICAL, MapResult, compute_maps
+from ..targets import hv_gradient_magnitude
 from ._common import ROLE, input_images, pixel_size_box, qt_alive, unwrap
 
 __all__ = ["SegmentWidget"]
@@ -155,6 +156,7 @@ _OUTPUTS: dict[str, tuple[str, str, bool]] = {
     "probability": ("nuclear probability", "image", False),
     "hv_h": ("HV maps (horizontal)", "image", False),
     "hv_v": ("HV maps (vertical)", "image", False),
+    "gradient": ("HV gradient", "image", False),
     "energy": ("HV energy", "image", False),
     "markers": ("markers", "points", True),
     "types": ("types", "labels", False),
@@ -1239,6 +1241,14 @@ class SegmentWidget(Container):
             )
         self._put(
             s,
+            "gradient",  # depends on the HV maps and the Sobel size, as the energy does
+            lambda: stack(s, lambda p: self._gradient(s, p), np.float32),
+            tuple(r.energy for r in res),
+            colormap="inferno",
+            contrast_limits=(0.0, 1.0),
+        )
+        self._put(
+            s,
             "energy",
             lambda: stack(s, lambda p: s.results[p].energy, np.float32),
             tuple(r.energy for r in res),
@@ -1254,6 +1264,12 @@ class SegmentWidget(Container):
                 lambda: stack(s, lambda p: _type_image(s.results[p]), np.uint32),
                 label_src,
             )
+
+    @staticmethod
+    def _gradient(s: _Session, p: Plane) -> np.ndarray:
+        mr = s.maps[p]
+        size = s.results[p].params.scaled_to(mr.pixel_size).sobel_size
+        return hv_gradient_magnitude(mr.maps.hv, size)
 
     def _marker_points(self, s: _Session) -> np.ndarray:
         pts = []
