@@ -57,7 +57,12 @@ def main() -> None:
     )
     ap.add_argument("--work", type=Path, default=Path("out/monuseg_test"))
     ap.add_argument("--quick", action="store_true", help="40x with the given pixel size only")
-    ap.add_argument("--tta", action="store_true", help="model runs average mirror images")
+    ap.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="model runs average mirror images (the CLI's default; --no-tta to compare)",
+    )
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     sets = prepare(args.data, args.work)
@@ -73,7 +78,7 @@ def main() -> None:
     for mag, model, px in runs:
         img_dir, gt_dir = sets[mag]
         tta = args.tta and model != "classical"
-        name = f"{mag} {Path(model).name}{' tta' if tta else ''} pixel size {'given ' + px if px else 'estimated'}"
+        name = f"{mag} {Path(model).name}{'' if tta or model == 'classical' else ' no-tta'} pixel size {'given ' + px if px else 'estimated'}"
         out = args.work / name.replace(" ", "_")
         seg_args = [
             "segment",
@@ -85,8 +90,8 @@ def main() -> None:
         ]
         if px:
             seg_args += ["--pixel-size", px]
-        if tta:
-            seg_args.append("--tta")
+        if model != "classical":
+            seg_args.append("--tta" if tta else "--no-tta")
         run(seg_args)
         res = json.loads(run(["evaluate", "--pred", str(out), "--gt", str(gt_dir), "--json"]))
         mean = res["mean"]

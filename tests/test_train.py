@@ -59,6 +59,16 @@ def test_train_resume_and_model_folder(tiny_set, tmp_path):
     assert set(scores) == {"fluorescence"} and set(scores["fluorescence"]) >= {"aji", "pq"}
     assert (model_dir / "weights.pt").read_bytes() == weights
     assert load_model(model_dir).metrics["history"] == history
+    # ... but only on the images the run held out
+    val = next(
+        m for m in load_model(model_dir).config["training"]["manifest"] if m["split"] == "val"
+    )
+    label_file = next((tiny_set / "labels").glob(val["name"].split("/")[1] + ".*"))
+    label_file.write_bytes(
+        next(p for p in (tiny_set / "labels").iterdir() if p != label_file).read_bytes()
+    )
+    with pytest.raises(ValueError, match="validation images found now differ"):
+        retune(out, device="cpu")
 
 
 def test_cancel_keeps_a_loadable_checkpoint(tiny_set, tmp_path):

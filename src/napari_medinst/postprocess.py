@@ -309,7 +309,7 @@ class Postprocessor:
             small = np.bincount(ids, minlength=n + 1) < p.min_marker_size
             small[0] = False
             if small.any():
-                keep = (np.cumsum(~small) * ~small).astype(markers.dtype)
+                keep = ((np.cumsum(~small) - 1) * ~small).astype(markers.dtype)  # 1..m
                 flat[at] = keep[ids]
         return markers.astype(np.int32, copy=False)
 
@@ -355,8 +355,10 @@ class Postprocessor:
             box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
             inside, seeds = multi[box], markers[box]
             # Marker pixels whose four neighbours are all marker pixels can never label
-            # anything; leaving them out of the flood gives the same result (the queue
-            # keeps the order of the others) with a third to half fewer queue operations.
+            # anything; leaving them out of the flood gives a third to half fewer queue
+            # operations and the same result, up to which basin takes a pixel that two
+            # reach at exactly the same energy (skimage's order among equal energies
+            # depends on the queue's contents; both are valid watersheds).
             labelled = (seeds > 0) & inside
             inner = labelled.copy()
             for ahead, behind in (

@@ -174,8 +174,9 @@ def compute_maps(
     if estimated and model != CLASSICAL:
         # Nuclei far from the trained size mean a wrong guess (a 20x slide taken as 40x):
         # rescale. Sizes measured at a wrong scale are biased towards it, so iterate a
-        # few times, now towards the tighter band. The search runs without flips; the
-        # scale it settles on gets the flipped run once at the end.
+        # few times, now towards the tighter band. The first run already uses the
+        # requested mirror averaging (cheapest when the guess is right, the usual case);
+        # later search runs go without it and the final scale gets one more TTA run.
         band, searched = _SCALE_TOLERANCE, False
         for _ in range(3):
             d = _diameter_at_canonical(maps, params)

@@ -203,10 +203,10 @@ def hv_energy(
     gh, gv = hv_gradients(hv, ksize)
     energy = np.minimum(gh, gv, out=gh)  # max(-gh, -gv) = -min(gh, gv), in place
     np.negative(energy, out=energy)
-    np.maximum(energy, 0.0, out=energy)
+    np.maximum(energy, 0.0, out=energy)  # before the contour term: falling HV only
     if contour is not None and contour_weight > 0:
         energy += np.multiply(contour, contour_weight, out=gv)
-    np.minimum(energy, 1.0, out=energy)
+    np.clip(energy, 0.0, 1.0, out=energy)
     return energy
 
 

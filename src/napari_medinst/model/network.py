@@ -42,7 +42,10 @@ class NetConfig:
     blocks: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.blocks:  # one block per level: saved as configs were before ``blocks``
+            del d["blocks"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> NetConfig:

@@ -179,7 +179,8 @@ def _predict_samples(
 def _score(maps_list, samples: list[Sample], params: PostprocessParams) -> float:
     ajis = []
     for maps, s in zip(maps_list, samples, strict=True):
-        res = Postprocessor(maps.prob, maps.hv, maps.contour, pixel_size=0.5).run(params)
+        pp = Postprocessor(maps.prob, maps.hv, maps.contour, pixel_size=CANONICAL_PIXEL_SIZE)
+        res = pp.run(params)
         ajis.append(evaluate_instances(s.labels, res.labels).aji)
     return float(np.mean(ajis)) if ajis else 0.0
 
@@ -450,7 +451,15 @@ def retune(
     cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
     samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
     _, val_s = split_samples(samples, cfg.val_fraction)
-    history = load_model(target).metrics.get("history", [])
+    model = load_model(target)
+    manifest = model.config.get("training", {}).get("manifest", [])
+    trained_val = {(m["name"], m["sha256"]) for m in manifest if m.get("split") == "val"}
+    if manifest and trained_val != {(s.name, s.sha256) for s in val_s}:
+        raise ValueError(
+            f"{run}: the validation images found now differ from those the run held out "
+            "(data moved or changed since training); refusing to tune on other images"
+        )
+    history = model.metrics.get("history", [])
     finalize(target, val_s, pick_device(device), history)
     return load_model(target).metrics["val_tuned"]
 
