@@ -105,33 +105,31 @@ DEFAULT_TTA = True
 _FLIPS = ((False, False), (False, True), (True, False), (True, True))
 
 
-def _unflip_mean(y: torch.Tensor) -> torch.Tensor:
-    """Average of the four flipped predictions ``(4, C, h, w)``, each flipped back.
+def _unflip(y: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
+    """A prediction ``(C, h, w)`` on a mirrored tile, mirrored back.
 
     Channel 1 is the horizontal map and channel 2 the vertical one: mirroring the
     columns reverses the horizontal offsets, so that map changes sign (and likewise
     for the rows and the vertical map).
     """
-    acc = torch.zeros_like(y[0])
-    for k, (rows, cols) in enumerate(_FLIPS):
-        yk = y[k]
-        dims = [d for d, on in ((1, rows), (2, cols)) if on]
-        if dims:
-            yk = yk.flip(dims)
-        if cols:
-            yk[1] = -yk[1]
-        if rows:
-            yk[2] = -yk[2]
-        acc += yk
-    return acc / len(_FLIPS)
+    dims = [d for d, on in ((1, rows), (2, cols)) if on]
+    if not dims:
+        return y
+    y = y.flip(dims)
+    if cols:
+        y[1] = -y[1]
+    if rows:
+        y[2] = -y[2]
+    return y
 
 
 @torch.inference_mode()
 def _forward(net: NucleusNet, x: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
     """(3, h, w) float32 -> (C, h, w) probabilities/maps; pads to the network stride.
 
-    With ``tta`` the tile and its three mirror images go through the network as one
-    batch and the flipped-back outputs are averaged.
+    With ``tta`` the tile and its three mirror images go through the network one after
+    the other (a batch of four would need four times the memory for no gain on a CPU)
+    and the flipped-back outputs are averaged.
     """
     h, w = x.shape[1:]
     s = net.stride
@@ -145,15 +143,18 @@ def _forward(net: NucleusNet, x: np.ndarray, device: torch.device, tta: bool = F
         t = t.to(device).contiguous(memory_format=torch.channels_last)
     else:  # a layout mismatch between input and weights is several times slower
         t = t.to(device)
+    acc = None
+    for rows, cols in _FLIPS if tta else _FLIPS[:1]:
+        dims = [d for d, on in ((2, rows), (3, cols)) if on]
+        out = net(t.flip(dims) if dims else t)
+        parts = [out.np_logits.softmax(1)[:, 1:2], out.hv, torch.sigmoid(out.contour_logits)]
+        if out.type_logits is not None:
+            parts.append(out.type_logits.softmax(1))
+        y = _unflip(torch.cat(parts, 1)[0].float(), rows, cols)
+        acc = y if acc is None else acc.add_(y)
     if tta:
-        t = torch.cat([t.flip([d for d, on in ((2, r), (3, c)) if on]) for r, c in _FLIPS])
-    out = net(t)
-    parts = [out.np_logits.softmax(1)[:, 1:2], out.hv, torch.sigmoid(out.contour_logits)]
-    if out.type_logits is not None:
-        parts.append(out.type_logits.softmax(1))
-    y = torch.cat(parts, 1).float()
-    y = _unflip_mean(y) if tta else y[0]
-    return y[:, :h, :w].cpu().numpy()
+        acc /= len(_FLIPS)
+    return acc[:, :h, :w].cpu().numpy()
 
 
 def predict_maps(
