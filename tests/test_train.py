@@ -87,7 +87,12 @@ def test_train_cli_reports_bad_data(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("flag", "value", "name"),
-    [("--he-fraction", "1.5", "he_fraction"), ("--epochs", "0", "epochs"), ("--lr", "-1", "lr")],
+    [
+        ("--he-fraction", "1.5", "he_fraction"),
+        ("--epochs", "0", "epochs"),
+        ("--lr", "-1", "lr"),
+        ("--blocks", "1", "network config"),
+    ],
 )
 def test_train_cli_rejects_bad_settings(tiny_set, tmp_path, capsys, flag, value, name):
     args = ["train", str(tiny_set), "--out", str(tmp_path / "o"), flag, value]

@@ -50,6 +50,20 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="network channels per level (default 16 32 64 96 128)",
+    )
+    p.add_argument(
+        "--blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="residual blocks per level below full resolution (default one each)",
+    )
+    p.add_argument(
         "--he-fraction",
         type=float,
         default=0.65,
@@ -191,6 +205,17 @@ def run_segment(args) -> int:
     return 0
 
 
+def _net_config(args):
+    from .model.network import NetConfig
+
+    d = NetConfig().to_dict()
+    if args.widths:
+        d["widths"] = args.widths
+    if args.blocks:
+        d["blocks"] = args.blocks
+    return NetConfig.from_dict(d)  # checked: a clear error for impossible shapes
+
+
 def run_train(args) -> int:
     from .model.train import TrainConfig, train
 
@@ -203,6 +228,7 @@ def run_train(args) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         he_fraction=args.he_fraction,
+        net=_net_config(args),
         seed=args.seed,
         device=args.device,
         name=args.name or Path(args.out).name,

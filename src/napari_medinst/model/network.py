@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TRAIN_DEFAULT_NET", "NetConfig", "NucleusNet"]
+__all__ = ["NetConfig", "NucleusNet"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,6 @@ class NetConfig:
     def encoder_blocks(self) -> tuple[int, ...]:
         """Residual blocks per down step (``blocks``, or one each when empty)."""
         return self.blocks or (1,) * (len(self.widths) - 1)
-
-
-#: The architecture ``napari-medinst train`` builds unless told otherwise: 4.8 M parameters,
-#: as fast as the 1.3 M-parameter ``NetConfig()`` at inference on a CPU (the extra blocks
-#: and channels sit at 1/8 and 1/16 resolution) and about 20 % slower to train.
-TRAIN_DEFAULT_NET = NetConfig(widths=(16, 32, 64, 128, 256), blocks=(1, 2, 3, 2))
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -33,7 +33,7 @@ from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
 from .folder import ModelError, load_model, save_model_folder
 from .inference import DEFAULT_TTA, CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
-from .network import TRAIN_DEFAULT_NET, NetConfig, NucleusNet
+from .network import NetConfig, NucleusNet
 
 __all__ = ["TrainConfig", "retune", "split_samples", "train", "tune_postprocess"]
 
@@ -58,7 +58,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     he_fraction: float = 0.65  # share of H&E crops in a batch when both modalities exist
     exclude_splits: list[str] = field(default_factory=lambda: sorted(DEFAULT_EXCLUDE_SPLITS))
-    net: NetConfig = field(default_factory=lambda: TRAIN_DEFAULT_NET)
+    net: NetConfig = field(default_factory=NetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     name: str = "napari-medinst model"
