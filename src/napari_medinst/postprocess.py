@@ -195,6 +195,11 @@ def _line3(a: np.ndarray, axis: int, op) -> np.ndarray:
     return out
 
 
+def _cross(mask: np.ndarray, op) -> np.ndarray:
+    """``op`` of each pixel with its four neighbours (a 3x3 cross), edges replicated."""
+    return op(_line3(mask, 0, op), _line3(mask, 1, op))
+
+
 def _octagon(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
     """Erode or dilate a boolean mask by an octagon of ``radius`` pixels.
 
@@ -206,10 +211,8 @@ def _octagon(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
     op = np.logical_and if erode else np.logical_or
     out = np.asarray(mask, bool)
     for k in range(radius):
-        if k % 2 == 0:  # square
-            out = _line3(_line3(out, 0, op), 1, op)
-        else:  # cross
-            out = op(_line3(out, 0, op), _line3(out, 1, op))
+        # even steps: a 3x3 square (two 1-D passes); odd steps: a cross
+        out = _line3(_line3(out, 0, op), 1, op) if k % 2 == 0 else _cross(out, op)
     return out
 
 
@@ -359,15 +362,8 @@ class Postprocessor:
             # operations and the same result, up to which basin takes a pixel that two
             # reach at exactly the same energy (skimage's order among equal energies
             # depends on the queue's contents; both are valid watersheds).
-            labelled = (seeds > 0) & inside
-            inner = labelled.copy()
-            for ahead, behind in (
-                (np.s_[1:], np.s_[:-1]),
-                (np.s_[:-1], np.s_[1:]),
-                (np.s_[:, 1:], np.s_[:, :-1]),
-                (np.s_[:, :-1], np.s_[:, 1:]),
-            ):
-                np.logical_and(inner[ahead], labelled[behind], out=inner[ahead])
+            # (outside the box counts as marked: nothing there is flooded)
+            inner = _cross((seeds > 0) & inside, np.logical_and)
             sub = watershed(energy[box], seeds, mask=inside & ~inner)
             np.copyto(sub, seeds, where=inner)
             np.copyto(out[box], sub, where=inside, casting="unsafe")
