@@ -215,6 +215,24 @@ def test_tuning_reruns_postprocessing_only(make_napari_viewer, qtbot, notes, map
     assert not notes.errors
 
 
+def test_hv_gradient_layer_follows_the_sobel_size_only(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    layer = viewer.layers[f"{IMAGE} HV gradient"]
+    first = layer.data
+    widget._contour_weight.value = 1.0  # changes the energy, not the HV gradient
+    settle(qtbot, widget)
+    assert layer.data is first
+    widget._sobel_size.value = 7
+    settle(qtbot, widget)
+    hv = np.stack(
+        [viewer.layers[f"{IMAGE} HV maps ({d})"].data for d in ("horizontal", "vertical")]
+    )
+    size = PostprocessParams(sobel_size=7).scaled_to(0.25).sobel_size
+    np.testing.assert_allclose(layer.data, hv_gradient_magnitude(hv, size), atol=1e-6)
+    assert not notes.errors
+
+
 def test_rerun_reuses_maps_and_layers(make_napari_viewer, qtbot, notes, maps_calls):
     viewer, widget = make_widget(make_napari_viewer)
     run(qtbot, widget)

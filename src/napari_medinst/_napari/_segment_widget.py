@@ -280,6 +280,7 @@ class _Session:
     crop: tuple | None = None  # (plane, (r0, r1, c0, c1), Postprocessor)
     layers: dict[str, Layer] = field(default_factory=dict)
     written: dict[str, tuple] = field(default_factory=dict)  # role -> (layer, sources)
+    gradients: dict[Plane, tuple[int, np.ndarray]] = field(default_factory=dict)  # Sobel size
 
     def plane_array(self, plane: Plane) -> np.ndarray:
         return np.asarray(self.data[plane] if plane else self.data)
@@ -775,6 +776,8 @@ class SegmentWidget(Container):
             return
         maps, posts, results, params = out
         s.maps.update(maps)
+        for plane in maps:  # new maps: their gradient is not the cached one
+            s.gradients.pop(plane, None)
         s.post.update(posts)
         s.results.update(results)
         s.active = job.planes
@@ -1239,11 +1242,13 @@ class SegmentWidget(Container):
                 colormap="PiYG",
                 contrast_limits=(-1.0, 1.0),
             )
+        planes = sorted(s.results) if s.lead else [()]
+        grads = {p: self._gradient(s, p) for p in planes}  # cached: only a new Sobel size
         self._put(
             s,
-            "gradient",  # depends on the HV maps and the Sobel size, as the energy does
-            lambda: stack(s, lambda p: self._gradient(s, p), np.float32),
-            tuple(r.energy for r in res),
+            "gradient",
+            lambda: stack(s, grads.__getitem__, np.float32),
+            tuple(grads[p] for p in planes),
             colormap="inferno",
             contrast_limits=(0.0, 1.0),
         )
@@ -1267,9 +1272,13 @@ class SegmentWidget(Container):
 
     @staticmethod
     def _gradient(s: _Session, p: Plane) -> np.ndarray:
+        """HV gradient magnitude of a plane, recomputed only when the Sobel size changes."""
         mr = s.maps[p]
         size = s.results[p].params.scaled_to(mr.pixel_size).sobel_size
-        return hv_gradient_magnitude(mr.maps.hv, size)
+        hit = s.gradients.get(p)
+        if hit is None or hit[0] != size:
+            hit = s.gradients[p] = (size, hv_gradient_magnitude(mr.maps.hv, size))
+        return hit[1]
 
     def _marker_points(self, s: _Session) -> np.ndarray:
         pts = []
