@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.segmentation import watershed
 
+from ._flood import flood
 from .targets import hv_energy
 
 __all__ = [
@@ -364,7 +364,7 @@ class Postprocessor:
             # depends on the queue's contents; both are valid watersheds).
             # (outside the box counts as marked: nothing there is flooded)
             inner = _cross((seeds > 0) & inside, np.logical_and)
-            sub = watershed(energy[box], seeds, mask=inside & ~inner)
+            sub = flood(energy[box], seeds, inside & ~inner)  # valid until the next flood
             np.copyto(sub, seeds, where=inner)
             np.copyto(out[box], sub, where=inside, casting="unsafe")
         return out
