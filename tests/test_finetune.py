@@ -332,3 +332,54 @@ def test_a_set_too_small_to_validate_warns_and_still_trains(base, tmp_path):
     warnings = [e["text"] for e in events if e["event"] == "warning"]
     assert warnings and "validation" in warnings[0]
     assert load_model(model_dir).params_for("he").fg_threshold == pytest.approx(0.42)
+
+
+def _index_set(root: Path, rows: list[dict[str, str]]) -> Path:
+    """A data folder whose index.csv has the given modality / pixel_size per image."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    lab = disk_labels((64, 64), [(20, 20), (40, 44)], 8)
+    for k, row in enumerate(rows):
+        nucleus, stroma = np.array([90, 60, 150], np.uint8), np.array([235, 180, 215], np.uint8)
+        rgb = np.where(lab[..., None] > 0, nucleus, stroma)  # H&E-like colours
+        grey = np.where(lab > 0, 200, 20).astype(np.uint8)  # bright nuclei on dark
+        row["channels"] = "3" if row.pop("rgb") else "1"
+        tifffile.imwrite(root / "images" / f"i{k}.tif", rgb if row["channels"] == "3" else grey)
+        tifffile.imwrite(root / "labels" / f"i{k}.tif", lab.astype(np.uint16))
+    fields = ["id", "height", "width", "channels", "modality", "pixel_size"]
+    lines = [",".join(fields)]
+    for k, row in enumerate(rows):
+        lines.append(f"i{k},64,64,{row['channels']},{row['modality']},{row['pixel_size']}")
+    (root / "index.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_training_and_finetuning_read_an_index_the_same_way(tmp_path):
+    from napari_medinst.model.data import index_modality, load_folder
+    from napari_medinst.preprocess import CANONICAL_PIXEL_SIZE
+
+    assert index_modality({"modality": " H&E "}) == "he"
+    assert index_modality({"modality": "histology-stain"}) == "he"
+    assert index_modality({"modality": "Fluorescence"}) == "fluorescence"
+    assert index_modality({"modality": "dapi"}) is None  # unknown: the image decides
+    assert index_modality({}) is None
+    rows = [
+        {"rgb": True, "modality": "he", "pixel_size": "0.5"},
+        {"rgb": False, "modality": "dapi", "pixel_size": ""},  # grey: fluorescence
+        {"rgb": True, "modality": "", "pixel_size": "0.5"},  # RGB: H&E
+        {"rgb": False, "modality": "fluorescence", "pixel_size": "0.5"},
+    ]
+    folder = _index_set(tmp_path / "set", rows)
+    want = ["he", "fluorescence", "he", "fluorescence"]
+    assert [s.modality for s in load_folder(folder)] == want
+    assert [item[4] for item in ft._read_set(folder)] == want
+    s = 0.5 / CANONICAL_PIXEL_SIZE  # rows 0, 2, 3 at 0.5 µm/px, row 1 at the canonical size
+    areas = ft._bundled_areas([str(folder)])
+    assert areas == pytest.approx(
+        {"he": 2 * 64 * 64 * s * s, "fluorescence": 64 * 64 * (1 + s * s)}
+    )
+
+    bad = _index_set(tmp_path / "bad", [{"rgb": True, "modality": "he", "pixel_size": "40x"}])
+    for read in (load_folder, ft._read_set, lambda f: ft._bundled_areas([str(f)])):
+        with pytest.raises(InputError, match="pixel_size '40x' is not a size"):
+            read(bad)

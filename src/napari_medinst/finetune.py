@@ -63,8 +63,11 @@ from .model.augment import AugmentConfig, copy_paste, photometric
 from .model.data import (
     DEFAULT_EXCLUDE_SPLITS,
     find_pairs,
+    index_modality,
+    index_pixel_size,
     median_diameter,
     parse_folder_spec,
+    read_index,
 )
 from .model.folder import (
     LoadedModel,
@@ -520,22 +523,6 @@ def bundled_training_data(model: str | os.PathLike = "default") -> list[str]:
 # ---------------------------------------------------------------------- staging
 
 
-def _read_index(folder: Path) -> dict[str, dict[str, str]]:
-    path = folder / "index.csv"
-    if not path.exists():
-        return {}
-    with path.open(newline="") as fh:
-        return {row.get("id", ""): row for row in csv.DictReader(fh)}
-
-
-def _float_or_none(text: Any) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if value > 0 else None
-
-
 @dataclass
 class _Piece:
     """One staged training image (a whole image of a set, or a tile of one)."""
@@ -559,7 +546,7 @@ def _read_set(spec: str | os.PathLike) -> list[tuple[str, np.ndarray, np.ndarray
     folder, folder_px = parse_folder_spec(str(spec))
     if not folder.is_dir():
         raise InputError(f"{folder}: training-set folder not found")
-    index = _read_index(folder)
+    index = read_index(folder)
     out = []
     for key, img_path, lab_path in find_pairs(folder):
         row = index.get(key, {})
@@ -572,15 +559,8 @@ def _read_set(spec: str | os.PathLike) -> list[tuple[str, np.ndarray, np.ndarray
                 f"{img_path}: the image is {image.shape[:2]} px but its labels are "
                 f"{labels.shape} px"
             )
-        mod = row.get("modality", "")
-        modality = (
-            "fluorescence"
-            if mod == "fluorescence"
-            else "he"
-            if mod in ("he", "histology-stain")
-            else detect_modality(image)
-        )
-        px = _float_or_none(row.get("pixel_size")) or folder_px
+        modality = index_modality(row) or detect_modality(image)
+        px = index_pixel_size(row, folder / "index.csv", key) or folder_px
         if px is None:  # as the trainer does: the median nucleus brought to the canonical size
             d = median_diameter(relabel_sequential(labels)[0])
             px = CANONICAL_PIXEL_SIZE * (CANONICAL_DIAMETER / d if d > 0 else 1.0)
@@ -704,7 +684,7 @@ def _bundled_areas(specs: Sequence[str]) -> dict[str, float]:
     areas = {"he": 0.0, "fluorescence": 0.0}
     for spec in specs:
         folder, folder_px = parse_folder_spec(spec)
-        index = _read_index(folder)
+        index = read_index(folder)
         for key, img_path, _ in find_pairs(folder):
             row = index.get(key)
             if row is None or not row.get("height"):
@@ -716,9 +696,12 @@ def _bundled_areas(specs: Sequence[str]) -> dict[str, float]:
                 }
             if row.get("split", "") in DEFAULT_EXCLUDE_SPLITS:
                 continue
-            mod = row.get("modality") or ("he" if str(row.get("channels")) == "3" else "")
-            mod = "fluorescence" if mod in ("fluorescence", "") else "he"
-            px = _float_or_none(row.get("pixel_size")) or folder_px or CANONICAL_PIXEL_SIZE
+            # (the index's channel count stands in for reading every image)
+            mod = index_modality(row) or (
+                "he" if str(row.get("channels")) == "3" else "fluorescence"
+            )
+            px = index_pixel_size(row, folder / "index.csv", key) or folder_px
+            px = px or CANONICAL_PIXEL_SIZE
             s = px / CANONICAL_PIXEL_SIZE
             areas[mod] += float(row["height"]) * float(row["width"]) * s * s
     return areas

@@ -31,7 +31,16 @@ from ..preprocess import (
 )
 from ..targets import relabel_sequential
 
-__all__ = ["DEFAULT_EXCLUDE_SPLITS", "Sample", "find_pairs", "load_folder", "parse_folder_spec"]
+__all__ = [
+    "DEFAULT_EXCLUDE_SPLITS",
+    "Sample",
+    "find_pairs",
+    "index_modality",
+    "index_pixel_size",
+    "load_folder",
+    "parse_folder_spec",
+    "read_index",
+]
 
 DEFAULT_EXCLUDE_SPLITS = frozenset({"MoNuSeg2018-test"})
 
@@ -64,7 +73,8 @@ def parse_folder_spec(spec: str) -> tuple[Path, float | None]:
     return Path(spec), None
 
 
-def _read_index(folder: Path) -> dict[str, dict[str, str]]:
+def read_index(folder: Path) -> dict[str, dict[str, str]]:
+    """The rows of ``folder/index.csv`` by id (empty when there is no index)."""
     index = folder / "index.csv"
     if not index.exists():
         return {}
@@ -98,7 +108,10 @@ def median_diameter(labels: np.ndarray) -> float:
     return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
 
 
-def _pixel_size(text: str | None, index: Path, key: str) -> float | None:
+def index_pixel_size(row: dict[str, str], index: Path, key: str) -> float | None:
+    """The row's ``pixel_size`` (µm/px), None when empty; a value that is not a size is
+    refused with a message naming the index and the row."""
+    text = (row.get("pixel_size") or "").strip()
     if not text:
         return None
     try:
@@ -108,6 +121,22 @@ def _pixel_size(text: str | None, index: Path, key: str) -> float | None:
     if not 0.01 <= value <= 50:
         raise InputError(f"{index}: row {key}: pixel_size {text!r} is not a size in µm/px")
     return value
+
+
+#: ``modality`` column values read as each modality (lower case); any other value, or
+#: none, leaves the decision to the image (RGB: H&E, single channel: fluorescence).
+MODALITY_NAMES: dict[str, Modality] = {
+    "fluorescence": "fluorescence",
+    "he": "he",
+    "h&e": "he",
+    "histology-stain": "he",
+    "brightfield": "he",
+}
+
+
+def index_modality(row: dict[str, str]) -> Modality | None:
+    """The modality an index row names, or None when it names none we know."""
+    return MODALITY_NAMES.get((row.get("modality") or "").strip().lower())
 
 
 def _sha256(path: Path) -> str:
@@ -120,7 +149,7 @@ def load_folder(
 ) -> list[Sample]:
     """Load every usable image/label pair of a data folder at the canonical scale."""
     folder, folder_px = parse_folder_spec(str(spec))
-    index = _read_index(folder)
+    index = read_index(folder)
     samples = []
     for key, img_path, lab_path in find_pairs(folder):
         row = index.get(key, {})
@@ -132,11 +161,8 @@ def load_folder(
             raise InputError(
                 f"{img_path}: image {image.shape[:2]} and labels {labels.shape} differ"
             )
-        mod = row.get("modality", "")
-        modality: Modality = (
-            "fluorescence" if mod == "fluorescence" else "he" if mod else detect_modality(image)
-        )
-        px = _pixel_size(row.get("pixel_size"), folder / "index.csv", key) or folder_px
+        modality = index_modality(row) or detect_modality(image)
+        px = index_pixel_size(row, folder / "index.csv", key) or folder_px
         labels, _ = relabel_sequential(labels)
         if px is not None:
             scale = px / CANONICAL_PIXEL_SIZE
