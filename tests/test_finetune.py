@@ -334,7 +334,7 @@ def test_a_set_too_small_to_validate_warns_and_still_trains(base, tmp_path):
     assert load_model(model_dir).params_for("he").fg_threshold == pytest.approx(0.42)
 
 
-def _index_set(root: Path, rows: list[dict[str, str]]) -> Path:
+def _index_set(root: Path, rows: list[dict[str, str]], bom: bool = False) -> Path:
     """A data folder whose index.csv has the given modality / pixel_size per image."""
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
@@ -350,7 +350,9 @@ def _index_set(root: Path, rows: list[dict[str, str]]) -> Path:
     lines = [",".join(fields)]
     for k, row in enumerate(rows):
         lines.append(f"i{k},64,64,{row['channels']},{row['modality']},{row['pixel_size']}")
-    (root / "index.csv").write_text("\n".join(lines) + "\n")
+    (root / "index.csv").write_text(
+        "\n".join(lines) + "\n", encoding="utf-8-sig" if bom else "utf-8"
+    )
     return root
 
 
@@ -365,11 +367,11 @@ def test_training_and_finetuning_read_an_index_the_same_way(tmp_path):
     assert index_modality({}) is None
     rows = [
         {"rgb": True, "modality": "he", "pixel_size": "0.5"},
-        {"rgb": False, "modality": "dapi", "pixel_size": ""},  # grey: fluorescence
+        {"rgb": False, "modality": "dapi", "pixel_size": "NA"},  # grey: fluorescence
         {"rgb": True, "modality": "", "pixel_size": "0.5"},  # RGB: H&E
         {"rgb": False, "modality": "fluorescence", "pixel_size": "0.5"},
     ]
-    folder = _index_set(tmp_path / "set", rows)
+    folder = _index_set(tmp_path / "set", rows, bom=True)  # as a spreadsheet saves it
     want = ["he", "fluorescence", "he", "fluorescence"]
     assert [s.modality for s in load_folder(folder)] == want
     assert [item[4] for item in ft._read_set(folder)] == want

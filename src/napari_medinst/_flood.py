@@ -74,15 +74,20 @@ def _flood_kernel(
 def _agrees(kernel: Callable) -> bool:
     """Whether ``kernel`` solves a small random problem exactly as ``watershed`` does."""
     rng = np.random.default_rng(0)
-    energy = rng.random((23, 31))
-    mask = rng.random(energy.shape) < 0.8
-    seeds = np.zeros(energy.shape, np.int32)
-    seeds.flat[rng.choice(energy.size, 12, replace=False)] = np.arange(1, 13)
-    try:
-        got = _flood_kernel(energy, seeds, mask, kernel, keep=False)
-    except Exception:  # another signature or dtype rules: use the public function
-        return False
-    return bool(np.array_equal(got, watershed(energy, seeds, mask=mask)))
+    for levels in (None, 4):  # distinct energies, then plateaus (the order among ties)
+        energy = rng.random((23, 31))
+        if levels:
+            energy = np.floor(energy * levels)
+        mask = rng.random(energy.shape) < 0.8
+        seeds = np.zeros(energy.shape, np.int32)
+        seeds.flat[rng.choice(energy.size, 12, replace=False)] = np.arange(1, 13)
+        try:
+            got = _flood_kernel(energy, seeds, mask, kernel, keep=False)
+        except Exception:  # another signature or dtype rules: use the public function
+            return False
+        if not np.array_equal(got, watershed(energy, seeds, mask=mask)):
+            return False
+    return True
 
 
 @functools.cache
@@ -98,13 +103,17 @@ def _kernel() -> Callable | None:
 def flood(energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``skimage.segmentation.watershed(energy, seeds, mask=mask)``, faster.
 
-    4-connected flooding of ``energy`` from the ``seeds`` (int labels > 0) inside the
-    boolean ``mask``; pixels outside it are 0. The result may be a view of a per-thread
-    buffer: it is valid until the next call in the same thread, so copy what you keep.
+    4-connected flooding of ``energy`` from the ``seeds`` inside ``mask`` (taken as
+    boolean); pixels outside it are 0. Only labels > 0 seed (``watershed`` would also
+    seed from negative ones). Seeds of a type that int32 holds give an int32 result that
+    may be a view of a per-thread buffer: it is valid until the next call in the same
+    thread, so copy what you keep. Wider seed types go through ``watershed``.
     """
     kernel = _kernel()
-    if kernel is None:
+    seeds = np.asarray(seeds)
+    if kernel is None or not np.can_cast(seeds.dtype, np.int32, "safe"):
         return watershed(energy, seeds, mask=mask)
+    mask = np.asarray(mask, bool)
     if energy.shape != seeds.shape or energy.shape != mask.shape or energy.ndim != 2:
         raise ValueError(f"flood: shapes differ {energy.shape}, {seeds.shape}, {mask.shape}")
     keep = (energy.shape[0] + 2) * (energy.shape[1] + 2) <= SCRATCH_MAX_PIXELS

@@ -68,7 +68,7 @@ def _append_index(folder: Path, row: dict) -> None:
     path = folder / "index.csv"
     rows, fields = [], list(INDEX_FIELDS)
     if path.exists():
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # (a spreadsheet's BOM)
             reader = csv.DictReader(fh)
             rows = list(reader)
             # keep every column already there (organ, cell line, ...), add ours after

@@ -78,7 +78,7 @@ def read_index(folder: Path) -> dict[str, dict[str, str]]:
     index = folder / "index.csv"
     if not index.exists():
         return {}
-    with index.open(newline="") as fh:
+    with index.open(newline="", encoding="utf-8-sig") as fh:  # (a spreadsheet's BOM)
         rows = list(csv.DictReader(fh))
     if rows and "id" not in rows[0]:
         raise InputError(f"{index}: needs an 'id' column")
@@ -108,11 +108,14 @@ def median_diameter(labels: np.ndarray) -> float:
     return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
 
 
+_UNKNOWN = frozenset({"", "na", "n/a", "nan", "none", "null", "unknown", "?", "-"})
+
+
 def index_pixel_size(row: dict[str, str], index: Path, key: str) -> float | None:
-    """The row's ``pixel_size`` (µm/px), None when empty; a value that is not a size is
-    refused with a message naming the index and the row."""
+    """The row's ``pixel_size`` (µm/px), None when empty or marked unknown ("NA", ...);
+    any other value that is not a size is refused with a message naming the row."""
     text = (row.get("pixel_size") or "").strip()
-    if not text:
+    if text.lower() in _UNKNOWN:
         return None
     try:
         value = float(text)
