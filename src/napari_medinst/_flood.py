@@ -60,7 +60,7 @@ def _flood_kernel(
     at += wp + 1 + 2 * (at // w)  # box index -> padded index
     kernel(
         image.ravel(),
-        at.astype(np.intp, copy=False),
+        at,
         np.array([-wp, -1, 1, wp], np.intp),  # 4-connectivity, as watershed's default
         allowed.ravel(),
         np.array([wp, 1], np.intp),
