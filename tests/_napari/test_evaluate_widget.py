@@ -10,7 +10,11 @@ import pytest
 from napari.utils.key_bindings import coerce_keybinding
 from scipy import ndimage as ndi
 
+from conftest import disk_labels
 from napari_medinst import metrics
+from napari_medinst import recovery as recovery_module
+from napari_medinst._io import write_tiff
+from napari_medinst._napari import _editing as editing_glue
 from napari_medinst._napari import _evaluate_widget as EW
 from napari_medinst._napari._editing import KEY_BINDINGS, editor_for
 from napari_medinst._napari._evaluate_widget import EvaluateWidget
@@ -381,7 +385,7 @@ def test_save_never_overwrites_without_confirmation(make_napari_viewer, tmp_path
     saved = tifffile.imread(path)
     np.testing.assert_array_equal(saved, gt.data)
     status_csv = (tmp_path / "gt_status.csv").read_text()
-    assert status_csv.startswith("label,status\n") and "verified" in status_csv
+    assert status_csv.startswith("label,status,labels_sha256\n") and "verified" in status_csv
 
     target = int(np.unique(gt.data)[2])
     editor.delete_at(tuple(np.argwhere(gt.data == target)[0]))
@@ -415,30 +419,181 @@ def test_save_never_overwrites_without_confirmation(make_napari_viewer, tmp_path
     assert widget.export_status(tmp_path / "status.csv")
 
 
+def delete_one(viewer, layer, k: int = 1) -> int:
+    """Delete the ``k``-th nucleus of a ground-truth layer with its editor; returns its id."""
+    target = int(np.unique(layer.data)[k])
+    editor_for(viewer, layer).delete_at(tuple(np.argwhere(layer.data == target)[0]))
+    return target
+
+
 def test_autosave_and_restore(make_napari_viewer, recovery):
     viewer, gt = open_he(make_napari_viewer)
     original = np.array(gt.data, copy=True)
     widget = make_widget(viewer)
     assert widget._gt.value is gt
-    editor = editor_for(viewer, gt)
-    target = int(np.unique(gt.data)[4])
-    editor.delete_at(tuple(np.argwhere(gt.data == target)[0]))
+    delete_one(viewer, gt, 4)
     edited = np.array(gt.data, copy=True)
     written = widget.autosave_now()
     assert written and written[0].parent == recovery and written[0].exists()
+    record = recovery_module.read_record(written[0])
+    assert record.changed == 1 and record.source.image_sha256 is not None
+    widget._check_recovery()
+    assert widget._recovery_offers == []  # this session's own autosave is never offered
 
-    # as after a crash: the layer is back to the file's content, a new widget opens
-    gt.data = original
+    # napari is killed; the same sample opened again in a new session
+    viewer.close()
+    viewer, gt = open_he(make_napari_viewer)
+    np.testing.assert_array_equal(gt.data, original)
     fresh = make_widget(viewer)
     assert fresh.recovery_frame.isVisibleTo(fresh.native)
-    assert GT_NAME in fresh.recovery_label.text()
+    assert fresh.recovery_restore.isVisibleTo(fresh.native)
+    text = fresh.recovery_label.text()
+    assert GT_NAME in text and record.source.origin in text
+    assert record.saved in text and "1 changed nucleus" in text
     assert fresh.restore_recovery() == [GT_NAME]
     np.testing.assert_array_equal(gt.data, edited)
     gt.undo()  # the restore is one undoable step
     np.testing.assert_array_equal(gt.data, original)
     gt.redo()
-    fresh.save_ground_truth(recovery.parent / "saved.tif")
+    assert fresh.save_ground_truth(recovery.parent / "saved.tif")
     assert not any(recovery.glob("*.tif"))  # saving removes the recovery copy
+    fresh._check_recovery()
+    assert fresh._recovery_offers == [] and not fresh.recovery_frame.isVisibleTo(fresh.native)
+
+
+def test_discarded_autosave_is_never_offered_again(make_napari_viewer, recovery):
+    viewer, gt = open_he(make_napari_viewer)
+    widget = make_widget(viewer)
+    delete_one(viewer, gt)
+    [path] = widget.autosave_now()
+    viewer.close()
+    viewer, gt = open_he(make_napari_viewer)
+    widget = make_widget(viewer)
+    assert [p for _, p, _ in widget._recovery_offers] == [path]
+    widget.discard_recovery()
+    assert not path.exists() and not widget.recovery_frame.isVisibleTo(widget.native)
+    viewer.close()
+    viewer, gt = open_he(make_napari_viewer)
+    widget = make_widget(viewer)
+    assert widget._recovery_offers == [] and not widget.recovery_frame.isVisibleTo(widget.native)
+
+
+def two_images(shape=(96, 96)):
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 255, shape, dtype=np.uint8), rng.integers(0, 255, shape, np.uint8)
+
+
+def test_autosave_of_image_a_is_never_restored_onto_image_b(
+    make_napari_viewer, tmp_path, recovery, notes
+):
+    """The issue: A's "labels" autosaved, napari killed, B with a "labels" as big opened."""
+    img_a, img_b = two_images()
+    file_a, file_b = tmp_path / "a" / "labels.tif", tmp_path / "b" / "labels.tif"
+    lab_a, lab_b = disk_labels(), disk_labels(centres=((20, 20), (60, 60), (80, 25)))
+    write_tiff(file_a, lab_a)
+    write_tiff(file_b, lab_b)
+
+    viewer = make_napari_viewer()
+    viewer.add_image(img_a, name="image")
+    widget = make_widget(viewer)
+    a = widget.load_ground_truth(file_a)
+    assert a.name == "labels"
+    delete_one(viewer, a)
+    edited = np.array(a.data)
+    [path] = widget.autosave_now()
+    record = recovery_module.read_record(path)
+    viewer.close()  # killed: nothing saved
+
+    viewer = make_napari_viewer()
+    viewer.add_image(img_b, name="image")
+    widget = make_widget(viewer)
+    b = widget.load_ground_truth(file_b)
+    assert b.name == "labels" and b.data.shape == a.data.shape
+    assert widget._recovery_offers == []
+    assert not widget.recovery_restore.isVisibleTo(widget.native)
+    text = widget.recovery_label.text()
+    assert "another 'labels'" in text and "a/labels.tif" in text and "not offered" in text
+    assert widget.restore_recovery() == []
+    # even if an offer were made by mistake, Restore checks the source and refuses
+    widget._recovery_offers = [(b, path, record)]
+    assert widget.restore_recovery() == []
+    assert "not this layer's file or image" in notes["error"][-1]
+    np.testing.assert_array_equal(b.data, lab_b)
+    assert widget.unsaved_ground_truths() == []
+    assert path.exists()  # A's edits are kept for A
+
+    # A itself (same file) gets them back, with what they belong to shown first
+    a2 = widget.load_ground_truth(file_a)
+    assert [(x, p) for x, p, _ in widget._recovery_offers] == [(a2, path)]
+    text = widget.recovery_label.text()
+    assert "a/labels.tif" in text and record.saved in text and "1 changed nucleus" in text
+    assert widget.restore_recovery() == [a2.name]
+    np.testing.assert_array_equal(a2.data, edited)
+    np.testing.assert_array_equal(b.data, lab_b)
+
+
+def test_a_new_ground_truth_is_recovered_only_over_its_own_image(make_napari_viewer, recovery):
+    img_a, img_b = two_images()
+    pred = disk_labels()
+
+    viewer = make_napari_viewer()
+    viewer.add_image(img_a, name="image")
+    widget = make_widget(viewer, add_prediction(viewer, pred))
+    gt = widget.start_from_prediction()
+    delete_one(viewer, gt)
+    edited = np.array(gt.data)
+    [path] = widget.autosave_now()
+    assert "new from prediction 'prediction'" in recovery_module.read_record(path).describe()
+    viewer.close()
+
+    # same prediction, same layer name and size, but drawn over another image
+    viewer = make_napari_viewer()
+    viewer.add_image(img_b, name="image")
+    widget = make_widget(viewer, add_prediction(viewer, pred))
+    gt = widget.start_from_prediction()
+    assert widget._recovery_offers == [] and "not offered" in widget.recovery_label.text()
+    # the image it was drawn over comes back: now the autosave is offered
+    viewer.layers.remove("image")
+    viewer.add_image(img_a, name="image")
+    assert [(x, p) for x, p, _ in widget._recovery_offers] == [(gt, path)]
+    assert widget.restore_recovery() == [gt.name]
+    np.testing.assert_array_equal(gt.data, edited)
+
+
+def test_crash_between_tiff_and_csv_keeps_the_pair_consistent(
+    make_napari_viewer, tmp_path, recovery, notes, monkeypatch
+):
+    warnings = []
+    monkeypatch.setattr(editing_glue, "show_warning", warnings.append)
+    viewer, gt = open_he(make_napari_viewer)
+    widget = make_widget(viewer)
+    editor = editor_for(viewer, gt)
+    ids = [int(i) for i in np.unique(gt.data)[1:4]]
+    editor.set_status(ids, "verified")
+    path = tmp_path / "gt.tif"
+    assert widget.save_ground_truth(path)
+    old_csv = (tmp_path / "gt_status.csv").read_bytes()
+
+    delete_one(viewer, gt, 1)  # ids[0] is gone
+    editor.set_status([ids[1]], "edited")
+    new_status = editor.status
+    [autosave] = widget.autosave_now()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    widget._confirm_overwrite = lambda paths: True
+    monkeypatch.setattr(recovery_module, "write_bytes", crash)
+    with pytest.raises(OSError):
+        widget.save_ground_truth(path)  # the TIFF is written, the CSV is not
+    assert (tmp_path / "gt_status.csv").read_bytes() == old_csv
+    assert widget.unsaved_ground_truths() == [GT_NAME] and autosave.exists()
+
+    layer = widget.load_ground_truth(path)
+    np.testing.assert_array_equal(layer.data, gt.data)
+    assert editor_for(viewer, layer).status == new_status
+    assert editor_for(viewer, layer).status[ids[1]] == "edited"  # not the old "verified"
+    assert warnings and "gt_status.csv" in warnings[-1] and "ignored" in warnings[-1]
 
 
 # ------------------------------------------------------------------------ auto-tune
@@ -536,11 +691,16 @@ def test_closing_with_unsaved_edits_asks_first(make_napari_viewer):
     event = Close()
     assert guard.eventFilter(win, event) is False and not asked  # nothing unsaved
     editor_for(viewer, gt).set_status([int(np.unique(gt.data)[1])], "verified")
+    [autosave] = widget.autosave_now()
     event = Close()
     assert guard.eventFilter(win, event) is True and event.ignored
-    assert asked == [[GT_NAME]]
+    assert asked == [[GT_NAME]] and autosave.exists()  # not closed: the autosave stays
     widget._confirm_discard = lambda names: True
     assert guard.eventFilter(win, Close()) is False
+    # "Close anyway" discards the edits: their autosave goes too and is not rewritten
+    assert not autosave.exists() and widget.autosave_now() == []
+    editor_for(viewer, gt).set_status([int(np.unique(gt.data)[2])], "verified")
+    assert widget.autosave_now() == [autosave]  # edited again (the close did not happen)
 
 
 def test_choosing_a_segment_output_as_ground_truth_warns(make_napari_viewer, notes):

@@ -27,7 +27,13 @@ key                   action
 Per-nucleus review status (``predicted`` / ``edited`` / ``verified``) is kept in the
 layer's ``features`` table (columns ``index``, ``label``, ``status``): a nucleus changed
 by any edit (these actions or the brush) becomes ``edited``; ``W`` marks it
-``verified``.  It is saved as CSV beside the labels TIFF (:func:`status_path`).
+``verified``.  It is saved inside the labels TIFF and as CSV beside it
+(:func:`status_path`; see :mod:`napari_medinst.recovery` for why a stale CSV is never
+paired with newer labels).
+
+Each editor also remembers where its editing began (:meth:`GroundTruthEditor.rebase`):
+the source file (:func:`layer_origin`), the hash of the labels and their statuses then.
+The autosave of the Evaluate widget uses these to name what the edits belong to.
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QTimer
 
-from .. import editing
-from .._io import InputError, check_labels, free_name, read_labels
+from .. import editing, recovery
+from .._io import InputError, check_labels, free_name
 from ._common import unwrap
 
 __all__ = [
@@ -56,6 +62,7 @@ __all__ = [
     "GroundTruthEditor",
     "editor_for",
     "existing_editor",
+    "layer_origin",
     "load_ground_truth",
     "start_from_prediction",
     "status_path",
@@ -93,6 +100,25 @@ def status_path(labels_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}_status.csv")
 
 
+def layer_origin(layer: Any) -> tuple[str | None, str]:
+    """The labels file a layer comes from (absolute path, or None) and a short description.
+
+    The path is ``metadata["path"]`` (set when loaded or saved here) or the file napari
+    opened the layer from (``layer.source.path``); its description is ``folder/name``.
+    Without one the description says what the layer was started from, e.g.
+    ``new from prediction 'x'``.
+    """
+    md = layer.metadata if isinstance(layer.metadata, dict) else {}
+    path = md.get("path") or getattr(getattr(layer, "source", None), "path", None)
+    if path:
+        p = Path(str(path)).expanduser().resolve()
+        return str(p), f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+    source = str(md.get("source") or "")
+    if source.startswith("copy of "):
+        return None, f"new from prediction '{source[len('copy of ') :]}'"
+    return None, f"new layer '{layer.name}'" + (f" ({source})" if source else "")
+
+
 def _free_name(viewer, base: str) -> str:
     return free_name(base, {layer.name for layer in viewer.layers})
 
@@ -117,9 +143,12 @@ def start_from_prediction(viewer, prediction: Labels, name: str | None = None) -
 
 
 def load_ground_truth(viewer, path: str | Path, like: Any = None) -> Labels:
-    """Add a ground-truth layer read from a labels file (and its status CSV if present).
+    """Add a ground-truth layer read from a labels file (and its statuses if saved).
 
-    ``like`` (a layer) gives scale and translate, and its shape is checked.
+    ``like`` (a layer) gives scale and translate, and its shape is checked.  The
+    statuses come from :func:`napari_medinst.recovery.read_ground_truth`: a status CSV
+    that belongs to other labels (e.g. left over from a crash during a save) is ignored
+    with a warning.
 
     Raises
     ------
@@ -128,16 +157,14 @@ def load_ground_truth(viewer, path: str | Path, like: Any = None) -> Labels:
         from ``like``'s, or the status CSV is malformed.
     """
     path = Path(path)
-    data = read_labels(path)
+    data, status, warning = recovery.read_ground_truth(path, status_path(path))
     if like is not None and tuple(like.data.shape[-2:]) != data.shape:
         raise InputError(
             f"{path}: labels shape {data.shape} differs from '{like.name}' "
             f"{tuple(like.data.shape[-2:])}"
         )
-    status = None
-    csv_path = status_path(path)
-    if csv_path.exists():
-        status = editing.status_from_csv(csv_path.read_text(encoding="utf-8"), str(csv_path))
+    if warning:
+        show_warning(warning)
     kwargs = {}
     if like is not None:
         kwargs = {"scale": like.scale[-2:], "translate": like.translate[-2:]}
@@ -148,10 +175,11 @@ def load_ground_truth(viewer, path: str | Path, like: Any = None) -> Labels:
         metadata={GT_KEY: True, "source": str(path), "path": str(path)},
         **kwargs,
     )
-    editor = editor_for(viewer, layer)
+    editor = editor_for(viewer, layer)  # may exist already (made on the layer's insertion)
     if status:
         editor.load_status(status)
     editor.dirty = False
+    editor.rebase()  # editing begins here: this file, these labels and statuses
     return layer
 
 
@@ -214,6 +242,12 @@ class GroundTruthEditor:
         self.split_seeds: list[tuple[float, float]] = []
         self.split_mode = False
         self.dirty = False
+        #: Counts the changes (every notification); a change of it means new edits.
+        self.revision = 0
+        #: The autosave file holding this layer's edits, once written or restored.
+        self.recovery_file: Path | None = None
+        #: ``revision`` at which the user discarded the unsaved edits (no autosave then).
+        self.discarded_revision: int | None = None
         self.on_change: list[Callable[[], None]] = []
         self._default = default_status
         self._known: dict[int, str] = dict(status or {})
@@ -229,6 +263,7 @@ class GroundTruthEditor:
         self._saved_mouse_pan = True
         layer.metadata[GT_KEY] = True
         self._sync_status(edited=())
+        self.rebase()
         layer.events.paint.connect(self._on_paint)
         layer.events.data.connect(self._on_data)
         layer.events.set_data.connect(self._on_set_data)
@@ -297,7 +332,24 @@ class GroundTruthEditor:
         with layer.block_history():
             layer.data_setitem(indices, values)
 
+    def rebase(self) -> None:
+        """Take the layer as it is now as the start of editing (on creation, load, save).
+
+        Sets ``source_path`` and ``origin`` (:func:`layer_origin`), ``base_sha256``
+        (:func:`napari_medinst.recovery.labels_sha256` of the labels) and
+        ``base_status`` (the status of every nucleus).
+        """
+        self._flush()
+        self.source_path, self.origin = layer_origin(self.layer)
+        self.base_sha256 = recovery.labels_sha256(self._data())
+        self.base_status = dict(self._current)
+
+    def changed_nuclei(self) -> int:
+        """Nuclei added, deleted or with a new status since editing began."""
+        return recovery.changed_nuclei(self.base_status, self.status)
+
     def _notify(self) -> None:
+        self.revision += 1
         for callback in list(self.on_change):
             try:
                 callback()
@@ -349,9 +401,9 @@ class GroundTruthEditor:
         self._sync_status(edited=())
 
     def status_csv(self) -> str:
-        """The status table as CSV (see :func:`napari_medinst.editing.status_to_csv`)."""
+        """The status table as CSV with the labels' hash (:func:`recovery.status_csv`)."""
         self._flush()
-        return editing.status_to_csv(self._current)
+        return recovery.status_csv(self._current, recovery.labels_sha256(self._data()))
 
     def _on_paint(self, event) -> None:
         # napari emits "paint" when it records the history, which for a single

@@ -14,7 +14,8 @@ from :mod:`napari_medinst.editing` (through :mod:`._editing`).
   :data:`DEBOUNCE_MS`.
 * **Ground truth**: start from a prediction (a copy) or a file, edit with the keys of
   :mod:`._editing`, save (TIFF + status CSV; never overwriting without confirmation),
-  autosave to a recovery folder and restore after a crash.
+  autosave to a recovery folder and restore after a crash, only onto the layer the
+  edits belong to (see :mod:`napari_medinst.recovery` and :meth:`EvaluateWidget.autosave_now`).
 * **Auto-tune**: coordinate search over the post-processing parameters of a prediction
   made by the Segment widget (metadata ``napari_medinst_postprocessor`` and
   ``postprocess_params``), in a worker thread.
@@ -27,20 +28,18 @@ import io
 import json
 import logging
 import os
-import re
 import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton
-from napari.layers import Labels, Shapes
+from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -68,8 +67,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import editing, metrics
-from .._io import InputError, check_labels, read_labels, write_bytes, write_tiff
+from .. import editing, metrics, recovery
+from .._io import InputError, check_labels, write_bytes
 from ..postprocess import Postprocessor, PostprocessParams
 from ._common import ROLE, qt_alive, unwrap
 from ._editing import (
@@ -78,6 +77,7 @@ from ._editing import (
     GroundTruthEditor,
     editor_for,
     existing_editor,
+    layer_origin,
     load_ground_truth,
     start_from_prediction,
     status_path,
@@ -185,16 +185,35 @@ def recovery_dir() -> Path:
     return Path.home() / ".cache" / "napari-medinst" / "recovery"
 
 
-def _recovery_stem(name: str, shape: tuple[int, ...]) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "labels"
-    return f"{safe[:80]}__{'x'.join(str(int(s)) for s in shape)}"
-
-
 def _fingerprint(arr: np.ndarray | None) -> Any:
     if arr is None:
         return None
     a = np.ascontiguousarray(arr)
     return (a.shape, a.dtype.str, zlib.crc32(memoryview(a).cast("B")))
+
+
+def _spatial_shape(image: Image) -> tuple[int, ...]:
+    """The 2-D (rows, columns) shape of an image layer (colour axis left out)."""
+    shape = tuple(int(s) for s in np.shape(image.data[0] if image.multiscale else image.data))
+    return shape[-3:-1] if image.rgb else shape[-2:]
+
+
+def _may_receive(layer: Labels, record: recovery.Record) -> bool:
+    """Whether ``layer`` may be considered for ``record`` at all (before the source check).
+
+    Same shape; and the edits of a ground truth never saved go only to a ground-truth
+    layer, never to e.g. the prediction it was copied from (same labels, same image).
+    """
+    if tuple(layer.data.shape) != tuple(record.source.shape):
+        return False
+    return bool(record.source.path) or bool(layer.metadata.get(GT_KEY))
+
+
+def _unlink(path: Path) -> None:
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        logger.debug("could not remove %s", path, exc_info=True)
 
 
 def _hex(rgba: tuple[float, ...]) -> str:
@@ -260,8 +279,9 @@ class _CloseGuard(QObject):
     It watches the widget itself until the widget is docked, then the main window the
     dock belongs to (found with Qt's public ``QWidget.window()``, no napari internals).
     Only *spontaneous* closes (the window's close button) are checked, as napari does:
-    a programmatic ``viewer.close()`` is never held up.  Owned by the widget, so Qt
-    removes it together with the widget.
+    a programmatic ``viewer.close()`` is never held up.  "Close anyway" discards the
+    edits, autosave included (:meth:`EvaluateWidget.discard_unsaved_autosaves`).
+    Owned by the widget, so Qt removes it together with the widget.
     """
 
     def __init__(self, widget: EvaluateWidget) -> None:
@@ -299,9 +319,11 @@ class _CloseGuard(QObject):
                 kind == QEvent.Type.Close and event.spontaneous() and obj is self.attached_window()
             ):
                 names = widget.unsaved_ground_truths()
-                if names and not widget._confirm_discard(names):
-                    event.ignore()
-                    return True
+                if names:
+                    if not widget._confirm_discard(names):
+                        event.ignore()
+                        return True
+                    widget.discard_unsaved_autosaves()
         except Exception:  # never block closing because of a bug here
             logger.exception("unsaved-edits check failed")
         return False
@@ -330,8 +352,9 @@ class EvaluateWidget(Container):
         self._data_changed = True
         self._last_problem: str | None = None
         self._last_run_end = 0.0
-        self._recovery_offers: list[tuple[Labels, Path]] = []
-        self._offered: set[str] = set()
+        self._recovery_offers: list[tuple[Labels, Path, recovery.Record]] = []
+        self._offered: set[tuple[int, Path]] = set()
+        self._image_hashes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._warned_outputs: set[int] = set()
         self.evaluations = 0
 
@@ -570,13 +593,17 @@ class EvaluateWidget(Container):
         lay = QHBoxLayout(self.recovery_frame)
         self.recovery_label = QLabel("")
         self.recovery_label.setWordWrap(True)
-        restore = QPushButton("Restore")
-        restore.clicked.connect(lambda: self._guard(self.restore_recovery))
-        discard = QPushButton("Discard")
-        discard.clicked.connect(lambda: self._guard(self.discard_recovery))
+        self.recovery_restore = QPushButton("Restore")
+        self.recovery_restore.clicked.connect(lambda: self._guard(self.restore_recovery))
+        self.recovery_discard = QPushButton("Discard")
+        self.recovery_discard.clicked.connect(lambda: self._guard(self.discard_recovery))
+        hide = QPushButton("Hide")
+        hide.setToolTip("Hide this note; the autosaves are kept")
+        hide.clicked.connect(lambda: self.recovery_frame.setVisible(False))
         lay.addWidget(self.recovery_label, 1)
-        lay.addWidget(restore)
-        lay.addWidget(discard)
+        lay.addWidget(self.recovery_restore)
+        lay.addWidget(self.recovery_discard)
+        lay.addWidget(hide)
         self.recovery_frame.setVisible(False)
         return self.recovery_frame
 
@@ -1132,6 +1159,10 @@ class EvaluateWidget(Container):
         """Save the ground truth as TIFF and its status as ``<stem>_status.csv``.
 
         An existing file is replaced only after :meth:`_confirm_overwrite` says yes.
+        The TIFF embeds the status table and the CSV records the labels' hash
+        (:func:`napari_medinst.recovery.write_ground_truth`), so a crash between the
+        two writes never pairs the new labels with old statuses.  Once both are
+        written the autosave is deleted and editing starts afresh from the file.
         """
         editor = self._editor()
         layer = editor.layer
@@ -1147,11 +1178,11 @@ class EvaluateWidget(Container):
         targets = [path, status_path(path)]
         if not self._may_write(targets):
             return False
-        write_tiff(path, data, overwrite=True)
-        write_bytes(targets[1], editor.status_csv().encode("utf-8"), overwrite=True)
+        recovery.write_ground_truth(path, data, editor.status, targets[1])
         editor.dirty = False
-        layer.metadata["path"] = str(path)
         self._remove_recovery(layer)
+        layer.metadata["path"] = str(path)
+        editor.rebase()
         show_info(f"Saved '{layer.name}' to {path} (status: {targets[1].name}).")
         return True
 
@@ -1277,7 +1308,8 @@ class EvaluateWidget(Container):
             "Unsaved ground truth",
             "The ground truth "
             + ", ".join(f"'{n}'" for n in names)
-            + " has unsaved edits (an autosaved copy is kept for recovery).\n\nClose anyway?",
+            + " has unsaved edits. Closing discards them, and their autosaved copy is "
+            "deleted.\n\nClose anyway?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
             QMessageBox.StandardButton.No,
         )
@@ -1305,106 +1337,235 @@ class EvaluateWidget(Container):
     def _on_gt_edited(self) -> None:
         self._autosave_timer.start(AUTOSAVE_MS)
 
-    def _recovery_files(self, layer) -> tuple[Path, Path]:
-        stem = _recovery_stem(layer.name, tuple(layer.data.shape))
-        folder = recovery_dir()
-        return folder / f"{stem}.tif", folder / f"{stem}.json"
+    def _paired_image(self, layer: Labels) -> Image | None:
+        """The image ``layer`` is drawn over (rule: :func:`recovery.paired_image_index`)."""
+        layers = list(self._viewer.layers)
+        if layer not in layers:
+            return None
+        shape = tuple(layer.data.shape)
+        flags = [isinstance(x, Image) and _spatial_shape(x) == shape for x in layers]
+        k = recovery.paired_image_index(layers.index(layer), flags)
+        return None if k is None else layers[k]
+
+    def _image_hash(self, image: Image) -> str | None:
+        """:func:`recovery.image_sha256` of an image layer (level 0), cached per data array.
+
+        None if the data cannot be hashed: the image then counts as absent.
+        """
+        data = image.data[0] if image.multiscale else image.data
+        cached = self._image_hashes.get(image)
+        if cached is None or cached[0] != id(data):
+            try:
+                digest = recovery.image_sha256(data)
+            except (TypeError, ValueError, MemoryError) as exc:
+                logger.warning("cannot fingerprint image %s: %s", image.name, exc)
+                digest = None
+            cached = (id(data), digest)
+            self._image_hashes[image] = cached
+        return cached[1]
+
+    def _source(self, layer: Labels) -> recovery.Source:
+        """What edits of ``layer`` belong to: where its editor began, else the layer now."""
+        editor = existing_editor(layer)
+        if editor is not None:
+            path, origin, base = editor.source_path, editor.origin, editor.base_sha256
+        else:
+            path, origin = layer_origin(layer)
+            base = recovery.labels_sha256(np.asarray(layer.data))
+        image = self._paired_image(layer)
+        return recovery.Source(
+            path=path,
+            origin=origin,
+            base_sha256=base,
+            image_sha256=None if image is None else self._image_hash(image),
+            shape=tuple(int(s) for s in layer.data.shape),
+        )
 
     def autosave_now(self) -> list[Path]:
-        """Write every ground truth with unsaved edits to the recovery folder."""
+        """Write every ground truth with unsaved edits to the recovery folder.
+
+        One file per source (:meth:`recovery.Source.key`: the ground-truth file, or the
+        original labels and the image), replaced at each autosave; its record says
+        what the edits belong to.  Skipped: layers whose unsaved edits the user
+        discarded ("Close anyway") and has not edited since, and layers with a
+        recovery offer still pending (that file holds the earlier session's edits
+        until Restore or Discard).
+        """
+        pending = {id(x) for x, _, _ in self._recovery_offers}
         written = []
+        for _, layer in self._label_choices():
+            editor = existing_editor(layer)
+            if editor is None or not editor.dirty or id(layer) in pending:
+                continue
+            if editor.discarded_revision == editor.revision:
+                continue
+            try:
+                written.append(self._autosave(layer, editor))
+            except (OSError, InputError) as exc:
+                logger.warning("autosave of %s failed: %s", layer.name, exc)
+        return written
+
+    def _autosave(self, layer: Labels, editor: GroundTruthEditor) -> Path:
+        source = self._source(layer)
+        status = editor.status
+        data = np.asarray(layer.data)
+        changed = recovery.changed_nuclei(editor.base_status, status)
+        record = recovery.new_record(source, layer.name, data, status, changed)
+        path = recovery.write_record(recovery_dir(), record, data)
+        old, editor.recovery_file = editor.recovery_file, path
+        if old is not None and old != path:  # the source changed (e.g. another image)
+            _unlink(old)
+        editor.discarded_revision = None
+        return path
+
+    def _remove_recovery(self, layer: Labels) -> None:
+        """Delete the autosave of ``layer`` (this session's, and any for its source)."""
+        editor = existing_editor(layer)
+        paths = {recovery.record_path(recovery_dir(), self._source(layer))}
+        if editor is not None and editor.recovery_file is not None:
+            paths.add(editor.recovery_file)
+            editor.recovery_file = None
+        for p in paths:
+            _unlink(p)
+        self._recovery_offers = [o for o in self._recovery_offers if o[0] is not layer]
+        self._show_recovery(self._recovery_offers, [])
+
+    def discard_unsaved_autosaves(self) -> list[str]:
+        """The user closes with unsaved edits ("Close anyway"): delete their autosaves.
+
+        Deleting (rather than keeping a copy) is deliberate: the user was just told
+        the edits are unsaved and chose to discard them, so a copy that came back as a
+        recovery offer would be a decision they already made, and one they might
+        accept by mistake.  Autosaves of an earlier session still waiting for Restore
+        or Discard are not this session's edits and are left alone.  Until a layer is
+        edited again it is not autosaved (should the close not happen after all, the
+        next edit autosaves again).  Returns the names of the layers concerned.
+        """
+        self._autosave_timer.stop()
+        names = []
         for _, layer in self._label_choices():
             editor = existing_editor(layer)
             if editor is None or not editor.dirty:
                 continue
-            tif, meta = self._recovery_files(layer)
-            info = {
-                "layer": layer.name,
-                "shape": list(layer.data.shape),
-                "saved": datetime.now().isoformat(timespec="seconds"),
-                "status": {str(k): v for k, v in editor.status.items()},
-            }
-            try:
-                write_tiff(tif, np.asarray(layer.data), overwrite=True)
-                write_bytes(meta, json.dumps(info).encode("utf-8"), overwrite=True)
-                written.append(tif)
-            except OSError as exc:
-                logger.warning("autosave of %s failed: %s", layer.name, exc)
-        return written
-
-    def _remove_recovery(self, layer) -> None:
-        for p in self._recovery_files(layer):
-            try:
-                p.unlink(missing_ok=True)
-            except OSError:
-                logger.debug("could not remove %s", p, exc_info=True)
+            if editor.recovery_file is not None:
+                _unlink(editor.recovery_file)
+                editor.recovery_file = None
+            editor.discarded_revision = editor.revision
+            names.append(layer.name)
+        return names
 
     def _check_recovery(self) -> None:
-        """Offer recovery files that match a labels layer's name and shape."""
-        offers = [(x, p) for x, p in self._recovery_offers if x in self._viewer.layers]
-        for _, layer in self._label_choices():
-            if layer.ndim != 2 or layer.name in self._offered:
-                continue
-            tif, meta = self._recovery_files(layer)
-            if not (tif.exists() and meta.exists()):
-                continue
-            try:
-                info = json.loads(meta.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if info.get("layer") != layer.name or tuple(info.get("shape", ())) != tuple(
-                layer.data.shape
-            ):
-                continue
-            self._offered.add(layer.name)
-            offers.append((layer, tif))
-        self._recovery_offers = offers
-        if offers:
-            text = "; ".join(f"'{x.name}' ({self._saved_time(p)})" for x, p in offers)
-            self.recovery_label.setText(f"Unsaved ground-truth edits were recovered for {text}.")
-            self.recovery_frame.setVisible(True)
-        else:
-            self.recovery_frame.setVisible(False)
+        """Offer the autosaves that belong to a layer of the viewer; mention unrelated ones.
 
-    @staticmethod
-    def _saved_time(tif: Path) -> str:
-        try:
-            info = json.loads(tif.with_suffix(".json").read_text(encoding="utf-8"))
-            return f"autosaved {info.get('saved', '?')}"
-        except (OSError, ValueError):
-            return "autosaved"
+        An autosave is offered for a 2-D labels layer only if its source matches the
+        layer's (:meth:`recovery.Source.matches`: same file, or same original labels
+        and same image).  One with the layer's name and shape but another source is
+        never offered; the banner only says it exists.  This session's own autosaves
+        are never offered.
+        """
+        records = recovery.list_records(recovery_dir())
+        layers = [x for _, x in self._label_choices() if x.ndim == 2]
+        offers = [o for o in self._recovery_offers if o[0] in self._viewer.layers and o[1].exists()]
+        own = {e.recovery_file for e in map(existing_editor, layers) if e is not None}
+        sources: dict[int, recovery.Source] = {}
+        others = []
+        for path, record in records:
+            if path in own or any(p == path for _, p, _ in offers):
+                continue
+            layer = self._layer_for(path, record, layers, offers, sources)
+            if layer is not None:
+                self._offered.add((id(layer), path))
+                offers.append((layer, path, record))
+            elif any(
+                x.name == record.layer and tuple(x.data.shape) == record.source.shape
+                for x in layers
+            ):
+                others.append(record)
+        self._recovery_offers = offers
+        self._show_recovery(offers, others)
+
+    def _layer_for(self, path, record, layers, offers, sources) -> Labels | None:
+        """The first layer (without an offer yet) whose source matches ``record``'s."""
+        busy = {id(x) for x, _, _ in offers}
+        for layer in layers:
+            key = id(layer)
+            if key in busy or (key, path) in self._offered:
+                continue
+            if not _may_receive(layer, record):
+                continue
+            if key not in sources:
+                sources[key] = self._source(layer)
+            if record.source.matches(sources[key]):
+                return layer
+        return None
+
+    def _show_recovery(self, offers, others) -> None:
+        """Fill the banner: what each offer belongs to, and unrelated autosaves."""
+        lines = []
+        for layer, _, record in offers:
+            lines.append(
+                f"Unsaved edits of '{layer.name}' were recovered ({record.describe()}). "
+                "Until you Restore or Discard them, this layer is not autosaved."
+            )
+        for record in others:
+            lines.append(
+                f"An autosave of another '{record.layer}' ({record.describe()}) is kept but "
+                "not offered: it belongs to a different file or image."
+            )
+        text = "\n".join(lines)
+        self.recovery_restore.setVisible(bool(offers))
+        self.recovery_discard.setVisible(bool(offers))
+        if not lines:
+            self.recovery_frame.setVisible(False)
+        elif text != self.recovery_label.text():
+            self.recovery_frame.setVisible(True)
+        self.recovery_label.setText(text)
 
     def restore_recovery(self) -> list[str]:
-        """Apply the offered recovery files to their layers (one undoable step each)."""
+        """Apply the offered autosaves to their layers (one undoable step each).
+
+        Each is checked again first: the layer must still be open and match the
+        autosave's source, and the labels file its record.  Otherwise nothing is
+        written to that layer, the file is kept, and an error says why.
+        """
         restored = []
-        for layer, tif in self._recovery_offers:
-            if layer not in self._viewer.layers:
+        for layer, path, record in self._recovery_offers:
+            try:
+                self._restore_one(layer, path, record)
+            except (InputError, OSError) as exc:
+                show_error(f"Not restored onto '{layer.name}': {exc}")
                 continue
-            data = read_labels(tif)
-            if data.shape != tuple(layer.data.shape):
-                continue
-            info = json.loads(tif.with_suffix(".json").read_text(encoding="utf-8"))
-            status = {int(k): v for k, v in info.get("status", {}).items()}
-            editor = editor_for(self._viewer, layer)
-            current = np.asarray(layer.data)
-            changed = np.nonzero(current != data)
-            if changed[0].size:
-                editor.write(changed, data[changed].astype(current.dtype))
-            editor.load_status(status)
-            editor.dirty = True
             restored.append(layer.name)
         self._recovery_offers = []
-        self.recovery_frame.setVisible(False)
+        self._show_recovery([], [])
         if restored:
             show_info(f"Restored the autosaved edits of {', '.join(restored)} (not yet saved).")
         return restored
 
+    def _restore_one(self, layer: Labels, path: Path, record: recovery.Record) -> None:
+        if layer not in self._viewer.layers:
+            raise InputError("the layer was closed")
+        if not _may_receive(layer, record) or not record.source.matches(self._source(layer)):
+            raise InputError(
+                f"{path.name} holds edits of {record.source.origin}, which is not this "
+                "layer's file or image"
+            )
+        data = recovery.read_record_labels(path, record)
+        editor = editor_for(self._viewer, layer)
+        current = np.asarray(layer.data)
+        changed = np.nonzero(current != data)
+        if changed[0].size:
+            editor.write(changed, data[changed].astype(current.dtype))
+        editor.load_status(record.status)
+        editor.dirty = True
+        editor.recovery_file = path
+
     def discard_recovery(self) -> None:
-        """Delete the offered recovery files."""
-        for layer, _ in self._recovery_offers:
-            self._remove_recovery(layer)
+        """Delete the offered autosaves; they are never offered again."""
+        for _, path, _ in self._recovery_offers:
+            _unlink(path)
         self._recovery_offers = []
-        self.recovery_frame.setVisible(False)
+        self._show_recovery([], [])
 
     # ================================================================== auto-tune
 
