@@ -156,7 +156,8 @@ def test_implausible_pixel_size_is_refused(tmp_path, he_image, capsys):
             "40",
         ]
     )
-    assert rc == 2 and "working scale" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused before any work, naming the argument
+    assert rc == 2 and "--pixel-size" in err and "0.05-5 range" in err
 
 
 def test_segment_with_mirror_averaging(tmp_path, he_image):

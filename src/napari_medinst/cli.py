@@ -14,15 +14,95 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _channel_arg(text: str) -> int:
+    """argparse type of ``--channel``: a channel number, 0 or more (else exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a channel number 0, 1, 2, ..., got {text!r}")
+    return value
+
+
+def _block_size_arg(text: str) -> int:
+    """argparse type of ``--block-size``: 0 (never) or at least 16 px (else exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value != 0 and value < 16:
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or a block size >= 16 px, got {text!r}")
+    return value
+
+
+def _uses_blocks(shape, block_size: int | None) -> int:
+    """Block size (px) for a plane of ``shape``, 0 for the whole-image path."""
+    from .blockwise import AUTO_BLOCK_PIXELS, DEFAULT_BLOCK
+
+    if block_size is not None:
+        return block_size
+    return DEFAULT_BLOCK if shape[0] * shape[1] > AUTO_BLOCK_PIXELS else 0
+
+
+def _check_block_maps(path: Path, planes, args) -> None:
+    """Refuse ``--save-maps`` for planes segmented in blocks, before any work."""
+    from ._io import InputError
+
+    if args.save_maps and any(_uses_blocks(p.shape, args.block_size) for _, p in planes):
+        raise InputError(
+            f"{path}: --save-maps is not available when segmenting in blocks (images above "
+            "16 Mpx, or --block-size): the full-size maps need 16 bytes a pixel; add "
+            "--block-size 0 to segment it whole, or crop a region"
+        )
+
+
+def _segment_plane(plane, model, *, block_size: int | None, **kwargs):
+    """:func:`~.segment.segment`, or the block engine for big planes.
+
+    The block path's result is given the attributes ``run_segment`` reads of a
+    :class:`~.segment.Segmentation` (``labels``, ``scores``, ``result.n_instances``,
+    ``maps.modality``, ``maps.pixel_size``, ``maps.pixel_size_estimated``).
+    """
+    from types import SimpleNamespace
+
+    from .blockwise import segment_blockwise
+    from .segment import segment
+
+    block = _uses_blocks(plane.shape, block_size)
+    if not block:
+        return segment(plane, model, **kwargs)
+    res = segment_blockwise(plane, model, block=block, **kwargs)
+    return SimpleNamespace(labels=res.labels, scores=res.scores, result=res, maps=res)
+
+
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment nuclei in images, write <stem>_instances.tif")
     p.add_argument("images", nargs="+", help="TIFF, PNG or JPEG images")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--model", default="default", help="'default', 'classical' or a model folder")
     p.add_argument(
-        "--pixel-size", type=float, default=None, help="µm per pixel (default: estimate)"
+        "--pixel-size",
+        type=float,
+        default=None,
+        help="µm per pixel, 0.05-5 (default: estimate)",
     )
     p.add_argument("--modality", choices=["he", "fluorescence"], default=None)
+    p.add_argument(
+        "--channel",
+        type=_channel_arg,
+        default=None,
+        metavar="N",
+        help="nuclear channel (0-based) of a multi-channel image",
+    )
+    p.add_argument(
+        "--channel-axis",
+        type=int,
+        default=None,
+        metavar="AXIS",
+        help="axis holding the channels (default: from the file's metadata, else the last "
+        "axis when it has at most 16 entries)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--params", default=None, help="post-processing parameters JSON")
     p.add_argument(
@@ -34,6 +114,14 @@ def _add_segment(sub) -> None:
     )
     p.add_argument(
         "--save-maps", action="store_true", help="also write probability, HV and contour maps"
+    )
+    p.add_argument(
+        "--block-size",
+        type=_block_size_arg,
+        default=None,
+        metavar="PX",
+        help="segment in blocks of PX px, memory bounded (default: blocks of 2048 px for "
+        "images above 16 Mpx; 0: never)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -103,26 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _planes(arr):
-    """Yield (index, 2-D image) for a 2-D image or a stack (Z, H, W[, C])."""
-    import numpy as np
+def _planes(
+    arr,
+    info=None,
+    channel: int | None = None,
+    channel_axis: int | None = None,
+    notes: list[str] | None = None,
+):
+    """Yield (index, image) to segment: (H, W) or colour (H, W, 3/4) per plane.
 
-    channels_last = arr.ndim == 3 and arr.shape[-1] <= 4  # colour, or rejected as such
-    if arr.ndim == 3 and not channels_last and arr.shape[0] in (3, 4):
-        print(
-            f"note: shape {arr.shape} is segmented as {arr.shape[0]} grey planes; "
-            "save colour images channel-last (H, W, 3) to segment them as colour",
-            file=sys.stderr,
+    A note about how an ambiguous shape was read is appended to ``notes`` (printed by
+    the caller once every input has passed its checks, so an error stays one line).
+
+    Axes come from ``info`` (the file's metadata) or the shape rule of
+    :mod:`napari_medinst.channels`; ``channel`` picks the nuclear channel and
+    ``channel_axis`` overrides which axis holds the channels.
+    """
+    from ._io import guess_axes
+    from .channels import iter_planes, plan_layout
+
+    known = info is not None and info.axes_from_metadata and info.shape == arr.shape
+    axes = info.axes if known else guess_axes(arr.shape)
+    layout = plan_layout(
+        arr.shape, arr.dtype, axes, from_metadata=known, channel=channel, channel_axis=channel_axis
+    )
+    if layout.axes == "ZYX" and not known and arr.shape[0] <= 16 and notes is not None:
+        notes.append(
+            f"note: shape {arr.shape} is segmented as {arr.shape[0]} grey planes; if its first "
+            "axis holds channels, pick the nuclear one with --channel N (colour images: save "
+            "them channel-last (H, W, 3), or pass --channel-axis 0)"
         )
-    if arr.ndim == 2 or channels_last:
-        yield None, arr
-    elif arr.ndim in (3, 4):
-        for z in range(arr.shape[0]):
-            yield z, np.asarray(arr[z])
-    else:
-        from ._io import InputError
-
-        raise InputError(f"unsupported image shape {arr.shape}")
+    yield from iter_planes(arr, layout)
 
 
 def _outputs_for(out: Path, stem: str, save_maps: bool) -> dict[str, Path]:
@@ -136,23 +235,109 @@ def _outputs_for(out: Path, stem: str, save_maps: bool) -> dict[str, Path]:
     return {k: out / v for k, v in names.items()}
 
 
-def run_segment(args) -> int:
+def _estimate_bytes(jobs, save_maps: bool) -> int:
+    """A low estimate of the outputs' size on disk (labels compress well, maps do not)."""
+    pixels = sum(plane.shape[0] * plane.shape[1] for _, planes, _ in jobs for _, plane in planes)
+    return pixels // 32 + (4 * pixels if save_maps else 0)
+
+
+def _write_outputs(targets: dict[str, Path], labels, rows: list[str], maps, overwrite: bool):
+    """Write one image's outputs as one unit (all or nothing), the instances TIFF last.
+
+    A complete ``_instances.tif`` therefore means that the CSV (and maps) beside it are
+    from the same run.
+    """
     import numpy as np
 
-    from ._io import InputError, read_image, write_bytes, write_tiff
-    from .postprocess import PostprocessParams
-    from .segment import get_model, segment
+    from ._io import bytes_writer, tiff_writer, write_group
 
-    out = Path(args.out)
+    items = [(targets["scores"], bytes_writer(("\n".join(rows) + "\n").encode()))]
+    for attr in ("prob", "hv", "contour"):
+        if attr in targets:
+            arrs = [getattr(m.maps, attr).astype(np.float32) for m in maps]
+            items.append(
+                (targets[attr], tiff_writer(arrs[0] if len(arrs) == 1 else np.stack(arrs)))
+            )
+    items.append((targets["instances"], tiff_writer(labels)))
+    write_group(items, overwrite=overwrite)
+
+
+def _checked_planes(path: Path, arr, info=None, args=None, notes=None) -> list:
+    """The planes of an image read from ``path``, each checked as the model will see it
+    (dtype, NaN/inf, size), so that a bad image is refused before any other image's
+    outputs are written; an error names the file (and the plane)."""
+    from ._io import InputError
+    from .preprocess import prepare_image
+
+    pick = {"channel": args.channel, "channel_axis": args.channel_axis} if args else {}
+    try:
+        planes = list(_planes(arr, info, notes=notes, **pick))
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    for z, plane in planes:
+        where = f"{path}" + (f" (plane {z})" if z is not None else "")
+        try:
+            prepare_image(plane, name="image")
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+    return planes
+
+
+def _report_warnings(caught, path: Path, said: set[str]) -> None:
+    """Print pixel-size warnings as one line naming the file (each once); re-emit others."""
+    import warnings
+
+    from .preprocess import PixelSizeWarning
+
+    for w in caught:
+        if not issubclass(w.category, PixelSizeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif str(w.message) not in said:
+            said.add(str(w.message))
+            print(f"{path}: warning: {w.message}", file=sys.stderr)
+
+
+def _pixel_size_for(args, from_file: float | None) -> float | None:
+    """µm/px to segment with: ``--pixel-size``, else the file's, else None (estimate)."""
+    return args.pixel_size if args.pixel_size is not None else from_file
+
+
+def _px_note(args, seg, from_file: float | None) -> str:
+    """How the pixel size was obtained, for the per-image line."""
+    if seg.maps.pixel_size_estimated:
+        return " estimated"
+    return " from file metadata" if args.pixel_size is None and from_file else ""
+
+
+def run_segment(args) -> int:
+    import warnings
+
+    import numpy as np
+
+    from ._io import (
+        InputError,
+        check_free_space,
+        check_output_dir,
+        open_image,
+        remove_stale_parts,
+    )
+    from .postprocess import PostprocessParams
+    from .preprocess import PixelSizeWarning, check_pixel_size
+    from .segment import get_model
+
+    out = check_output_dir(args.out)  # before any work: a file, read-only, full disk
+    remove_stale_parts(out)  # .part files a killed run left there
+    if args.pixel_size is not None:  # before any work; unusual values warn per image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PixelSizeWarning)
+            check_pixel_size(args.pixel_size, "--pixel-size")
     params = None
     if args.params:
         try:
-            params = PostprocessParams.from_json(Path(args.params).read_text())
-        except FileNotFoundError as exc:
-            raise InputError(f"{args.params}: parameters file not found") from exc
-        except ValueError as exc:
-            raise InputError(f"{args.params}: {exc}") from exc
-    jobs, stems = [], {}
+            params = PostprocessParams.from_file(args.params)
+        except ValueError as exc:  # names the file: a folder, not UTF-8, bad JSON or values
+            raise InputError(f"--params {exc}") from None
+    jobs, stems, file_px, notes = [], {}, {}, {}
     for name in args.images:
         path = Path(name)
         if path.stem in stems:
@@ -165,43 +350,48 @@ def run_segment(args) -> int:
         clash = [str(p) for p in targets.values() if p.exists()]
         if clash and not args.overwrite:
             raise InputError(f"{clash[0]}: already exists (use --overwrite to replace)")
-        jobs.append((path, read_image(path), targets))
+        arr, info = open_image(path)
+        file_px[path] = info.pixel_size  # used when --pixel-size is not given
+        notes[path] = []
+        jobs.append((path, _checked_planes(path, arr, info, args, notes[path]), targets))
+        _check_block_maps(path, jobs[-1][1], args)
+    check_free_space(out, _estimate_bytes(jobs, args.save_maps))
     model = get_model(args.model, args.device)
-    for path, arr, targets in jobs:
-        labels, maps, rows = [], [], ["label,score"]
-        for z, plane in _planes(arr):
+    for path, planes, targets in jobs:
+        for note in notes[path]:
+            print(note, file=sys.stderr)
+        labels, maps, rows, said = [], [], ["label,score"], set()
+        for z, plane in planes:
             where = f"{path}" + (f" (plane {z})" if z is not None else "")
-            try:
-                seg = segment(
-                    plane,
-                    model,
-                    pixel_size=args.pixel_size,
-                    modality=args.modality,
-                    params=params,
-                    device=args.device,
-                    tta=args.tta,
-                )
-            except InputError as exc:
-                raise InputError(f"{where}: {exc}") from exc
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PixelSizeWarning)
+                try:
+                    seg = _segment_plane(
+                        plane,
+                        model,
+                        pixel_size=_pixel_size_for(args, file_px[path]),
+                        modality=args.modality,
+                        params=params,
+                        device=args.device,
+                        tta=args.tta,
+                        block_size=args.block_size,
+                    )
+                except InputError as exc:
+                    raise InputError(f"{where}: {exc}") from exc
+            _report_warnings(caught, path, said)
             offset = int(sum(int(lab.max()) for lab in labels))
             labels.append(seg.labels)
             rows += [f"{offset + i + 1},{s:.5f}" for i, s in enumerate(seg.scores)]
             maps.append(seg.maps)
             print(
                 f"{where}: {seg.result.n_instances} nuclei (modality {seg.maps.modality}, "
-                f"{seg.maps.pixel_size:.3f} µm/px{' estimated' if seg.maps.pixel_size_estimated else ''})"
+                f"{seg.maps.pixel_size:.3f} µm/px{_px_note(args, seg, file_px[path])})"
             )
         stack = labels[0] if len(labels) == 1 else np.stack(labels)
         if len(labels) > 1:  # ids unique across planes
             offs = np.cumsum([0] + [int(lab.max()) for lab in labels[:-1]]).astype(np.uint32)
             stack = np.where(stack > 0, stack + offs[:, None, None], 0).astype(np.uint32)
-        write_tiff(targets["instances"], stack.astype(np.uint32), overwrite=args.overwrite)
-        write_bytes(targets["scores"], ("\n".join(rows) + "\n").encode(), overwrite=args.overwrite)
-        if args.save_maps:
-            for attr in ("prob", "hv", "contour"):
-                arrs = [getattr(m.maps, attr).astype(np.float32) for m in maps]
-                data = arrs[0] if len(arrs) == 1 else np.stack(arrs)
-                write_tiff(targets[attr], data, overwrite=args.overwrite)
+        _write_outputs(targets, stack.astype(np.uint32, copy=False), rows, maps, args.overwrite)
     return 0
 
 
@@ -248,9 +438,10 @@ def run_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-medinst`` command."""
-    from ._io import InputError
+    from ._io import InputError, describe_os_error
 
     args = build_parser().parse_args(argv)
+    previous = _ignore_sigxfsz()
     try:
         if args.command == "segment":
             return run_segment(args)
@@ -264,9 +455,41 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"napari-medinst {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, file size limit, read-only, permission, ...
+        print(f"napari-medinst {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"napari-medinst {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _restore_sigxfsz(previous)
+
+
+def _ignore_sigxfsz():
+    """Ignore SIGXFSZ, so that a write beyond ``ulimit -f`` fails with EFBIG.
+
+    By default the kernel's SIGXFSZ ends the process without a word; ignored, the write
+    raises OSError, which ends in one line and exit status 2. The ``python`` program
+    already ignores it at start-up; this makes sure when Python is embedded without its
+    signal handlers. Returns the previous handler (None where there is nothing to restore).
+    """
+    import signal
+
+    if not hasattr(signal, "SIGXFSZ"):
+        return None
+    try:
+        return signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _restore_sigxfsz(previous) -> None:
+    import contextlib
+    import signal
+
+    if previous is not None:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGXFSZ, previous)
 
 
 if __name__ == "__main__":

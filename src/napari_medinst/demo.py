@@ -13,7 +13,14 @@ import os
 import sys
 from pathlib import Path
 
-from ._io import write_bytes, write_png, write_tiff
+from ._io import (
+    bytes_writer,
+    check_output_dir,
+    png_writer,
+    remove_stale_parts,
+    tiff_writer,
+    write_group,
+)
 from .metrics import evaluate
 from .overlay import overlay_rgb
 from .samples import load_sample
@@ -23,17 +30,18 @@ __all__ = ["run_demo"]
 
 
 def run_demo(out: Path, model: str = "default", sample: str = "he", gui: str = "auto") -> int:
-    """Segment the sample and write the outputs; returns a process exit code."""
+    """Segment the sample and write the outputs; returns a process exit code.
+
+    The output folder is checked before the model runs (see
+    :func:`napari_medinst._io.check_output_dir`); the outputs are written as one unit.
+    """
+    out = check_output_dir(out)
+    remove_stale_parts(out)
     image, truth, info = load_sample(sample)
     seg = segment(image, model, pixel_size=info.pixel_size, modality=info.modality)
     scores = evaluate(truth, seg.labels, scores=seg.result.scores_by_id)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{sample}_sample"
-    write_tiff(out / f"{stem}_instances.tif", seg.labels, overwrite=True)
     rows = ["label,score"] + [f"{i + 1},{s:.5f}" for i, s in enumerate(seg.scores)]
-    write_bytes(out / f"{stem}_instances.csv", ("\n".join(rows) + "\n").encode(), overwrite=True)
-    write_png(out / f"{stem}_overlay.png", overlay_rgb(image, seg.labels), overwrite=True)
     summary = {
         "sample": info.title,
         "model": seg.maps.model_name,
@@ -43,7 +51,15 @@ def run_demo(out: Path, model: str = "default", sample: str = "he", gui: str = "
             k: round(v, 4) for k, v in scores.to_dict().items() if k in ("aji", "pq", "map", "dice")
         },
     }
-    write_bytes(out / f"{stem}_scores.json", json.dumps(summary, indent=2).encode(), overwrite=True)
+    write_group(
+        [
+            (out / f"{stem}_instances.csv", bytes_writer(("\n".join(rows) + "\n").encode())),
+            (out / f"{stem}_overlay.png", png_writer(overlay_rgb(image, seg.labels))),
+            (out / f"{stem}_scores.json", bytes_writer(json.dumps(summary, indent=2).encode())),
+            (out / f"{stem}_instances.tif", tiff_writer(seg.labels)),
+        ],
+        overwrite=True,
+    )
     print(json.dumps(summary, indent=2))
     print(f"wrote {out / f'{stem}_instances.tif'} and {out / f'{stem}_overlay.png'}")
     if gui == "auto":

@@ -16,7 +16,9 @@ Pipeline (every constant is a field of :class:`PostprocessParams`):
    sequential; each instance gets a confidence (mean foreground probability) and, with
    type probabilities, a class.
 
-Sizes are given at ``params.pixel_size`` µm/px and rescaled to the maps' pixel size.
+Sizes are given at ``params.pixel_size`` µm/px and rescaled to the maps' pixel size;
+a rescaled size that would leave its parameter's range is clipped to the range, so a
+value the user set never fails because of the image's pixel size.
 Nothing is normalised per image, so the result on a crop equals the crop of the
 whole-image result away from a margin at the crop's border.
 """
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,11 +40,38 @@ from ._flood import flood
 from .targets import hv_energy
 
 __all__ = [
+    "PARAM_RANGES",
     "PostprocessParams",
     "PostprocessResult",
     "Postprocessor",
     "postprocess",
 ]
+
+
+#: Closed range of every parameter (``pixel_size``: open at 0). Sizes are bounded so
+#: that a typo cannot ask for hours of filtering; areas far above any nucleus.
+PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "fg_threshold": (0.0, 1.0),
+    "marker_threshold": (0.0, 1.0),
+    "sobel_size": (3, 63),
+    "contour_weight": (0.0, 10.0),
+    "smoothing": (0.0, 200.0),
+    "marker_opening": (0, 200),
+    "min_marker_size": (0, 10_000_000),
+    "min_nucleus_size": (0, 10_000_000),
+    "pixel_size": (0.0, 100.0),
+}
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a value, shortened for messages (a 400-digit number stays one line)."""
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+def _clip(name: str, value: float) -> float:
+    lo, hi = PARAM_RANGES[name]
+    return min(max(value, lo), hi)
 
 
 @dataclass(frozen=True)
@@ -49,7 +80,8 @@ class PostprocessParams:
 
     Sizes (``sobel_size``, ``smoothing``, ``marker_opening``, ``min_marker_size``,
     ``min_nucleus_size``) are in pixels at ``pixel_size`` µm/px; :meth:`scaled_to`
-    converts them to another pixel size (lengths linearly, areas quadratically).
+    converts them to another pixel size (lengths linearly, areas quadratically) and
+    clips each to its range in :data:`PARAM_RANGES`.
 
     Parameters
     ----------
@@ -85,38 +117,47 @@ class PostprocessParams:
     pixel_size: float = 0.5
 
     def __post_init__(self) -> None:
-        checks = [
-            ("fg_threshold", 0.0 <= self.fg_threshold <= 1.0, "in [0, 1]"),
-            ("marker_threshold", 0.0 <= self.marker_threshold <= 1.0, "in [0, 1]"),
-            ("sobel_size", self.sobel_size >= 3 and self.sobel_size % 2 == 1, "odd and >= 3"),
-            ("contour_weight", 0.0 <= self.contour_weight <= 10.0, "in [0, 10]"),
-            ("smoothing", 0.0 <= self.smoothing <= 200.0, "in [0, 200]"),
-            ("marker_opening", 0 <= self.marker_opening <= 200, "in [0, 200]"),
-            ("min_marker_size", self.min_marker_size >= 0, ">= 0"),
-            ("min_nucleus_size", self.min_nucleus_size >= 0, ">= 0"),
-            ("pixel_size", 0.0 < self.pixel_size < 100.0, "in (0, 100)"),
-        ]
-        for name, ok, rule in checks:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
-                raise ValueError(f"parameter {name}={value!r} must be {rule}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            lo, hi = PARAM_RANGES[f.name]
+            whole = f.type in ("int", int)
+            kind = "a whole number" if whole else "a number"
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"parameter {f.name}={value!r} must be {kind}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"parameter {f.name}={value!r} must be a finite number")
+            if whole and value != int(value):
+                raise ValueError(f"parameter {f.name}={value!r} must be {kind}")
+            if f.name == "pixel_size" and not lo < value < hi:
+                raise ValueError(f"parameter pixel_size={value!r} must be in ({lo:g}, {hi:g})")
+            if not lo <= value <= hi:
+                raise ValueError(f"parameter {f.name}={_show(value)} must be in [{lo:g}, {hi:g}]")
+        if self.sobel_size % 2 != 1:
+            raise ValueError(f"parameter sobel_size={self.sobel_size!r} must be odd")
 
     def scaled_to(self, pixel_size: float) -> PostprocessParams:
-        """The same parameters with sizes expressed at ``pixel_size`` µm/px."""
-        if pixel_size <= 0:
-            raise ValueError(f"pixel size must be positive, got {pixel_size}")
-        f = self.pixel_size / pixel_size
+        """The same parameters with sizes expressed at ``pixel_size`` µm/px.
+
+        Lengths scale linearly and areas quadratically; a scaled size outside its range
+        in :data:`PARAM_RANGES` is clipped to the range (a 200 px smoothing set at
+        0.5 µm/px stays 200 px on a 0.45 µm/px image), so a valid set of parameters
+        never fails because of the pixel size it is applied at.
+        """
+        px = float(pixel_size)
+        if not (math.isfinite(px) and 0 < px < PARAM_RANGES["pixel_size"][1]):
+            raise ValueError(f"pixel size must be in (0, 100) µm/px, got {pixel_size}")
+        f = self.pixel_size / px
         if math.isclose(f, 1.0):
             return self
-        k = max(3, round((self.sobel_size // 2) * f) * 2 + 1)
+        half = _clip("sobel_size", round((self.sobel_size // 2) * f) * 2 + 1) // 2
         return replace(
             self,
-            sobel_size=k,
-            smoothing=self.smoothing * f,
-            marker_opening=round(self.marker_opening * f),
-            min_marker_size=round(self.min_marker_size * f * f),
-            min_nucleus_size=round(self.min_nucleus_size * f * f),
-            pixel_size=pixel_size,
+            sobel_size=max(3, half * 2 + 1),
+            smoothing=_clip("smoothing", self.smoothing * f),
+            marker_opening=round(_clip("marker_opening", self.marker_opening * f)),
+            min_marker_size=round(_clip("min_marker_size", self.min_marker_size * f * f)),
+            min_nucleus_size=round(_clip("min_nucleus_size", self.min_nucleus_size * f * f)),
+            pixel_size=px,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +181,10 @@ class PostprocessParams:
             want = known[key].type
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"parameter {key} must be a number, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"parameter {key} must be a finite number, got {value!r}")
+            if isinstance(value, int) and abs(value) > 2**53:  # float() would overflow
+                raise ValueError(f"parameter {key}={_show(value)} is out of range")
             if want in ("int", int):
                 if float(value) != int(value):
                     raise ValueError(f"parameter {key} must be a whole number, got {value!r}")
@@ -151,11 +196,37 @@ class PostprocessParams:
 
     @classmethod
     def from_json(cls, text: str) -> PostprocessParams:
+        """Parse JSON text; ``NaN`` and ``Infinity`` (not JSON numbers) are refused."""
+
+        def refuse(name: str) -> float:
+            raise ValueError(f"parameters: {name} is not a number JSON allows")
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=refuse)
         except json.JSONDecodeError as exc:
             raise ValueError(f"parameters are not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise ValueError("parameters are not a JSON object (nested too deeply)") from None
         return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> PostprocessParams:
+        """Read a parameters JSON file; every problem is a one-line ValueError naming it."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, expected a parameters JSON file")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ValueError(f"{path}: parameters file not found") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        try:
+            return cls.from_json(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ its 1st and 99.8th percentiles and repeated on three channels.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -17,7 +19,11 @@ __all__ = [
     "CANONICAL_DIAMETER",
     "CANONICAL_PIXEL_SIZE",
     "DEFAULT_PIXEL_SIZE",
+    "PIXEL_SIZE_RANGE",
+    "TYPICAL_PIXEL_SIZE",
     "Modality",
+    "PixelSizeWarning",
+    "check_pixel_size",
     "detect_modality",
     "prepare_image",
     "to_network_input",
@@ -33,6 +39,60 @@ DEFAULT_PIXEL_SIZE = 0.25
 #: tiles (median equivalent diameter 23.6 px at 0.25 µm/px). Images without a pixel
 #: size are rescaled so that their nuclei have this diameter.
 CANONICAL_DIAMETER = 11.8
+#: Pixel sizes (µm/px) accepted anywhere a user gives one: from a 100x oil objective
+#: to a 2x overview. Anything outside is a typo or a unit mistake (nm, mm, px/µm).
+PIXEL_SIZE_RANGE = (0.05, 5.0)
+#: Pixel sizes of the microscopy this tool is made for (10x - 63x); outside this band a
+#: run works but nuclei may be too small or too large for the model to find.
+TYPICAL_PIXEL_SIZE = (0.1, 2.0)
+
+
+class PixelSizeWarning(UserWarning):
+    """A pixel size is plausible but unusual: results may be empty or poor."""
+
+
+def check_pixel_size(value: object, what: str = "pixel size") -> float:
+    """Validate a user-given pixel size (µm/px) and return it as a float.
+
+    Parameters
+    ----------
+    value : object
+        The pixel size; numbers and numeric strings are accepted.
+    what : str
+        Names the value in messages (an argument, a file, a field).
+
+    Returns
+    -------
+    float
+        The pixel size.
+
+    Raises
+    ------
+    InputError
+        When ``value`` is not a finite number inside :data:`PIXEL_SIZE_RANGE`.
+
+    Warns
+    -----
+    PixelSizeWarning
+        When the value is outside :data:`TYPICAL_PIXEL_SIZE`.
+    """
+    lo, hi = PIXEL_SIZE_RANGE
+    try:
+        size = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: pixel size {value!r} is not a number (µm/px)") from None
+    if isinstance(value, bool) or not math.isfinite(size) or not lo <= size <= hi:
+        raise InputError(
+            f"{what}: pixel size {value!r} µm/px is outside the plausible {lo:g}-{hi:g} range"
+        )
+    if not TYPICAL_PIXEL_SIZE[0] <= size <= TYPICAL_PIXEL_SIZE[1]:
+        warnings.warn(
+            f"{what}: pixel size {size:g} µm/px is far from the typical "
+            f"{TYPICAL_PIXEL_SIZE[0]:g}-{TYPICAL_PIXEL_SIZE[1]:g}; results may be empty",
+            PixelSizeWarning,
+            stacklevel=2,
+        )
+    return size
 
 
 def prepare_image(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -93,19 +153,22 @@ def _unit_range(arr: np.ndarray) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.integer):
         top = 255.0 if arr.dtype.itemsize == 1 or arr.max() <= 255 else float(arr.max())
         return arr.astype(np.float32) / top
-    arr = arr.astype(np.float32)
-    if arr.size and arr.max() > 1.0 + 1e-6:
-        arr = arr / (255.0 if arr.max() <= 255.0 else float(arr.max()))
-    return np.clip(arr, 0.0, 1.0)
+    top = float(arr.max()) if arr.size else 0.0  # in the image's own dtype: no overflow
+    if top > 1.0 + 1e-6:
+        arr = arr / (255.0 if top <= 255.0 else top)
+    return np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def _percentile_normalise(gray: np.ndarray, lo: float = 1.0, hi: float = 99.8) -> np.ndarray:
-    gray = gray.astype(np.float32)
-    step = max(1, gray.size // 1_000_000)
-    p_lo, p_hi = np.percentile(gray.ravel()[::step], [lo, hi])
-    if p_hi - p_lo < 1e-6:
-        return np.zeros_like(gray)
-    return np.clip((gray - np.float32(p_lo)) / np.float32(p_hi - p_lo), -0.2, 1.5)
+    # float64 images stay float64 until scaled: values beyond float32's range (~3e38)
+    # would otherwise become inf and the image would silently read as empty
+    work = gray if gray.dtype == np.float64 else gray.astype(np.float32)
+    step = max(1, work.size // 1_000_000)
+    p_lo, p_hi = np.percentile(work.ravel()[::step], [lo, hi])
+    if not p_hi - p_lo >= 1e-6 * max(1.0, abs(p_hi)):
+        return np.zeros(work.shape, np.float32)
+    scaled = (work - work.dtype.type(p_lo)) / work.dtype.type(p_hi - p_lo)
+    return np.clip(scaled, -0.2, 1.5).astype(np.float32, copy=False)
 
 
 def to_network_input(image: np.ndarray, modality: Modality) -> np.ndarray:

@@ -13,6 +13,7 @@ the size the model was trained at (a 20x slide, a cell line with large nuclei).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,13 +31,25 @@ from .preprocess import (
     CANONICAL_DIAMETER,
     CANONICAL_PIXEL_SIZE,
     DEFAULT_PIXEL_SIZE,
+    TYPICAL_PIXEL_SIZE,
     Modality,
+    PixelSizeWarning,
+    check_pixel_size,
     detect_modality,
     prepare_image,
     to_network_input,
 )
 
-__all__ = ["CLASSICAL", "MapResult", "Segmentation", "compute_maps", "get_model", "segment"]
+__all__ = [
+    "CLASSICAL",
+    "MapResult",
+    "Segmentation",
+    "compute_maps",
+    "default_params",
+    "get_model",
+    "maps_from_input",
+    "segment",
+]
 
 CLASSICAL = "classical"
 #: Images above this many pixels are refused (crop a region first): the maps at the
@@ -117,6 +130,49 @@ def _diameter_at_canonical(maps: Maps, params: PostprocessParams) -> float:
     return median_diameter(res.labels.astype(np.int64)) if res.n_instances >= 5 else 0.0
 
 
+def default_params(model: str | LoadedModel, modality: Modality) -> PostprocessParams:
+    """The post-processing parameters a model (or the classical fallback) uses by default."""
+    model = get_model(model)
+    return model.params_for(modality) if isinstance(model, LoadedModel) else PostprocessParams()
+
+
+def maps_from_input(
+    x: np.ndarray,
+    model: str | LoadedModel,
+    *,
+    modality: Modality,
+    pixel_size: float,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    tta: bool = DEFAULT_TTA,
+) -> Maps:
+    """Maps, at the input's resolution, of a normalised network input at a known pixel size.
+
+    The fixed-scale step of :func:`compute_maps` without its normalisation and pixel-size
+    estimation: the block engine (:mod:`napari_medinst.blockwise`) normalises every block
+    with statistics of the whole image and runs each at one pixel size.
+
+    Parameters
+    ----------
+    x : (3, H, W) float32 array
+        Network input, as :func:`~napari_medinst.preprocess.to_network_input` makes it.
+    model : str or LoadedModel
+        As in :func:`compute_maps`.
+    modality : {'he', 'fluorescence'}
+        Modality of the image.
+    pixel_size : float
+        µm per pixel of ``x``.
+    """
+    if not (0.01 <= pixel_size <= 50):
+        raise InputError(f"pixel size {pixel_size} µm/px is outside the plausible 0.01-50 range")
+    model = get_model(model, device)
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    dev = pick_device(device)
+    maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop, tta)
+    return maps.resized(x.shape[1:])
+
+
 def compute_maps(
     image: np.ndarray,
     model: str | LoadedModel = "default",
@@ -151,8 +207,8 @@ def compute_maps(
             f"{MAX_PIXELS / 1e6:.0f} Mpx this tool processes at once (about "
             f"{32 * arr.shape[0] * arr.shape[1] / 2**30:.0f} GiB of memory); crop a region first"
         )
-    if pixel_size is not None and not (0.01 <= pixel_size <= 50):
-        raise InputError(f"pixel size {pixel_size} µm/px is outside the plausible 0.01-50 range")
+    if pixel_size is not None:
+        pixel_size = check_pixel_size(pixel_size, "pixel_size")
     if modality is None:
         modality = detect_modality(arr)
     elif modality not in ("he", "fluorescence"):
@@ -198,6 +254,18 @@ def compute_maps(
     )
 
 
+def _warn_if_empty(n_instances: int, pixel_size: float | None) -> None:
+    """Warn when a run at a user-given, unusual pixel size found no nuclei at all."""
+    lo, hi = TYPICAL_PIXEL_SIZE
+    if n_instances == 0 and pixel_size is not None and not lo <= pixel_size <= hi:
+        warnings.warn(
+            f"no nuclei found at the given pixel size {pixel_size:g} µm/px, far from the "
+            f"typical {lo:g}-{hi:g}; check the pixel size (or leave it out to estimate it)",
+            PixelSizeWarning,
+            stacklevel=3,
+        )
+
+
 def segment(
     image: np.ndarray,
     model: str | LoadedModel = "default",
@@ -224,4 +292,5 @@ def segment(
     m = mr.maps
     pp = Postprocessor(m.prob, m.hv, m.contour, m.type_prob, pixel_size=mr.pixel_size)
     res = pp.run(params or mr.default_params)
+    _warn_if_empty(res.n_instances, None if mr.pixel_size_estimated else mr.pixel_size)
     return Segmentation(labels=res.labels, scores=res.scores, result=res, maps=mr, postprocessor=pp)

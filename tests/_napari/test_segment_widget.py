@@ -635,3 +635,34 @@ def test_tune_on_visible_region_then_apply(make_napari_viewer, qtbot, notes, map
     assert instances(viewer).data.max() < full.max()
     assert len(maps_calls) == 1
     assert not notes.errors
+
+
+def test_channels_last_layer_offers_the_nuclear_channel(
+    make_napari_viewer, qtbot, notes, monkeypatch
+):
+    from napari_medinst.samples import load_sample
+
+    img, _, _ = load_sample("fluorescence")
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 40, (*img.shape, 5)).astype(np.uint16)
+    data[..., 2] = img
+    seen: list[np.ndarray] = []
+    real = sw.compute_maps
+    monkeypatch.setattr(
+        sw, "compute_maps", lambda image, *a, **kw: seen.append(image) or real(image, *a, **kw)
+    )
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    viewer.add_image(img, name="grey")
+    assert not shown(widget._channel)
+    viewer.add_image(data, name="five", rgb=False)
+    widget._image_layer.value = viewer.layers["five"]
+    assert shown(widget._channel) and not shown(widget._planes)
+    assert widget._channel.choices == (0, 1, 2, 3, 4)
+    widget._channel.value = 2
+    run(qtbot, widget)
+    assert not notes.errors
+    np.testing.assert_array_equal(seen[-1], img)  # the chosen channel, not rows of pixels
+    labels = viewer.layers["five instances"].data
+    assert labels.shape == img.shape and labels.max() > 0
+    widget._image_layer.value = viewer.layers["grey"]
+    assert not shown(widget._channel)

@@ -62,6 +62,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from .._io import InputError, free_name, write_bytes
+from ..channels import trailing_channels
 from ..model import registry
 from ..model.folder import ModelError, list_models
 from ..model.inference import DEFAULT_TTA, CancelledError
@@ -262,6 +263,7 @@ class _Settings:
     modality: str | None
     device: str
     tta: bool = DEFAULT_TTA
+    channel: int | None = None  # the nuclear channel of a channels-last layer
 
 
 @dataclass
@@ -283,7 +285,7 @@ class _Session:
     gradients: dict[Plane, tuple[int, np.ndarray]] = field(default_factory=dict)  # Sobel size
 
     def plane_array(self, plane: Plane) -> np.ndarray:
-        return np.asarray(self.data[plane] if plane else self.data)
+        return _plane(self.data, plane, self.settings.channel)
 
 
 @dataclass
@@ -293,6 +295,12 @@ class _RunJob:
     missing: tuple[Plane, ...]
     params: PostprocessParams | None  # None: use the model's defaults
     seeds: dict[Plane, np.ndarray]
+
+
+def _plane(data, plane: Plane, channel: int | None) -> np.ndarray:
+    """One plane of a layer's data, and of it the nuclear channel when one is chosen."""
+    arr = data[plane] if plane else data
+    return np.asarray(arr[..., channel] if channel is not None else arr)
 
 
 def _post_kwargs(seeds: np.ndarray | None, shape: tuple[int, int]) -> dict[str, Any]:
@@ -447,6 +455,10 @@ class SegmentWidget(Container):
             "Turn it off for a quicker first look at a large image."
         )
         self._planes = ComboBox(label="planes", choices=[CURRENT_PLANE, ALL_PLANES], visible=False)
+        self._channel = ComboBox(label="nuclear channel", choices=[0], visible=False)
+        self._channel.tooltip = (
+            "The image's last axis holds channels (not a row of pixels): segment this one."
+        )
         self.extend(
             [
                 self._image_layer,
@@ -459,6 +471,7 @@ class SegmentWidget(Container):
                 self._device,
                 self._tta,
                 self._planes,
+                self._channel,
             ]
         )
 
@@ -582,6 +595,9 @@ class SegmentWidget(Container):
         modality = layer.metadata.get("modality")
         self._modality.value = modality if modality in ("he", "fluorescence") else "auto"
         self._planes.visible = bool(self._lead_shape(layer))
+        n = trailing_channels(self._image_data(layer).shape, layer.rgb)
+        self._channel.choices = list(range(max(n, 1)))
+        self._channel.visible = n > 1
 
     @staticmethod
     def _model_choices(_widget=None) -> list[str]:
@@ -607,7 +623,14 @@ class SegmentWidget(Container):
     @classmethod
     def _lead_shape(cls, layer: Image) -> tuple[int, ...]:
         shape = cls._image_data(layer).shape
-        return tuple(shape[:-3] if layer.rgb else shape[:-2])
+        channels_last = layer.rgb or trailing_channels(shape, layer.rgb) > 0
+        return tuple(shape[:-3] if channels_last else shape[:-2])
+
+    def _layer_channel(self, layer: Image | None) -> int | None:
+        """The chosen nuclear channel when ``layer`` holds channels last, else None."""
+        if layer is None or not trailing_channels(self._image_data(layer).shape, layer.rgb):
+            return None
+        return int(self._channel.value or 0)
 
     def _settings(self) -> _Settings | None:
         model = self._model.value
@@ -625,6 +648,7 @@ class SegmentWidget(Container):
             modality=None if modality == "auto" else modality,
             device=self._device.value,
             tta=bool(self._tta.value),
+            channel=self._layer_channel(self._image_layer.value),
         )
 
     def _current_plane(self, layer: Image, lead: tuple[int, ...]) -> Plane:
@@ -643,7 +667,8 @@ class SegmentWidget(Container):
         lead = self._lead_shape(layer)
         plane = self._current_plane(layer, lead) if lead else ()
         try:
-            prepare_image(np.asarray(data[plane] if plane else data), name=f"'{layer.name}'")
+            image = _plane(data, plane, self._layer_channel(layer))
+            prepare_image(image, name=f"'{layer.name}'")
         except InputError as exc:
             show_error(f"Cannot segment {exc}")
             return None
@@ -1136,10 +1161,11 @@ class SegmentWidget(Container):
 
     def _add_layer(self, s, role, name, kind, data, visible, kwargs) -> Layer:
         img = s.image
+        cut = -1 if s.settings.channel is not None else None  # outputs have no channel axis
         common = {
             "name": name,
-            "scale": img.scale,
-            "translate": img.translate,
+            "scale": img.scale[:cut],
+            "translate": img.translate[:cut],
             "visible": visible,
             "metadata": {ROLE: role, _SOURCE: img.name},
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from ..preprocess import (
     CANONICAL_DIAMETER,
     CANONICAL_PIXEL_SIZE,
     Modality,
+    check_pixel_size,
     detect_modality,
+    prepare_image,
     to_network_input,
 )
 from ..targets import relabel_sequential
@@ -60,29 +63,63 @@ class Sample:
 
 
 def parse_folder_spec(spec: str) -> tuple[Path, float | None]:
-    """Split ``PATH@PIXEL_SIZE`` into a path and an optional pixel size."""
+    """Split ``PATH@PIXEL_SIZE`` into a path and an optional pixel size.
+
+    The pixel size must be a number in
+    :data:`~napari_medinst.preprocess.PIXEL_SIZE_RANGE` (InputError naming ``spec``
+    otherwise); an unusual one gives a
+    :class:`~napari_medinst.preprocess.PixelSizeWarning`.
+    """
     if "@" in spec:
         path, _, px = spec.rpartition("@")
-        try:
-            size = float(px)
-        except ValueError as exc:
-            raise InputError(f"{spec}: pixel size after '@' must be a number") from exc
-        if size <= 0:
-            raise InputError(f"{spec}: pixel size must be positive")
-        return Path(path), size
+        if not px.strip():
+            raise InputError(f"{spec}: pixel size after '@' must be a number (µm/px)")
+        return Path(path), check_pixel_size(px.strip(), spec)
     return Path(spec), None
 
 
+def _index_text(index: Path) -> str:
+    """``index.csv`` decoded as UTF-8 (a spreadsheet's BOM allowed), or InputError."""
+    if not index.is_file():
+        raise InputError(f"{index}: is not a file")
+    data = index.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"{index}: not UTF-8 text (byte {exc.start}, line {line}); save it as UTF-8 CSV"
+        ) from None
+
+
 def read_index(folder: Path) -> dict[str, dict[str, str]]:
-    """The rows of ``folder/index.csv`` by id (empty when there is no index)."""
+    """The rows of ``folder/index.csv`` by id (empty when there is no index).
+
+    Raises
+    ------
+    InputError
+        When the file is not UTF-8, not CSV, has no ``id`` column or repeats an id.
+    """
     index = folder / "index.csv"
     if not index.exists():
         return {}
-    with index.open(newline="", encoding="utf-8-sig") as fh:  # (a spreadsheet's BOM)
-        rows = list(csv.DictReader(fh))
-    if rows and "id" not in rows[0]:
-        raise InputError(f"{index}: needs an 'id' column")
-    return {row["id"]: row for row in rows}
+    reader = csv.DictReader(io.StringIO(_index_text(index), newline=""))
+    rows: dict[str, dict[str, str]] = {}
+    lines: dict[str, int] = {}
+    try:
+        if reader.fieldnames and "id" not in reader.fieldnames:
+            raise InputError(f"{index}: needs an 'id' column")
+        for row in reader:
+            key = row["id"]
+            if key in rows:
+                raise InputError(
+                    f"{index}: id {key!r} appears twice (lines {lines[key]} and "
+                    f"{reader.line_num}); each image needs one row"
+                )
+            rows[key], lines[key] = row, reader.line_num
+    except csv.Error as exc:
+        raise InputError(f"{index}: not a readable CSV (line {reader.line_num}: {exc})") from None
+    return rows
 
 
 def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
@@ -92,7 +129,14 @@ def find_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
         raise InputError(f"{folder}: expected 'images/' and 'labels/' sub-folders")
 
     def by_stem(d: Path) -> dict[str, Path]:
-        return {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+        found: dict[str, Path] = {}
+        for p in sorted(d.iterdir()):
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if p.stem in found:
+                raise InputError(f"{p}: same name as {found[p.stem].name}; keep one of them")
+            found[p.stem] = p
+        return found
 
     images, labels = by_stem(img_dir), by_stem(lab_dir)
     missing = sorted(set(images) ^ set(labels))
@@ -113,7 +157,11 @@ _UNKNOWN = frozenset({"", "na", "n/a", "nan", "none", "null", "unknown", "?", "-
 
 def index_pixel_size(row: dict[str, str], index: Path, key: str) -> float | None:
     """The row's ``pixel_size`` (µm/px), None when empty or marked unknown ("NA", ...);
-    any other value that is not a size is refused with a message naming the row."""
+    any other value that is not a size is refused with a message naming the row.
+
+    The range is wider than a user-typed pixel size's: fine-tuning writes sizes it
+    estimated from the nuclei into the index of the sets it stages.
+    """
     text = (row.get("pixel_size") or "").strip()
     if text.lower() in _UNKNOWN:
         return None
@@ -121,7 +169,7 @@ def index_pixel_size(row: dict[str, str], index: Path, key: str) -> float | None
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0.01 <= value <= 50:
+    if not 0.01 <= value <= 50:  # (NaN fails too)
         raise InputError(f"{index}: row {key}: pixel_size {text!r} is not a size in µm/px")
     return value
 
@@ -158,7 +206,7 @@ def load_folder(
         row = index.get(key, {})
         if row.get("split", "") in exclude_splits:
             continue
-        image = read_image(img_path)
+        image = prepare_image(read_image(img_path), name=str(img_path))  # (NaN, shape: named)
         labels = read_labels(lab_path)
         if image.shape[:2] != labels.shape:
             raise InputError(

@@ -15,7 +15,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["NetConfig", "NucleusNet"]
+__all__ = ["MAX_PARAMETERS", "NET_LIMITS", "NetConfig", "NucleusNet"]
+
+#: Allowed range of each architecture field (per entry for ``widths`` and ``blocks``;
+#: ``levels`` is the length of ``widths``). A model folder is untrusted data: these
+#: bounds and :data:`MAX_PARAMETERS` are checked before any memory is allocated.
+NET_LIMITS: dict[str, tuple[int, int]] = {
+    "in_channels": (1, 4),
+    "widths": (1, 1024),
+    "levels": (2, 6),
+    "blocks": (1, 8),
+    "n_types": (0, 64),
+}
+#: Largest network (trainable parameters) a config may ask for; the default has ~0.5 M.
+MAX_PARAMETERS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -47,33 +60,81 @@ class NetConfig:
             del d["blocks"]
         return d
 
+    def __post_init__(self) -> None:
+        _check_int("in_channels", self.in_channels, NET_LIMITS["in_channels"])
+        _check_int("n_types", self.n_types, NET_LIMITS["n_types"])
+        lo, hi = NET_LIMITS["levels"]
+        if not isinstance(self.widths, tuple) or not lo <= len(self.widths) <= hi:
+            raise ValueError(f"widths must list {lo}-{hi} levels, got {self.widths!r}")
+        for i, w in enumerate(self.widths):
+            _check_int(f"widths[{i}]", w, NET_LIMITS["widths"])
+        if not isinstance(self.blocks, tuple) or (
+            self.blocks and len(self.blocks) != len(self.widths) - 1
+        ):
+            raise ValueError(
+                f"blocks must have one entry per level below full resolution "
+                f"({len(self.widths) - 1}), got {self.blocks!r}"
+            )
+        for i, b in enumerate(self.blocks):
+            _check_int(f"blocks[{i}]", b, NET_LIMITS["blocks"])
+        n = self.n_parameters()
+        if n > MAX_PARAMETERS:
+            raise ValueError(
+                f"the network would have {n / 1e6:.0f} M parameters, more than the "
+                f"{MAX_PARAMETERS / 1e6:.0f} M allowed (widths {list(self.widths)}, "
+                f"blocks {list(self.encoder_blocks())})"
+            )
+
     @classmethod
     def from_dict(cls, d: dict) -> NetConfig:
+        """Build from a mapping (``config.json``), refusing unknown keys, wrong types and
+        sizes outside :data:`NET_LIMITS` / :data:`MAX_PARAMETERS` with a one-line error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"invalid network config: expected an object, got {d!r:.40}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown network config keys: {sorted(unknown)}")
         d = dict(d)
+        for key in ("widths", "blocks"):
+            if key in d:
+                if not isinstance(d[key], list | tuple):
+                    raise ValueError(f"invalid network config: {key} must be a list of integers")
+                d[key] = tuple(d[key])
         try:
-            for key in ("widths", "blocks"):
-                if key in d:
-                    d[key] = tuple(int(w) for w in d[key])
-            cfg = cls(**d)
+            return cls(**d)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid network config: {exc}") from exc
-        if (
-            len(cfg.widths) < 2
-            or min(cfg.widths) < 1
-            or cfg.in_channels < 1
-            or cfg.n_types < 0
-            or (cfg.blocks and (len(cfg.blocks) != len(cfg.widths) - 1 or min(cfg.blocks) < 1))
-        ):
-            raise ValueError(f"invalid network config: {cfg}")
-        return cfg
+
+    def n_parameters(self) -> int:
+        """Trainable parameters of :class:`NucleusNet` for this config, computed without
+        building it (3x3 convolutions without bias, each followed by a batch norm)."""
+        w, c = self.widths, self.in_channels
+
+        def conv_bn(cin: int, cout: int) -> int:
+            return 9 * cin * cout + 2 * cout
+
+        def res(ch: int) -> int:
+            return 2 * conv_bn(ch, ch)
+
+        n = conv_bn(c, w[0]) + conv_bn(w[0], w[0])
+        for i, nb in enumerate(self.encoder_blocks()):
+            n += conv_bn(w[i], w[i + 1]) + nb * res(w[i + 1])
+            n += conv_bn(w[i + 1] + w[i], w[i]) + res(w[i])  # the matching up step
+        heads = 2 + 2 + 1 + self.n_types
+        return n + heads * (w[0] + 1)
 
     def encoder_blocks(self) -> tuple[int, ...]:
         """Residual blocks per down step (``blocks``, or one each when empty)."""
         return self.blocks or (1,) * (len(self.widths) - 1)
+
+
+def _check_int(name: str, value: object, limits: tuple[int, int]) -> None:
+    lo, hi = limits
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r:.40}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is outside the allowed {lo}-{hi}")
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

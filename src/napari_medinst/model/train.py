@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import read_labels
+from .._io import InputError, read_labels
 from ..metrics import evaluate as evaluate_instances
 from ..postprocess import Postprocessor, PostprocessParams
 from ..preprocess import CANONICAL_PIXEL_SIZE
 from ..targets import contour_map, hv_maps, relabel_sequential
 from .augment import AugmentConfig, copy_paste, photometric, random_crop
 from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
-from .folder import ModelError, load_model, save_model_folder
+from .folder import ModelError, load_model, load_weights_into, save_model_folder
 from .inference import DEFAULT_TTA, CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
 from .network import NetConfig, NucleusNet
@@ -67,9 +67,10 @@ class TrainConfig:
         checks = (
             ("epochs", self.epochs >= 1, "at least 1"),
             ("steps_per_epoch", self.steps_per_epoch >= 1, "at least 1"),
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("crop", self.crop >= 32, "at least 32 px"),
-            ("lr", self.lr > 0, "positive"),
+            ("batch_size", 1 <= self.batch_size <= 1024, "between 1 and 1024"),
+            ("crop", 32 <= self.crop <= 4096, "between 32 and 4096 px"),
+            ("lr", 0 < self.lr <= 10, "positive and at most 10"),  # (NaN, inf: refused)
+            ("weight_decay", 0 <= self.weight_decay <= 10, "between 0 and 10"),
             ("he_fraction", 0.0 <= self.he_fraction <= 1.0, "between 0 and 1"),
             ("val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)"),
         )
@@ -296,6 +297,50 @@ def _check_run_folder(out: Path, ckpt_path: Path) -> None:
         )
 
 
+def _check_has_nuclei(samples: list[Sample], specs: list[str]) -> None:
+    """Refuse a training set whose label images hold no nucleus at all."""
+    if samples and not any(s.labels.any() for s in samples):
+        raise InputError(
+            f"{', '.join(map(str, specs))}: every label image is empty (no nuclei): "
+            "nothing to learn"
+        )
+
+
+_CKPT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_aji", "history")
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """Read ``checkpoint.pt`` with ``weights_only=True`` (a pickle never runs code);
+    a corrupt, foreign or malicious file is a one-line ModelError naming it."""
+    hint = "delete it to start over, or choose a new --out folder"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"{path}: not a readable training checkpoint ({type(exc).__name__}); {hint}"
+        ) from None
+    if not isinstance(ck, dict) or any(k not in ck for k in _CKPT_KEYS):
+        raise ModelError(f"{path}: not a napari-medinst training checkpoint; {hint}")
+    return ck
+
+
+def _resume(ck: dict[str, Any], path: Path, net, opt, sched) -> tuple[int, float, list]:
+    """Restore network, optimiser and schedule; (epoch, best AJI, history) to go on from."""
+    load_weights_into(net, ck["model"], path)
+    try:
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        epoch, best = int(ck["epoch"]), float(ck["best_aji"])
+        history = json.loads(ck["history"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise ModelError(
+            f"{path}: checkpoint is damaged ({type(exc).__name__}); delete it to start over"
+        ) from None
+    if not (epoch >= 0 and isinstance(history, list)):
+        raise ModelError(f"{path}: checkpoint is damaged (epoch {epoch})")
+    return epoch, best, history
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.part")
     torch.save(obj, tmp)
@@ -326,6 +371,7 @@ def train(
     rng = np.random.default_rng(cfg.seed)
 
     samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
+    _check_has_nuclei(samples, cfg.data)
     train_s, val_s = split_samples(samples, cfg.val_fraction)
     if not train_s:
         raise ValueError("no training images left after the validation split")
@@ -346,19 +392,13 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     start_epoch, best_aji, history = 0, -1.0, []
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ck = _read_checkpoint(ckpt_path)
         if "identity" in ck and ck["identity"] != _identity(cfg):
             raise ValueError(
                 f"{out} holds a training run with other data or another network; "
                 "choose a new --out folder (or the same arguments to resume it)"
             )
-        try:
-            net.load_state_dict(ck["model"])
-        except RuntimeError as exc:
-            raise ModelError(f"{ckpt_path}: checkpoint does not fit the network") from exc
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, best_aji, history = ck["epoch"], ck["best_aji"], json.loads(ck["history"])
+        start_epoch, best_aji, history = _resume(ck, ckpt_path, net, opt, sched)
         rng = np.random.default_rng([cfg.seed, start_epoch])
         torch.manual_seed(cfg.seed + start_epoch)
         if verbose:

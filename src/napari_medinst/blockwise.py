@@ -1,0 +1,497 @@
+"""Big images segmented block by block, with memory that does not grow with the image.
+
+The image is cut into a grid of *cores* (``block`` px square, the last ones a little
+smaller so that all are about equal). Each core is read with a *halo* of context around
+it and segmented on its own: normalised with statistics of the whole image, run
+through the model at one pixel size, post-processed. A block keeps the nuclei whose
+centroid lies inside its core, with their full outline (which may reach into the
+halo); the nuclei centred in the halo belong to a neighbour. So a nucleus on a seam is
+neither cut nor counted twice, and no state is shared between blocks:
+:func:`segment_block` is a pure function of the block's pixels and a
+:class:`BlockSetup` decided once for the whole image, so that a distributed driver can
+run it in any order, anywhere. :func:`segment_blockwise` is the sequential driver for
+in-memory images used by the command line.
+
+Halo: :data:`HALO_UM` = 64 µm = twice a large nucleus (16 µm, about three times the
+median nucleus of MoNuSeg at 40x) plus the model's tile overlap (64 px at the canonical
+0.5 µm/px = 32 µm), so an owned nucleus and the maps around it are whole; 256 px at
+0.25 µm/px (40x).
+
+Memory: besides the image itself only the output labels (4 bytes a pixel) are
+full-size; everything else lives for one block (about 60 bytes a pixel of a block with
+its halo: some 400 MB for the default 2048 px blocks at 40x).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._io import InputError
+from .model.folder import LoadedModel
+from .model.inference import DEFAULT_TTA, CancelledError
+from .postprocess import Postprocessor, PostprocessParams
+from .preprocess import CANONICAL_PIXEL_SIZE, Modality, detect_modality, prepare_image
+from .segment import compute_maps, default_params, get_model, maps_from_input
+
+__all__ = [
+    "AUTO_BLOCK_PIXELS",
+    "DEFAULT_BLOCK",
+    "HALO_UM",
+    "BlockResult",
+    "BlockSetup",
+    "BlockSpec",
+    "BlockwiseResult",
+    "Normalisation",
+    "plan_blocks",
+    "prepare_setup",
+    "segment_block",
+    "segment_blockwise",
+]
+
+#: Core size (px) of a block: a 2048 px block with its 256 px halo (40x) needs about
+#: 400 MB while it is processed.
+DEFAULT_BLOCK = 2048
+#: Context around a block's core, µm (see the module's docstring for the numbers).
+HALO_UM = 64.0
+#: Images above this many pixels are segmented in blocks by the command line.
+AUTO_BLOCK_PIXELS = 16_000_000
+#: Side (px) of the central crop on which the pixel size is estimated.
+ESTIMATE_CROP = 2048
+_MIN_HALO_PX = 16
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Fixed mapping of raw pixel values to the network's range, the same for every block.
+
+    A block's network input is ``clip((value - lo) / span, clip_lo, clip_hi)`` of the
+    image (H&E) or of its channel maximum (fluorescence), repeated to three channels
+    where the image is grey. ``span == 0`` gives zeros (a flat image).
+    """
+
+    modality: Modality
+    lo: float
+    span: float
+    clip_lo: float
+    clip_hi: float
+
+    @classmethod
+    def of_image(cls, image: np.ndarray, modality: Modality) -> Normalisation:
+        """Statistics of the whole image, as :func:`~.preprocess.to_network_input` takes them.
+
+        H&E: integers by 255 (or by their maximum above 255), floats above 1 by 255 (or
+        their maximum). Fluorescence: the 1st and 99.8th percentiles of about a million
+        pixels on a regular grid. No full-size copy is made.
+        """
+        if modality == "he":
+            if np.issubdtype(image.dtype, np.integer):
+                top = 255.0 if image.dtype.itemsize == 1 else float(max(image.max(), 255))
+                return cls(modality, 0.0, top, 0.0, 1.0)
+            peak = float(image.max()) if image.size else 0.0
+            span = 1.0 if peak <= 1.0 + 1e-6 else (255.0 if peak <= 255.0 else peak)
+            return cls(modality, 0.0, span, 0.0, 1.0)
+        step = max(1, math.isqrt(image.shape[0] * image.shape[1] // 1_000_000))
+        sample = image[::step, ::step].astype(np.float32)
+        gray = sample if sample.ndim == 2 else sample.max(axis=-1)
+        p_lo, p_hi = np.percentile(gray, [1.0, 99.8])
+        span = float(p_hi - p_lo) if p_hi - p_lo >= 1e-6 else 0.0
+        return cls(modality, float(p_lo), span, -0.2, 1.5)
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """A block's pixels ``(h, w)`` or ``(h, w, 3)`` as the network's ``(3, h, w)`` float32."""
+        arr = pixels.astype(np.float32)
+        if self.modality == "fluorescence" and arr.ndim == 3:
+            arr = arr.max(axis=-1)
+        if self.span == 0:
+            arr = np.zeros_like(arr)
+        else:
+            arr -= np.float32(self.lo)
+            arr /= np.float32(self.span)
+            np.clip(arr, self.clip_lo, self.clip_hi, out=arr)
+        if arr.ndim == 2:
+            return np.ascontiguousarray(np.broadcast_to(arr, (3, *arr.shape)))
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class BlockSetup:
+    """What every block of one image shares: decided once, before the first block."""
+
+    modality: Modality
+    pixel_size: float  # µm/px, given or estimated on a central crop
+    pixel_size_estimated: bool
+    params: PostprocessParams
+    norm: Normalisation
+    model_name: str
+    tta: bool = DEFAULT_TTA
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block: its core (owned pixels) and its window (core plus halo), image coordinates.
+
+    Boxes are ``(row0, row1, col0, col1)``, half-open.
+    """
+
+    index: int
+    core: tuple[int, int, int, int]
+    window: tuple[int, int, int, int]
+
+    @property
+    def window_slices(self) -> tuple[slice, slice]:
+        r0, r1, c0, c1 = self.window
+        return slice(r0, r1), slice(c0, c1)
+
+
+@dataclass
+class BlockResult:
+    """The nuclei a block owns, in its window's coordinates."""
+
+    spec: BlockSpec
+    labels: np.ndarray  # (window h, window w) uint32, owned nuclei only, ids 1..n
+    scores: np.ndarray  # (n,) float32
+    types: np.ndarray | None  # (n,) int16, or None
+    n_truncated: int  # owned nuclei touching the window's edge inside the image
+
+
+@dataclass
+class BlockwiseResult:
+    """Instances of a whole image segmented block by block."""
+
+    labels: np.ndarray  # (H, W) uint32, ids 1..n unique over the image
+    scores: np.ndarray  # (n,) float32, confidence of instance i + 1
+    types: np.ndarray | None
+    pixel_size: float
+    pixel_size_estimated: bool
+    modality: Modality
+    model_name: str
+    n_blocks: int
+    n_truncated: int = 0  # nuclei wider than the halo allows (cut at a window's edge)
+
+    @property
+    def n_instances(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def _edges(length: int, block: int) -> list[int]:
+    n = max(1, math.ceil(length / block))
+    return [round(i * length / n) for i in range(n + 1)]
+
+
+def plan_blocks(shape: tuple[int, int], block: int, halo: int, align: int = 1) -> list[BlockSpec]:
+    """Cores of at most ``block`` px tiling ``shape``, each in a window of ``halo`` px more.
+
+    A window's first row and column are moved back (by less than ``align`` px, widening
+    the halo there) to a multiple of ``align``: at ``align`` = the network's stride at the
+    image's scale, every block sees the image on the same pixel grid as the whole-image
+    path (a CNN with strided layers is not invariant to shifts off that grid).
+    """
+    if block < 1 or halo < 0 or align < 1:
+        raise ValueError(f"need block >= 1, halo >= 0 and align >= 1 px: {block}, {halo}, {align}")
+    h, w = shape
+    rows, cols = _edges(h, block), _edges(w, block)
+
+    def start(x: int) -> int:
+        return max(0, x - halo) // align * align
+
+    specs = []
+    for r0, r1 in itertools.pairwise(rows):
+        for c0, c1 in itertools.pairwise(cols):
+            window = (start(r0), min(h, r1 + halo), start(c0), min(w, c1 + halo))
+            specs.append(BlockSpec(len(specs), (r0, r1, c0, c1), window))
+    return specs
+
+
+def _grid_step(model: str | LoadedModel, pixel_size: float) -> int:
+    """The network's stride in image pixels (1 for the classical fallback)."""
+    if not isinstance(model, LoadedModel):
+        return 1
+    return max(1, round(model.net.stride * CANONICAL_PIXEL_SIZE / pixel_size))
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    """Shape and dtype checks without full-size copies; returns ``(H, W)`` or ``(H, W, 3)``."""
+    arr = np.asarray(image)
+    if arr.dtype == bool:
+        arr = arr.view(np.uint8)
+    prepare_image(arr[:64, :64])  # dtype, layout and the 8 px minimum, on a corner
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if np.issubdtype(arr.dtype, np.floating):
+        for r in range(0, arr.shape[0], 256):  # a bounded temporary, not one of the image's size
+            if not np.all(np.isfinite(arr[r : r + 256])):
+                raise InputError("image contains NaN or infinite values")
+    return arr
+
+
+def _overview(arr: np.ndarray, pixels: int = 4_000_000) -> np.ndarray:
+    step = max(1, math.isqrt(arr.shape[0] * arr.shape[1] // pixels))
+    return arr[::step, ::step]
+
+
+def _central_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    r0, c0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return arr[r0 : r0 + size, c0 : c0 + size]
+
+
+def prepare_setup(
+    image: np.ndarray,
+    model: str | LoadedModel = "default",
+    *,
+    pixel_size: float | None = None,
+    modality: Modality | None = None,
+    params: PostprocessParams | None = None,
+    device: str = "auto",
+    tta: bool = DEFAULT_TTA,
+) -> BlockSetup:
+    """Decide modality, pixel size, parameters and normalisation once for the whole image.
+
+    The modality is detected on a regular ~4 Mpx subsample; the pixel size, when not
+    given, is estimated by :func:`~.segment.compute_maps` on a central crop of
+    :data:`ESTIMATE_CROP` px (without mirror averaging: only its scale is used).
+    """
+    arr = _check_image(image)
+    if modality is None:
+        modality = detect_modality(_overview(arr))
+    elif modality not in ("he", "fluorescence"):
+        raise InputError(f"unknown modality {modality!r}; expected 'he' or 'fluorescence'")
+    loaded = get_model(model, device)
+    estimated = pixel_size is None
+    if estimated:
+        crop = _central_crop(arr, ESTIMATE_CROP)
+        pixel_size = compute_maps(
+            crop, loaded, modality=modality, device=device, tta=False
+        ).pixel_size
+    elif not (0.01 <= pixel_size <= 50):
+        raise InputError(f"pixel size {pixel_size} µm/px is outside the plausible 0.01-50 range")
+    return BlockSetup(
+        modality=modality,
+        pixel_size=float(pixel_size),
+        pixel_size_estimated=estimated,
+        params=params or default_params(loaded, modality),
+        norm=Normalisation.of_image(arr, modality),
+        model_name=loaded if isinstance(loaded, str) else loaded.name,
+        tta=tta,
+    )
+
+
+def _owned(labels: np.ndarray, spec: BlockSpec) -> np.ndarray:
+    """Boolean per id (index 0 = background): is the nucleus' centroid inside the core?"""
+    n = int(labels.max())
+    flat = labels.ravel()
+    at = np.flatnonzero(flat)
+    ids = flat[at]
+    w = labels.shape[1]
+    area = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    area[0] = 1.0
+    rows = np.bincount(ids, weights=at // w, minlength=n + 1) / area + spec.window[0]
+    cols = np.bincount(ids, weights=at % w, minlength=n + 1) / area + spec.window[2]
+    r0, r1, c0, c1 = spec.core
+    # a centroid is a mean of pixel centres: pixel (r, c) spans [r, r + 1)
+    own = (rows + 0.5 >= r0) & (rows + 0.5 < r1) & (cols + 0.5 >= c0) & (cols + 0.5 < c1)
+    own[0] = False
+    return own
+
+
+def _n_truncated(labels: np.ndarray, spec: BlockSpec, shape: tuple[int, int]) -> int:
+    r0, r1, c0, c1 = spec.window
+    edges = []
+    if r0 > 0:
+        edges.append(labels[0])
+    if r1 < shape[0]:
+        edges.append(labels[-1])
+    if c0 > 0:
+        edges.append(labels[:, 0])
+    if c1 < shape[1]:
+        edges.append(labels[:, -1])
+    if not edges:
+        return 0
+    return int(np.count_nonzero(np.unique(np.concatenate(edges))))
+
+
+def segment_block(
+    pixels: np.ndarray,
+    spec: BlockSpec,
+    setup: BlockSetup,
+    model: str | LoadedModel,
+    *,
+    image_shape: tuple[int, int],
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+) -> BlockResult:
+    """Segment one block and return the nuclei it owns.
+
+    Parameters
+    ----------
+    pixels : (h, w[, 3]) array
+        The image inside ``spec.window`` (core plus halo).
+    spec : BlockSpec
+        Where the block lies in the image.
+    setup : BlockSetup
+        Modality, pixel size, parameters and normalisation shared by all blocks.
+    model : str or LoadedModel
+        The model named by ``setup.model_name`` (or the loaded model itself).
+    image_shape : (H, W)
+        Shape of the whole image (a window edge on the image's border cuts nothing).
+    """
+    r0, r1, c0, c1 = spec.window
+    if pixels.shape[:2] != (r1 - r0, c1 - c0):
+        raise ValueError(f"block {spec.index}: pixels {pixels.shape[:2]} do not match its window")
+    x = setup.norm.apply(prepare_image(pixels, name=f"block {spec.index}"))
+    maps = maps_from_input(
+        x,
+        model,
+        modality=setup.modality,
+        pixel_size=setup.pixel_size,
+        device=device,
+        should_stop=should_stop,
+        tta=setup.tta,
+    )
+    del x
+    has_types = maps.type_prob is not None
+    pp = Postprocessor(maps.prob, maps.hv, maps.contour, maps.type_prob, setup.pixel_size)
+    res = pp.run(setup.params)
+    del pp, maps
+    own = _owned(res.labels, spec)
+    lut = np.zeros(own.size, np.uint32)
+    lut[own] = np.arange(1, int(own.sum()) + 1, dtype=np.uint32)
+    labels = lut[res.labels]
+    keep = own[1:]
+    types = None
+    if has_types:  # (the post-processing gives no types when it finds no nuclei)
+        types = np.zeros(0, np.int16) if res.types is None else res.types[keep]
+    return BlockResult(
+        spec=spec,
+        labels=labels,
+        scores=res.scores[keep],
+        types=types,
+        n_truncated=_n_truncated(labels, spec, image_shape),
+    )
+
+
+def _largest_parts(patch: np.ndarray, ids: np.ndarray) -> None:
+    """In place: nuclei ``ids`` of ``patch`` keep only their largest connected part."""
+    boxes = ndi.find_objects(patch)
+    for i in ids:
+        box = boxes[i - 1]
+        if box is None:
+            continue
+        mask = patch[box] == i
+        parts, n = ndi.label(mask)
+        if n > 1:
+            sizes = np.bincount(parts.ravel())
+            sizes[0] = 0
+            patch[box][mask & (parts != sizes.argmax())] = 0
+
+
+def paste_block(out: np.ndarray, result: BlockResult, next_id: int) -> tuple[np.ndarray, int]:
+    """Write a block's owned nuclei into ``out`` with ids from ``next_id + 1``.
+
+    Only pixels still 0 are written, so two blocks' slightly different outlines never
+    overwrite one another. A nucleus that finds more than half of itself already taken
+    is the same nucleus claimed twice (its centroid fell on the seam differently in the
+    two blocks) and is dropped; one that loses a smaller part keeps its largest piece.
+
+    Returns
+    -------
+    kept : (n,) bool array
+        Which of the block's nuclei were written (in id order).
+    last_id : int
+        The largest id now in ``out``.
+    """
+    patch = result.labels.copy()
+    n = result.scores.shape[0]
+    region = out[result.spec.window_slices]
+    taken = (patch > 0) & (region != 0)
+    area = np.bincount(patch.ravel(), minlength=n + 1)
+    lost = np.bincount(patch[taken], minlength=n + 1)
+    keep = (area > 0) & (2 * lost <= area)
+    keep[0] = False
+    patch[taken] = 0
+    _largest_parts(patch, np.flatnonzero(keep & (lost > 0)))
+    lut = np.zeros(n + 1, np.uint32)
+    lut[keep] = np.arange(next_id + 1, next_id + 1 + int(keep.sum()), dtype=np.uint32)
+    place = patch > 0
+    region[place] = lut[patch[place]]
+    return keep[1:], next_id + int(keep.sum())
+
+
+def segment_blockwise(
+    image: np.ndarray,
+    model: str | LoadedModel = "default",
+    *,
+    pixel_size: float | None = None,
+    modality: Modality | None = None,
+    params: PostprocessParams | None = None,
+    device: str = "auto",
+    tta: bool = DEFAULT_TTA,
+    block: int = DEFAULT_BLOCK,
+    halo: float = HALO_UM,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> BlockwiseResult:
+    """Segment a 2-D image block by block; see :func:`~.segment.compute_maps` for the arguments.
+
+    Parameters
+    ----------
+    block : int
+        Core size of a block, px.
+    halo : float
+        Context read around each core, µm (converted to px at the image's pixel size,
+        at least 16 px).
+    progress : callable(done, total), optional
+        Called after each block.
+    should_stop : callable() -> bool, optional
+        Checked before each block and between the model's tiles; raises
+        :class:`~.model.inference.CancelledError`.
+    """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16:
+        raise InputError(f"block size must be a whole number of at least 16 px, got {block!r}")
+    arr = _check_image(image)
+    loaded = get_model(model, device)
+    setup = prepare_setup(
+        arr, loaded, pixel_size=pixel_size, modality=modality, params=params, device=device, tta=tta
+    )
+    halo_px = max(_MIN_HALO_PX, math.ceil(halo / setup.pixel_size))
+    specs = plan_blocks(arr.shape[:2], block, halo_px, _grid_step(loaded, setup.pixel_size))
+    out = np.zeros(arr.shape[:2], np.uint32)
+    scores, types, last, truncated = [], [], 0, 0
+    for spec in specs:
+        if should_stop is not None and should_stop():
+            raise CancelledError("segmentation cancelled")
+        res = segment_block(
+            arr[spec.window_slices],
+            spec,
+            setup,
+            loaded,
+            image_shape=arr.shape[:2],
+            device=device,
+            should_stop=should_stop,
+        )
+        kept, last = paste_block(out, res, last)
+        scores.append(res.scores[kept])
+        if res.types is not None:
+            types.append(res.types[kept])
+        truncated += res.n_truncated
+        if progress is not None:
+            progress(spec.index + 1, len(specs))
+    return BlockwiseResult(
+        labels=out,
+        scores=np.concatenate(scores).astype(np.float32),
+        types=np.concatenate(types) if types else None,
+        pixel_size=setup.pixel_size,
+        pixel_size_estimated=setup.pixel_size_estimated,
+        modality=setup.modality,
+        model_name=setup.model_name,
+        n_blocks=len(specs),
+        n_truncated=truncated,
+    )
