@@ -65,7 +65,13 @@ def pick_device(device: str = "auto") -> torch.device:
         raise ValueError("device 'mps' requested but Apple MPS is not available")
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)  # 'cuda:abc' is refused here
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+    return dev
 
 
 def _tile_starts(length: int, tile: int, step: int) -> list[int]:
