@@ -666,3 +666,15 @@ def test_channels_last_layer_offers_the_nuclear_channel(
     assert labels.shape == img.shape and labels.max() > 0
     widget._image_layer.value = viewer.layers["grey"]
     assert not shown(widget._channel)
+
+
+@pytest.mark.parametrize(("scale", "shown"), [(0.5, 0.5), (10.0, 0.0), (0.001, 0.0)])
+def test_pixel_size_field_shows_only_plausible_layer_scales(make_napari_viewer, scale, shown):
+    """A layer scale outside the core's 0.05-5 µm/px range is not shown as a pixel size
+    (it used to be, up to 50, and a value the model then refused; above the field's
+    maximum the spin box raised)."""
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="img", scale=(scale, scale))
+    widget._image_layer.value = viewer.layers["img"]
+    assert widget._pixel_size.value == pytest.approx(shown)
+    assert widget._pixel_size.max == pytest.approx(5.0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from magicgui.widgets import FloatSpinBox
 from napari.layers import Image
+
+from ..preprocess import PIXEL_SIZE_RANGE
 
 #: Metadata key marking layers our widgets wrote (outputs, previews); such image layers
 #: are never offered as input.
@@ -36,9 +39,30 @@ def input_images(viewer) -> list[tuple[str, Image]]:
 
 
 def pixel_size_box(tooltip: str) -> FloatSpinBox:
-    """The µm/px field both panels show (0 = unknown / estimate)."""
+    """The µm/px field both panels show (0 = unknown / estimate).
+
+    Its maximum is the core's plausible range (:data:`~napari_medinst.preprocess.
+    PIXEL_SIZE_RANGE`), so the panel cannot hold a value the model would refuse.
+    """
     box = FloatSpinBox(
-        label="pixel size (µm/px)", min=0.0, max=50.0, step=0.01, value=0.0, tooltip=tooltip
+        label="pixel size (µm/px)",
+        min=0.0,
+        max=PIXEL_SIZE_RANGE[1],
+        step=0.01,
+        value=0.0,
+        tooltip=tooltip,
     )
     box.native.setDecimals(4)
     return box
+
+
+def show_pixel_size(box: FloatSpinBox, px: float | None) -> None:
+    """Show a layer's pixel size in ``box``; 0 (estimate) when unknown or implausible.
+
+    A layer's scale is not always µm per pixel (a scale of 1 is napari's default, and
+    other plugins use other units): a value outside the plausible range is not shown
+    as if it were one, and setting it would raise in the spin box.
+    """
+    lo, hi = PIXEL_SIZE_RANGE
+    ok = px is not None and math.isfinite(px) and lo <= px <= hi
+    box.value = round(px, 4) if ok else 0.0

@@ -63,7 +63,7 @@ from ..model.augment import AugmentConfig
 from ..model.folder import BUNDLED_MODELS, list_models, load_model
 from ..model.inference import CancelledError
 from ..preprocess import detect_modality, prepare_image
-from ._common import ROLE, input_images, pixel_size_box, qt_alive, unwrap
+from ._common import ROLE, input_images, pixel_size_box, qt_alive, show_pixel_size, unwrap
 from ._editing import existing_editor
 from ._segment_widget import _pixel_size_from_layer
 
@@ -562,8 +562,7 @@ class FinetuneWidget(Container):
         layer = self._image.value
         if layer is None:
             return
-        px = _pixel_size_from_layer(layer)
-        self._pixel_size.value = round(px, 4) if px else 0.0
+        show_pixel_size(self._pixel_size, _pixel_size_from_layer(layer))
         self._sample_name.value = layer.name
         if self._cmp_image.value is None:
             self._cmp_image.value = layer

@@ -70,7 +70,7 @@ from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from ..preprocess import prepare_image
 from ..segment import CLASSICAL, MapResult, compute_maps
 from ..targets import hv_gradient_magnitude
-from ._common import ROLE, input_images, pixel_size_box, qt_alive, unwrap
+from ._common import ROLE, input_images, pixel_size_box, qt_alive, show_pixel_size, unwrap
 
 __all__ = ["SegmentWidget"]
 
@@ -590,8 +590,7 @@ class SegmentWidget(Container):
         self._no_image.visible = layer is None
         if layer is None:
             return
-        px = _pixel_size_from_layer(layer)
-        self._pixel_size.value = round(px, 4) if px else 0.0
+        show_pixel_size(self._pixel_size, _pixel_size_from_layer(layer))
         modality = layer.metadata.get("modality")
         self._modality.value = modality if modality in ("he", "fluorescence") else "auto"
         self._planes.visible = bool(self._lead_shape(layer))
