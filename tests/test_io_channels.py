@@ -324,3 +324,113 @@ def test_byte_limit_counts_every_plane(tmp_path, monkeypatch):
         read_image(path)
     monkeypatch.setattr(_io, "MAX_DECODE_BYTES", 4 * 64 * 64 * 2)
     assert read_image(path).shape == (4, 64, 64)
+
+
+@pytest.mark.parametrize("how", ["imagej", "ome"])
+def test_8bit_three_channel_composite_from_metadata_is_not_colour(tmp_path, capsys, how):
+    """An 8-bit ImageJ/OME composite whose metadata says channels (C) is fluorescence: the
+    user must pick the nuclear channel (it used to be run silently as an H&E colour image)."""
+    from napari_medinst.cli import main
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "c3.tif"
+    data = rng.integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    if how == "imagej":
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": "CYX"})
+    else:
+        tifffile.imwrite(path, data, ome=True, metadata={"axes": "CYX"})
+    rc = main(["segment", str(path), "-o", str(tmp_path / "out"), "--model", "classical"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "c3.tif" in err and "--channel" in err and len(err.splitlines()) == 1
+
+
+def test_metadata_errors_do_not_refuse_intact_pixels(tmp_path, capfd):
+    """tifffile logs an error for a malformed OME-XML description but reads the pixels;
+    such a file must be read (it was refused as damaged), quietly."""
+    a = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "badome.tif"
+    broken = '<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image & </OME>'
+    tifffile.imwrite(path, a, photometric="rgb", description=broken, metadata=None)
+    capfd.readouterr()
+    assert np.array_equal(read_image(path), a)
+    assert capfd.readouterr().err == ""
+
+
+def test_damage_in_one_thread_does_not_fail_another_threads_read(tmp_path):
+    """The tifffile log catcher is per thread: a damaged file read in one thread does
+    not make a concurrent read of a good file fail."""
+    import threading
+
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, np.ones((64, 64), np.uint8))
+    errors = []
+
+    def read_good():
+        for _ in range(20):
+            try:
+                read_image(good)
+            except InputError as exc:
+                errors.append(exc)
+
+    def log_errors():
+        import logging
+
+        for _ in range(200):
+            logging.getLogger("tifffile").error("simulated damage elsewhere")
+
+    threads = [threading.Thread(target=read_good), threading.Thread(target=log_errors)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_implausible_pixel_size_tags_are_not_used_and_nothing_is_written_first(tmp_path, capsys):
+    """A 4000 dpi TIFF (6.35 µm/px, a scanner's dpi, not the specimen's) used to be read as
+    the pixel size and refused mid-run, after the first image's outputs were written. Now it
+    is estimated instead, with a warning naming the file, and both images are segmented."""
+    img = tifffile.imread(
+        _io.Path(__file__).resolve().parents[1] / "src/napari_medinst/data/he_tile.tif"
+    )
+    ok, odd = tmp_path / "ok.tif", tmp_path / "odd.tif"
+    tifffile.imwrite(
+        ok, img, photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER"
+    )
+    tifffile.imwrite(odd, img, photometric="rgb", resolution=(4000, 4000), resolutionunit="INCH")
+    out = tmp_path / "out"
+    rc = main(["segment", str(ok), str(odd), "-o", str(out), "--model", "classical"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "odd.tif: warning: its metadata says 6.35 µm/px" in captured.err
+    assert "ok.tif" in captured.out and "0.250 µm/px from file metadata" in captured.out
+    assert (out / "odd_instances.tif").exists() and (out / "ok_instances.tif").exists()
+
+
+def test_png_between_pillows_limit_and_ours_is_accepted_from_the_header(tmp_path):
+    """A 15,000² PNG (225 Mpx) is a normal big image: Pillow's own 179 Mpx bomb limit used
+    to refuse it although this tool's limit is MAX_DECODE_PIXELS (1 Gpx)."""
+    path = tmp_path / "big.png"
+    _png_bomb(path, side=15_000)
+    info = read_image_info(path)
+    assert info.shape == (15_000, 15_000)
+
+
+def test_grey_alpha_png_is_grey(tmp_path):
+    """A grey + alpha PNG (mode LA) is a grey image, not a 2-channel one."""
+    grey = np.random.default_rng(1).integers(0, 255, (40, 50), dtype=np.uint8)
+    path = tmp_path / "la.png"
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), mode="LA").save(path)
+    arr, info = open_image(path)
+    assert np.array_equal(arr, grey) and info.shape == (40, 50)
+
+
+def test_cmyk_jpeg_is_read_as_rgb(tmp_path):
+    """A CMYK JPEG used to be decoded raw (4 bands read as RGBA: colours inverted)."""
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 200  # a red image
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(path, quality=95)
+    arr = read_image(path)
+    assert arr.shape == (32, 32, 3)
+    assert arr[..., 0].mean() > 150 and arr[..., 1].mean() < 60

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
+
 import numpy as np
 import pytest
 import tifffile
@@ -141,8 +144,8 @@ def test_ground_truth_round_trip(tmp_path):
     lab = disk_labels()
     status = {1: "verified", 2: "edited", 3: "predicted"}
     tif, csv = tmp_path / "gt.tif", tmp_path / "gt_status.csv"
-    digest = recovery.write_ground_truth(tif, lab, status, csv)
-    assert digest == recovery.labels_sha256(lab)
+    digest, kept = recovery.write_ground_truth(tif, lab, status, csv)
+    assert digest == recovery.labels_sha256(lab) and kept is None
     data, got, warning = recovery.read_ground_truth(tif, csv)
     np.testing.assert_array_equal(data, lab)
     assert got == status and warning is None
@@ -181,11 +184,12 @@ def test_old_files_still_load_and_a_stale_csv_is_ignored(tmp_path):
     write_tiff(tif, lab)  # written before statuses were embedded
     write_bytes(csv, editing.status_to_csv({1: "verified"}).encode())
     assert recovery.read_ground_truth(tif, csv)[1:] == ({1: "verified"}, None)
-    # a hashed CSV of other labels beside a TIFF without embedded statuses
+    # a hashed CSV of other labels beside a TIFF without embedded statuses: loaded for
+    # the ids present, with a warning to check them (see the test below)
     other = recovery.labels_sha256(lab[::-1])
     write_bytes(csv, recovery.status_csv({1: "verified"}, other).encode(), overwrite=True)
     _, status, warning = recovery.read_ground_truth(tif, csv)
-    assert status is None and "belongs to other labels" in warning
+    assert status == {1: "verified"} and "other labels" in warning and "check them" in warning
     # an old CSV beside a TIFF that embeds its own statuses: the TIFF wins
     recovery.write_ground_truth(tif, lab, {1: "edited"}, tmp_path / "elsewhere.csv")
     write_bytes(csv, editing.status_to_csv({1: "verified"}).encode(), overwrite=True)
@@ -199,3 +203,108 @@ def test_a_status_csv_that_is_not_utf8_is_named(tmp_path):
     csv.write_bytes("label,status\n1,vérifié\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"gt_status\.csv: not UTF-8"):
         recovery.read_ground_truth(tif, csv)
+
+
+def test_a_hand_edited_row_without_hash_still_loads(tmp_path):
+    """A row added in a spreadsheet without copying the hash must not block loading."""
+    lab = disk_labels()
+    tif, csv = tmp_path / "gt.tif", tmp_path / "gt_status.csv"
+    recovery.write_ground_truth(tif, lab, {1: "verified", 2: "predicted", 3: "predicted"}, csv)
+    lines = csv.read_text().splitlines()
+    lines[-1] = "3,verified,"
+    csv.write_text("\n".join(lines) + "\n")
+    assert recovery.read_ground_truth(tif, csv)[1:] == (
+        {1: "verified", 2: "predicted", 3: "verified"},
+        None,
+    )
+    lines[-1] = "3,verified," + "cd" * 32  # a non-empty cell that disagrees: named by line
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"gt_status\.csv, line 4: labels_sha256 differs"):
+        recovery.read_ground_truth(tif, csv)
+
+
+def test_statuses_survive_labels_changed_by_another_program(tmp_path):
+    """A 1-pixel fix in another program drops the embedded table and changes the hash."""
+    lab = disk_labels()
+    tif, csv = tmp_path / "gt.tif", tmp_path / "gt_status.csv"
+    status = {1: "verified", 2: "verified", 3: "edited"}
+    recovery.write_ground_truth(tif, lab, status, csv)
+    fixed = lab.copy()
+    fixed[fixed == 3] = 0  # nucleus 3 removed, a pixel of a new nucleus 4 added
+    fixed[0, 0] = 4
+    write_tiff(tif, fixed, overwrite=True)
+    _, got, warning = recovery.read_ground_truth(tif, csv)
+    assert got == {1: "verified", 2: "verified"}  # the ids still present
+    assert "gt_status.csv was written for other labels than gt.tif" in warning
+    assert "check them" in warning
+
+
+def test_a_save_keeps_a_status_csv_that_was_not_loaded(tmp_path):
+    """Saving replaces the CSV only if it was the table of the labels replaced."""
+    lab = disk_labels()
+    tif, csv = tmp_path / "gt.tif", tmp_path / "gt_status.csv"
+    recovery.write_ground_truth(tif, lab, {1: "verified", 2: "verified"}, csv)
+    review = csv.read_bytes()
+    fixed = lab.copy()
+    fixed[0, 0] = 4
+    write_tiff(tif, fixed, overwrite=True)  # changed outside: the CSV no longer matches
+    saved = recovery.write_ground_truth(tif, fixed, {1: "predicted", 4: "predicted"}, csv)
+    assert saved.kept_csv is not None and saved.kept_csv.read_bytes() == review
+    assert re.fullmatch(r"gt_status\.stale-\d{8}-\d{6}\.csv", saved.kept_csv.name)
+    assert recovery.read_ground_truth(tif, csv)[1:] == ({1: "predicted", 4: "predicted"}, None)
+    # now the CSV is the table of the labels replaced: no copy
+    assert recovery.write_ground_truth(tif, fixed, {1: "edited"}, csv).kept_csv is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["gt.tif", "gt_status.csv", saved.kept_csv.name]
+    )
+
+
+def test_a_kept_status_csv_never_replaces_an_earlier_copy(tmp_path, monkeypatch):
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(recovery, "datetime", Frozen)
+    lab = disk_labels()
+    tif, csv = tmp_path / "gt.tif", tmp_path / "gt_status.csv"
+    earlier = tmp_path / "gt_status.stale-20240102-030405.csv"
+    earlier.write_bytes(b"earlier copy")
+    csv.write_bytes(b"label,status\n1,maybe\n")  # unreadable: kept too
+    saved = recovery.write_ground_truth(tif, lab, {1: "verified"}, csv)  # no TIFF before
+    assert saved.kept_csv == tmp_path / "gt_status.stale-20240102-030405-2.csv"
+    assert saved.kept_csv.read_bytes() == b"label,status\n1,maybe\n"
+    assert earlier.read_bytes() == b"earlier copy"
+
+
+def test_a_failed_save_leaves_no_copy_of_the_csv(tmp_path, monkeypatch):
+    lab = disk_labels()
+    tif, csv = tmp_path / "gt.tif", tmp_path / "gt_status.csv"
+    write_bytes(csv, recovery.status_csv({1: "verified"}, "ab" * 32).encode())
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recovery, "_write_tiff", crash)
+    with pytest.raises(OSError):
+        recovery.write_ground_truth(tif, lab, {1: "edited"}, csv)
+    assert [p.name for p in tmp_path.iterdir()] == ["gt_status.csv"]
+    assert recovery.read_status_csv(csv.read_text()) == ({1: "verified"}, "ab" * 32)
+
+
+def test_each_editor_of_one_source_has_its_own_autosave_file(tmp_path):
+    src = source(path="/data/gt.tif")
+    a = recovery.record_path(tmp_path, src, "aaaa1111")
+    b = recovery.record_path(tmp_path, src, "bbbb2222")
+    assert a != b and a.parent == b.parent == tmp_path
+    assert (
+        a.name.startswith(src.key())
+        and recovery.record_path(tmp_path, src).name == f"{src.key()}.tif"
+    )
+    lab = disk_labels()
+    for token, changed in (("aaaa1111", 1), ("bbbb2222", 2)):
+        rec = recovery.new_record(src, "gt", lab, {1: "edited"}, changed)
+        recovery.write_record(tmp_path, rec, lab, token)
+    listed = recovery.list_records(tmp_path)
+    assert sorted(p.name for p, _ in listed) == sorted([a.name, b.name])
+    assert sorted(r.changed for _, r in listed) == [1, 2]

@@ -7,11 +7,13 @@ system would raise, or with paths that really cannot be used (a file as folder).
 
 import errno
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +360,68 @@ def test_remove_stale_parts_only_touches_our_pattern(tmp_path):
     assert sorted(remove_stale_parts(tmp_path)) == sorted([stale, staging, old])
     assert all(p.read_text() == "keep" for p in keep)
     assert remove_stale_parts(tmp_path / "missing") == []
+
+
+def _b36(n: int) -> str:
+    return np.base_repr(n, 36).lower()
+
+
+def test_parts_of_another_host_are_removed_only_by_age(tmp_path):
+    """An array job on another node (or container) shares the folder: its pids mean nothing here."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now, host = int(time.time()), _io._host_tag()
+    assert re.fullmatch(r"[A-Za-z0-9-]{1,20}", host)
+    ours_dead = tmp_path / f".a.tif.{dead.pid}@{host}.t{_b36(now)}-abcdefgh.part"
+    theirs = tmp_path / f".b.tif.{dead.pid}@node-17-beef.t{_b36(now)}-abcdefgh.part"
+    their_staging = tmp_path / f".staging.{dead.pid}@node-17-beef.t{_b36(now)}-abcdefgh.part"
+    their_old = tmp_path / f".c.tif.{dead.pid}@node-17-beef.t{_b36(now - 2 * 86400)}-abcdefgh.part"
+    for p in (ours_dead, theirs, their_old):
+        p.write_text("x")
+    (their_staging / "images").mkdir(parents=True)
+    os.utime(their_old, (0, 0))
+    assert sorted(remove_stale_parts(tmp_path)) == sorted([ours_dead, their_old])
+    assert theirs.read_text() == "x" and (their_staging / "images").is_dir()
+    # what this process writes carries this host
+    part = _io._new_part(tmp_path / "d.tif")
+    assert f"@{host}.t" in part.name and _io._PART_RE.match(part.name)["pid"] == str(os.getpid())
+
+
+def test_the_backup_of_an_old_file_is_not_stale(tmp_path):
+    """A hard link keeps the file's old mtime: the age comes from the name, not the mtime."""
+    out = tmp_path / "gt_instances.tif"
+    out.write_bytes(b"precious v1")
+    os.utime(out, (0, 0))  # written long ago
+    backup = _io._backup(out)
+    assert os.path.getmtime(backup) == 0
+    assert remove_stale_parts(tmp_path) == []  # e.g. by a concurrent run
+    assert backup.read_bytes() == b"precious v1"
+
+
+def test_a_restore_that_fails_is_reported_and_the_old_file_kept(tmp_path, monkeypatch):
+    """The group fails, then putting back a.csv fails too: never claim nothing changed."""
+    for name in ("a.csv", "b.tif"):
+        (tmp_path / name).write_bytes(b"old " + name.encode())
+    calls = []
+    real = os.replace
+
+    def fails(src, dst, *args, **kwargs):
+        calls.append(Path(dst).name)
+        if Path(dst).name == "b.tif" or calls.count("a.csv") == 2:  # b's rename, a's restore
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", fails)
+    items = [
+        (tmp_path / "a.csv", bytes_writer(b"new a")),
+        (tmp_path / "b.tif", bytes_writer(b"new")),
+    ]
+    with pytest.raises(OSError) as info:
+        write_group(items, overwrite=True)
+    (kept,) = tmp_path.glob("a.previous-*.csv")
+    message = _io.describe_os_error(info.value)
+    assert isinstance(info.value, _io.RollbackError) and "\n" not in message
+    assert f"{tmp_path / 'b.tif'}: input/output error" in message
+    assert f"{tmp_path / 'a.csv'} could not be restored" in message and str(kept) in message
+    assert kept.read_bytes() == b"old a.csv" and (tmp_path / "b.tif").read_bytes() == b"old b.tif"
+    assert parts(tmp_path) == [] and remove_stale_parts(tmp_path) == []

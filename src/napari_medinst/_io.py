@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -123,6 +125,26 @@ def _check_decode_size(path: Path, info: ImageInfo) -> None:
         )
 
 
+#: A PNG/JPEG that would decode to more than this many times its file size is refused
+#: (deflate cannot exceed about 1032:1; real images, even mostly white slide regions,
+#: stay far below): it is a decompression bomb or a truncated file, not an image.
+MAX_COMPRESSION_RATIO = 1000
+#: Below this many decoded bytes the ratio is not checked (small blank images are fine).
+_RATIO_FLOOR = 64 * 2**20
+
+
+def _check_compression_ratio(path: Path, info: ImageInfo) -> None:
+    """Refuse a PNG/JPEG that declares far more pixels than its bytes can hold."""
+    nbytes = int(np.prod(info.shape, dtype=np.float64)) * np.dtype(info.dtype).itemsize
+    size = max(path.stat().st_size, 1)
+    if nbytes > _RATIO_FLOOR and nbytes > MAX_COMPRESSION_RATIO * size:
+        raise InputError(
+            f"{path}: declares {info.shape[1]}x{info.shape[0]} px ({nbytes / 2**20:.0f} MiB) "
+            f"in a file of {size / 2**10:.0f} KiB; refused before decoding (a decompression "
+            "bomb or a truncated file)"
+        )
+
+
 def _length_um(value: float, unit: str | None) -> float | None:
     """``value`` in ``unit`` converted to µm; None when the unit is unknown or value bad."""
     key = (unit or "").strip().lower().replace("\\u00b5", "µ")
@@ -205,26 +227,60 @@ def _tiff_info(tif, path: Path) -> ImageInfo:
     )
 
 
-def _pil_info(path: Path) -> ImageInfo:
-    """Header facts of a PNG/JPEG; Pillow's own decompression-bomb check applies."""
+@contextlib.contextmanager
+def _pil_limits():
+    """Pillow with this tool's decode limit instead of its own.
+
+    Pillow refuses images above about 179 Mpx and warns above half that; this tool's
+    limit is :data:`MAX_DECODE_PIXELS`, checked from the header by
+    :func:`_check_decode_size`. Pillow's limit is raised (never lowered) once for the
+    process, and its warning silenced while we read.
+    """
     import warnings
 
     from PIL import Image
 
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_DECODE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield Image
+
+
+#: Pillow modes and the arrays imageio decodes them to: (dtype, bands).
+_PIL_MODES = {"I;16": (np.uint16, 1), "I;16B": (np.uint16, 1), "I": (np.int32, 1),
+              "F": (np.float32, 1), "LA": (np.uint8, 1), "PA": (np.uint8, 4),
+              "P": (np.uint8, 3), "CMYK": (np.uint8, 3), "YCbCr": (np.uint8, 3)}  # fmt: skip
+
+
+def _pil_info(path: Path) -> ImageInfo:
+    """Header facts of a PNG/JPEG (the pixels are not decoded)."""
+    with _pil_limits() as Image:
         try:
             with Image.open(path) as im:
-                (w, h), bands = im.size, len(im.getbands())
-                mode = im.mode
+                (w, h), mode = im.size, im.mode
+                bands = len(im.getbands())
         except Image.DecompressionBombError as exc:
             raise InputError(f"{path}: refused before decoding: {exc}") from exc
-    if mode == "P":  # palette: decoded to RGB(A)
-        bands = 3
+    dtype, bands = _PIL_MODES.get(mode, (np.uint8, bands))
     shape = (h, w) if bands == 1 else (h, w, bands)
-    dtype = np.uint16 if mode.startswith("I;16") else np.uint8
     axes = "YX" if bands == 1 else "YXS"
     return ImageInfo(shape=shape, dtype=np.dtype(dtype), axes=axes, axes_from_metadata=True)
+
+
+def _decode_pil(path: Path) -> np.ndarray:
+    """Decode a PNG/JPEG: CMYK and YCbCr as RGB, grey + alpha as grey (alpha dropped)."""
+    import imageio.v3 as iio
+
+    with _pil_limits() as Image:
+        with Image.open(path) as im:
+            mode = im.mode
+        if mode in ("CMYK", "YCbCr"):  # raw CMYK bands would read as inverted RGBA
+            return iio.imread(path, mode="RGB")
+        arr = iio.imread(path)
+    if mode in ("LA", "La") and arr.ndim == 3 and arr.shape[-1] == 2:
+        return arr[..., 0]
+    return arr
 
 
 def _check_path(path: Path) -> str:
@@ -281,28 +337,45 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return open_image(path)[0]
 
 
-@contextlib.contextmanager
-def _tifffile_errors():
-    """Collect the errors tifffile logs (instead of raising) while a file is read.
+class _TiffLogCatcher(logging.Filter):
+    """Keeps tifffile's log records of the reads this thread is doing to itself.
 
-    A damaged strip or tile is logged and decoded as zeros; the user must hear about it
-    as one clear line, not as log output followed by a result made from blank pixels.
+    tifffile logs (instead of raising) a damaged strip or tile and decodes it as zeros,
+    and logs metadata it cannot parse while reading the pixels fine. While a thread reads
+    through :func:`_tifffile_errors` the records go to that read (not to the console);
+    other threads' logging is untouched. Installed once: no handler or ``propagate``
+    flag is switched per read, so concurrent reads (napari reads in threads) are safe.
     """
-    problems: list[str] = []
 
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            problems.append(record.getMessage().splitlines()[0][:200])
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
 
-    log = logging.getLogger("tifffile")
-    handler, propagate = _Collect(logging.ERROR), log.propagate
-    log.addHandler(handler)
-    log.propagate = False
-    try:
-        yield problems
-    finally:
-        log.removeHandler(handler)
-        log.propagate = propagate
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = getattr(self._local, "sink", None)
+        if sink is None:
+            return True
+        if record.levelno >= logging.ERROR:
+            sink.append(record.getMessage().splitlines()[0][:200])
+        return False
+
+    @contextlib.contextmanager
+    def catch(self):
+        previous = getattr(self._local, "sink", None)
+        self._local.sink = sink = []
+        try:
+            yield sink
+        finally:
+            self._local.sink = previous
+
+
+_TIFF_LOG = _TiffLogCatcher()
+logging.getLogger("tifffile").addFilter(_TIFF_LOG)
+
+
+def _tifffile_errors():
+    """Context: the errors tifffile logs in this thread meanwhile, as a list of lines."""
+    return _TIFF_LOG.catch()
 
 
 def _open(path: Path, decode: bool) -> tuple[np.ndarray | None, ImageInfo]:
@@ -311,22 +384,28 @@ def _open(path: Path, decode: bool) -> tuple[np.ndarray | None, ImageInfo]:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            with _tifffile_errors() as problems, tifffile.TiffFile(path) as tif:
+            with _tifffile_errors(), tifffile.TiffFile(path) as tif:
+                # errors logged while the header and metadata are parsed (a malformed
+                # OME-XML, an odd private tag) do not touch the pixels: not reported
                 if not tif.series:
                     raise InputError(f"{path}: TIFF holds no image")
                 info = _tiff_info(tif, path)
                 _check_decode_size(path, info)
-                arr = tif.series[0].asarray() if decode else None
-            if problems:  # tifffile logs a damaged strip or tile and carries on
-                raise InputError(f"{path}: not a readable image (damaged TIFF: {problems[0]})")
+                arr = None
+                if decode:
+                    with _tifffile_errors() as damage:
+                        arr = tif.series[0].asarray()
+                    if damage:  # a damaged strip or tile, decoded as zeros
+                        raise InputError(
+                            f"{path}: not a readable image (damaged TIFF: {damage[0]})"
+                        )
         else:
             info = _pil_info(path)
             _check_decode_size(path, info)
             arr = None
             if decode:
-                import imageio.v3 as iio
-
-                arr = iio.imread(path)
+                _check_compression_ratio(path, info)
+                arr = _decode_pil(path)
     except InputError:
         raise
     except Exception as exc:
@@ -373,14 +452,20 @@ def free_name(base: str, taken, template: str = "{base} ({k})") -> str:
 
 # ------------------------------------------------------------------------ atomic writes
 #
-# A writer writes into a temporary ``.<name>.<pid>-<random>.part`` file (next to the
-# destination, or in a staging folder), flushes it to the disk (fsync) and only then
-# renames it into place. The pid in the name lets a later run remove what a killed run
-# left behind (:func:`remove_stale_parts`) without touching a live run's files.
+# A writer writes into a temporary ``.<name>.<pid>@<host>.t<time>-<random>.part`` file
+# (next to the destination, or in a staging folder), flushes it to the disk (fsync) and
+# only then renames it into place. The name lets a later run remove what a killed run
+# left behind (:func:`remove_stale_parts`) without touching a live run's files: the pid
+# is tested only when ``<host>`` (:func:`_host_tag`) is this machine, and ``<time>``
+# (base 36 seconds) is when the entry was made, which a hard-linked backup's mtime is not.
+# Names without ``@<host>.t<time>`` were written by earlier versions (pid test as before).
 
 Writer = Callable[[Path], None]
 
-_PART_RE = re.compile(r"^\..+\.(?P<pid>\d+)-[A-Za-z0-9_]{8}\.part$")
+_PART_RE = re.compile(
+    r"^\..+\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9-]{1,20})\.t(?P<t>[0-9a-z]{1,12}))?"
+    r"-[A-Za-z0-9_]{8}\.part$"
+)
 STALE_PART_AGE_S = 24 * 3600  # a .part file this old is stale whoever wrote it
 MIN_FREE_BYTES = 1 << 20
 # what os.link raises on a file system without hard links (FAT, some network drives)
@@ -432,10 +517,39 @@ def _about(path: Path) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
 
 
+@functools.lru_cache(maxsize=1)
+def _host_tag() -> str:
+    """This machine in part names: ``<short host name>-<4 hex digits>``.
+
+    A pid means something only where its process lives. The hex digits hash the full
+    host name and the pid namespace (a container's own), so two containers or two
+    cluster nodes never take each other's parts for their own.
+    """
+    import hashlib
+    import socket
+
+    full = socket.gethostname() or "host"
+    short = re.sub(r"[^A-Za-z0-9]+", "-", full.split(".")[0]).strip("-")[:12] or "host"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{short}-{hashlib.sha256(f'{full}|{namespace}'.encode()).hexdigest()[:4]}"
+
+
+def _part_prefix(name: str) -> str:
+    """Start of a temporary name: ``.<name>.<pid>@<host>.t<time>-`` (random part follows)."""
+    now, digits = int(time.time()), ""
+    while now:
+        now, d = divmod(now, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+    return f".{name}.{os.getpid()}@{_host_tag()}.t{digits or '0'}-"
+
+
 def _new_part(dest: Path, folder: Path | None = None) -> Path:
     """Create an empty temporary file for ``dest`` in ``folder`` (default: beside ``dest``)."""
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{dest.name}.{os.getpid()}-", suffix=".part", dir=folder or dest.parent
+        prefix=_part_prefix(dest.name), suffix=".part", dir=folder or dest.parent
     )
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; use the usual mode
@@ -487,7 +601,7 @@ def _backup(dest: Path) -> Path | None:
     """A hard link (or copy) of an existing ``dest``, to restore it if the group fails."""
     if not os.path.lexists(dest):
         return None
-    backup = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    backup = dest.with_name(f"{_part_prefix(dest.name)}{secrets.token_hex(4)}.part")
     try:
         os.link(dest, backup)
     except OSError as exc:
@@ -518,14 +632,62 @@ def _place(tmp: Path, dest: Path, clobber: bool) -> None:
         os.replace(tmp, dest)
 
 
-def _roll_back(done: list[tuple[Path, Path | None]]) -> None:
-    """Undo renames: restore the previous file, or remove the new one."""
+class RollbackError(OSError):
+    """A group write failed and could not be undone completely; the message says what."""
+
+
+def _keep_backup(dest: Path, backup: Path) -> Path:
+    """Rename a backup that could not be restored to a name no clean-up ever removes.
+
+    ``<stem>.previous-<YYYYmmdd-HHMMSS>[-k]<suffix>`` beside ``dest``, never replacing
+    a file; the backup's own path if even that fails.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 10):
+        extra = f"-{k}" if k > 1 else ""
+        kept = dest.with_name(f"{dest.stem}.previous-{stamp}{extra}{dest.suffix}")
+        try:
+            _place(backup, kept, clobber=False)
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+        _discard(backup)
+        return kept
+    return backup
+
+
+def _roll_back(done: list[tuple[Path, Path | None]]) -> list[str]:
+    """Undo renames: restore the previous file, or remove the new one.
+
+    Returns
+    -------
+    list of str
+        What could not be undone, one phrase per file (naming where a previous
+        content is kept); empty when everything is as it was.
+    """
+    problems = []
     for dest, backup in reversed(done):
-        with contextlib.suppress(OSError):
+        try:
             if backup is None:
                 os.unlink(dest)
             else:
                 os.replace(backup, dest)
+        except OSError as exc:
+            if backup is None:
+                problems.append(f"{dest} is new and could not be removed ({os_error_reason(exc)})")
+            else:
+                problems.append(
+                    f"{dest} could not be restored ({os_error_reason(exc)}); "
+                    f"its previous content is kept in {_keep_backup(dest, backup)}"
+                )
+    return problems
+
+
+def _rollback_error(exc: BaseException, problems: list[str]) -> RollbackError:
+    """The error of a failed write whose roll-back failed too (one line)."""
+    what = describe_os_error(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+    return RollbackError(f"{what}; and the files could not all be put back: {'; '.join(problems)}")
 
 
 def _commit(staged: list[tuple[Path, Path]], replace: Callable[[Path], bool]) -> None:
@@ -543,8 +705,12 @@ def _commit(staged: list[tuple[Path, Path]], replace: Callable[[Path], bool]) ->
                         _discard(backup)
                     raise
             done.append((dest, backup))
-    except BaseException:
-        _roll_back(done)
+    except BaseException as exc:
+        problems = _roll_back(done)
+        if problems and isinstance(exc, Exception):
+            raise _rollback_error(exc, problems) from exc
+        if problems:
+            logging.getLogger(__name__).error("%s", _rollback_error(exc, problems))
         raise
     for _, backup in done:
         if backup is not None:
@@ -605,6 +771,10 @@ def write_group(
         A destination exists and may not be replaced (checked before writing anything).
     OSError
         Writing failed; ``filename`` is the destination. Nothing was changed.
+    RollbackError
+        (an OSError) Writing failed and the files already renamed could not all be
+        put back; the message names each such file and where its previous content
+        is kept (``<stem>.previous-<time><suffix>``).
     """
     items = [(Path(p), w) for p, w in items]
     replace = _replace_rule(overwrite)
@@ -698,18 +868,26 @@ def _is_stale(entry: os.DirEntry) -> bool:
     if match is None:
         return False
     try:
-        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+        touched = entry.stat(follow_symlinks=False).st_mtime
     except OSError:
         return False
-    return age > STALE_PART_AGE_S or not _pid_alive(int(match["pid"]))
+    if match["t"]:  # made then; a backup (hard link or copy2) keeps the old file's mtime
+        touched = max(touched, int(match["t"], 36))
+    if time.time() - touched > STALE_PART_AGE_S:
+        return True
+    here = match["host"] is None or match["host"] == _host_tag()
+    return here and not _pid_alive(int(match["pid"]))
 
 
 def remove_stale_parts(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary ``.part`` files (and staging folders) a killed run left.
 
     Only entries directly in ``folder`` named by our own pattern
-    ``.<name>.<pid>-<random>.part`` are removed, and only when that process is gone or
-    the entry is more than a day old; anything else is never touched. Best effort.
+    ``.<name>.<pid>@<host>.t<time>-<random>.part`` are removed, and only when they
+    are more than a day old (since made, or since last written), or when they are
+    this host's and their process is gone. A part of another host (a cluster node or
+    container sharing the folder) is removed only by age: its pid means nothing
+    here. Anything else is never touched. Best effort.
 
     Returns
     -------
@@ -738,7 +916,7 @@ def remove_stale_parts(folder: str | os.PathLike) -> list[Path]:
 @contextlib.contextmanager
 def staging_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder inside ``folder`` (same file system), removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix=f".staging.{os.getpid()}-", suffix=".part", dir=folder))
+    path = Path(tempfile.mkdtemp(prefix=_part_prefix("staging"), suffix=".part", dir=folder))
     try:
         yield path
     finally:

@@ -36,7 +36,13 @@ from ._io import InputError
 from .model.folder import LoadedModel
 from .model.inference import DEFAULT_TTA, CancelledError
 from .postprocess import Postprocessor, PostprocessParams
-from .preprocess import CANONICAL_PIXEL_SIZE, Modality, detect_modality, prepare_image
+from .preprocess import (
+    CANONICAL_PIXEL_SIZE,
+    Modality,
+    check_pixel_size,
+    detect_modality,
+    prepare_image,
+)
 from .segment import compute_maps, default_params, get_model, maps_from_input
 
 __all__ = [
@@ -271,8 +277,8 @@ def prepare_setup(
         pixel_size = compute_maps(
             crop, loaded, modality=modality, device=device, tta=False
         ).pixel_size
-    elif not (0.01 <= pixel_size <= 50):
-        raise InputError(f"pixel size {pixel_size} µm/px is outside the plausible 0.01-50 range")
+    else:  # the same range and message as the whole-image path
+        pixel_size = check_pixel_size(pixel_size, "pixel_size")
     return BlockSetup(
         modality=modality,
         pixel_size=float(pixel_size),

@@ -8,7 +8,9 @@ never space). The user can override both: ``channel_axis`` names the channel axi
 
 Colour or channels: a channel axis of 3 (or 4, RGBA) entries is read as one colour image
 (H&E, brightfield) when it holds colour samples in the file, when it was guessed from a
-channels-last shape, or when the image is 8-bit. Any other channel axis is multi-channel
+channels-last shape, or when the image is 8-bit and the file does not itself call the axis
+channels (an 8-bit ImageJ/OME composite of three stains is fluorescence). Any other channel
+axis is multi-channel
 fluorescence: the nuclear channel must be picked (``--channel N``, 0-based), unless there
 is only one. Every other axis (Z, T, ...) is a plane, segmented one by one.
 """
@@ -86,8 +88,14 @@ def _channel_axis(shape, axes: str, from_metadata: bool, channel, name: str | No
     )
 
 
-def _pick(n: int, axes: str, c_axis: int, guessed: bool, dtype, channel, name: str | None):
-    """(channel, colour) for a channel axis of ``n`` entries; see the module docstring."""
+def _pick(
+    n: int, axes: str, c_axis: int, guessed: bool, dtype, channel, name: str | None, file_c: bool
+):
+    """(channel, colour) for a channel axis of ``n`` entries; see the module docstring.
+
+    ``file_c``: the file's own metadata calls the axis channels (``C``, not colour samples
+    ``S``): then 8-bit alone does not make it colour (an 8-bit DAPI/GFP/RFP composite).
+    """
     if channel is not None:
         if not 0 <= channel < n:
             raise InputError(
@@ -97,7 +105,7 @@ def _pick(n: int, axes: str, c_axis: int, guessed: bool, dtype, channel, name: s
     if n == 1:
         return 0, False
     letter = axes[c_axis]
-    if n in (3, 4) and (letter == "S" or guessed or np.dtype(dtype) == np.uint8):
+    if n in (3, 4) and (letter == "S" or guessed or (np.dtype(dtype) == np.uint8 and not file_c)):
         return None, True
     raise InputError(
         f"{_at(name)}{n}-channel image (axes {axes}); pick the nuclear channel with --channel N (0-{n - 1})"
@@ -134,6 +142,7 @@ def plan_layout(
         that does not exist.
     """
     shape = tuple(int(n) for n in shape)
+    file_c = from_metadata and channel_axis is None and "C" in axes
     if channel_axis is not None:
         axes, from_metadata = _override_axes(shape, channel_axis, name), True
     axes = _channel_axis(shape, axes, from_metadata, channel, name)
@@ -142,7 +151,7 @@ def plan_layout(
     colour = False
     if c_axis is not None:
         guessed = not from_metadata and c_axis == len(shape) - 1
-        channel, colour = _pick(n, axes, c_axis, guessed, dtype, channel, name)
+        channel, colour = _pick(n, axes, c_axis, guessed, dtype, channel, name, file_c)
     y, x = axes.index("Y"), axes.index("X")
     lead_idx = tuple(i for i in range(len(shape)) if i not in (y, x, c_axis))
     order = (*lead_idx, y, x) + ((c_axis,) if c_axis is not None else ())

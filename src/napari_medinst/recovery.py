@@ -18,7 +18,9 @@ record names what the edits belong to (:class:`Source`):
 A layer may receive a record only if :meth:`Source.matches` says so: same file path
 (and shape) for a layer from a file; same original labels *and* same image for a
 layer never saved.  Layer name and shape alone never match.  The file is named by a
-hash of the identity (:meth:`Source.key`), never by the layer name.
+hash of the identity (:meth:`Source.key`) and a token of the editor that wrote it
+(:func:`record_path`), never by the layer name: two layers of one source autosave to
+two files, and a later session is offered each of them.
 
 **A ground-truth TIFF and status CSV that cannot be paired wrongly.**
 :func:`write_ground_truth` embeds the status table in the TIFF (same atomic rename as
@@ -26,7 +28,8 @@ the labels) and then writes ``<stem>_status.csv`` with a ``labels_sha256`` colum
 hash of the labels it describes.  :func:`read_ground_truth` uses the CSV only when its
 hash matches the TIFF (or when it is an old CSV without the column and the TIFF has no
 embedded table), so a crash between the two writes never pairs a new TIFF with the old
-statuses.
+statuses.  A CSV whose labels were changed by another program is still loaded, with a
+warning, and a save never replaces such a CSV without keeping a ``.stale-<time>`` copy.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,6 +53,7 @@ from ._io import InputError, _atomic_write, check_labels, read_labels, write_byt
 __all__ = [
     "HASH_COLUMN",
     "Record",
+    "SavedGroundTruth",
     "Source",
     "changed_nuclei",
     "image_sha256",
@@ -277,9 +281,15 @@ def new_record(
     )
 
 
-def record_path(folder: str | Path, source: Source) -> Path:
-    """The recovery file of ``source`` in ``folder``."""
-    return Path(folder) / f"{source.key()}.tif"
+def record_path(folder: str | Path, source: Source, token: str | None = None) -> Path:
+    """The recovery file of ``source`` in ``folder``: ``<key>-<token>.tif``.
+
+    ``token`` names the editor (layer) whose autosave it is, so that two layers of one
+    source never overwrite (or, when one is saved, delete) each other's autosave;
+    without a token ``<key>.tif``.  Which autosave belongs to which layer is decided
+    by the record (:meth:`Source.matches`), never by this name.
+    """
+    return Path(folder) / (f"{source.key()}-{token}.tif" if token else f"{source.key()}.tif")
 
 
 def _write_tiff(path: Path, labels: np.ndarray, payload: Mapping[str, Any]) -> Path:
@@ -315,10 +325,16 @@ def _payload(path: Path) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def write_record(folder: str | Path, record: Record, labels: np.ndarray) -> Path:
-    """Write the autosave (labels + record, one atomic rename); returns its path."""
+def write_record(
+    folder: str | Path, record: Record, labels: np.ndarray, token: str | None = None
+) -> Path:
+    """Write the autosave (labels + record, one atomic rename); returns its path.
+
+    ``token``: the editor's, see :func:`record_path`.
+    """
     labels = check_labels(labels, f"autosave of '{record.layer}'")
-    return _write_tiff(record_path(folder, record.source), labels, record.to_dict())
+    path = record_path(folder, record.source, token)
+    return _write_tiff(path, labels, record.to_dict())
 
 
 def read_record(path: str | Path) -> Record:
@@ -378,28 +394,105 @@ def read_status_csv(text: str, name: str = "status table") -> tuple[dict[int, st
     Raises
     ------
     InputError
-        As :func:`napari_medinst.editing.status_from_csv`; also if the rows disagree
-        on the labels hash.
+        As :func:`napari_medinst.editing.status_from_csv`; also if two rows name
+        different labels hashes (the message names the line).  Empty hash cells (rows
+        added by hand) are ignored.
     """
     status = editing.status_from_csv(text, name)
     reader = csv.DictReader(io.StringIO(text))
     if HASH_COLUMN not in (reader.fieldnames or ()):
         return status, None
-    hashes = {str(row[HASH_COLUMN] or "").strip() for row in reader}
-    if len(hashes) > 1:
-        raise InputError(f"{name}: the rows name different labels ({HASH_COLUMN} differs)")
-    return status, (hashes.pop() if hashes else None)
+    recorded = None
+    for row in reader:
+        cell = str(row.get(HASH_COLUMN) or "").strip()
+        if not cell:  # a row added or edited by hand: the other rows name the labels
+            continue
+        if recorded is None:
+            recorded = cell
+        elif cell != recorded:
+            raise InputError(
+                f"{name}, line {reader.line_num}: {HASH_COLUMN} differs from the rows "
+                "above (the rows name different labels)"
+            )
+    return status, recorded
+
+
+class SavedGroundTruth(NamedTuple):
+    """What :func:`write_ground_truth` did."""
+
+    #: :func:`labels_sha256` of the labels saved.
+    labels_sha256: str
+    #: Where the status CSV replaced was kept (it did not belong to the labels file
+    #: replaced, see :func:`_csv_to_keep`); None if it was not kept or there was none.
+    kept_csv: Path | None
+
+
+def _old_labels_hash(path: Path) -> str | None:
+    """:func:`labels_sha256` of the labels file about to be replaced (None: none, unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        return labels_sha256(read_labels(path))
+    except (InputError, OSError):
+        return None
+
+
+def _csv_to_keep(path: Path, csv_path: Path) -> bytes | None:
+    """The status CSV's bytes if replacing it would destroy statuses nobody has loaded.
+
+    A CSV may be replaced only if it is the table :func:`read_ground_truth` used, as
+    it is, for the labels file being replaced: it records their hash, or it is an old
+    CSV without a hash beside a TIFF without embedded statuses.  Any other CSV (one
+    written for other labels, e.g. after the TIFF was changed by another program; one
+    that cannot be read; one without a labels file) is kept.
+    """
+    try:
+        data = csv_path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        _, recorded = read_status_csv(data.decode("utf-8"), str(csv_path))
+    except (UnicodeDecodeError, InputError):
+        return data
+    old = _old_labels_hash(path)
+    if old is not None and (
+        recorded == old or (recorded is None and _embedded_status(path, old) is None)
+    ):
+        return None
+    return data
+
+
+def _keep_csv(csv_path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``<stem>.stale-<YYYYmmdd-HHMMSS>[-k].csv`` (atomic, never replacing)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 100):
+        kept = csv_path.with_name(f"{csv_path.stem}.stale-{stamp}{f'-{k}' if k > 1 else ''}.csv")
+        try:
+            return write_bytes(kept, data, overwrite=False)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{csv_path}: no free name to keep the old status table")
 
 
 def write_ground_truth(
     path: str | Path, labels: np.ndarray, status: Mapping[int, str], csv_path: str | Path
-) -> str:
-    """Save labels (TIFF, status embedded) and then the status CSV; returns the labels hash.
+) -> SavedGroundTruth:
+    """Save labels (TIFF, status embedded) and then the status CSV.
 
     Both writes are atomic.  The TIFF carries its own status table, and the CSV the
     hash of the labels it belongs to, so a crash between the two writes leaves a TIFF
     that :func:`read_ground_truth` reads with its own statuses, never the old CSV's.
+
+    A CSV there that did not belong to the labels file being replaced (its statuses
+    were not, or not reliably, loaded: :func:`_csv_to_keep`) is first copied to
+    ``<stem>.stale-<YYYYmmdd-HHMMSS>.csv``, so the review work it holds is never lost.
+
+    Returns
+    -------
+    SavedGroundTruth
+        The labels hash, and where the old CSV was kept (or None).
     """
+    path, csv_path = Path(path), Path(csv_path)
     labels = check_labels(labels, str(path))
     digest = labels_sha256(labels)
     embedded = {
@@ -407,9 +500,16 @@ def write_ground_truth(
         HASH_COLUMN: digest,
         "status": {str(k): str(v) for k, v in sorted(status.items())},
     }
-    _write_tiff(Path(path), labels, embedded)
-    write_bytes(csv_path, status_csv(status, digest).encode("utf-8"), overwrite=True)
-    return digest
+    stale = _csv_to_keep(path, csv_path)
+    kept = None if stale is None else _keep_csv(csv_path, stale)
+    try:
+        _write_tiff(path, labels, embedded)
+        write_bytes(csv_path, status_csv(status, digest).encode("utf-8"), overwrite=True)
+    except BaseException:
+        if kept is not None:  # the CSV itself is still there, unchanged
+            kept.unlink(missing_ok=True)
+        raise
+    return SavedGroundTruth(digest, kept)
 
 
 def _embedded_status(path: Path, digest: str) -> dict[int, str] | None:
@@ -436,11 +536,15 @@ def read_ground_truth(
     Which statuses are used:
 
     1. the CSV, if it records the hash of exactly these labels;
-    2. else the table embedded in the TIFF (always written with the labels);
+    2. else the table embedded in the TIFF (always written with the labels, so a
+       crash between the TIFF and the CSV write never pairs new labels with old
+       statuses);
     3. else an old CSV without a hash (files written before the hash existed);
-    4. else none.
-
-    A CSV that names other labels is never used, and the warning says so.
+    4. else a CSV written for other labels, for the ids still present, with a warning
+       to check them: the TIFF was then saved by another program (which drops the
+       embedded table), e.g. after a small fix in Fiji, and dropping every status
+       would throw the review work away.  The next save keeps that CSV
+       (:func:`write_ground_truth`).
 
     Raises
     ------
@@ -472,9 +576,12 @@ def read_ground_truth(
             f"{csv_path.name} {why} than {path.name}: it was ignored and the statuses "
             f"saved inside {path.name} were used",
         )
+    present = {int(i) for i in np.unique(labels)} - {0}
+    taken = {i: s for i, s in status.items() if i in present}
     return (
         labels,
-        None,
-        f"{csv_path.name} belongs to other labels than {path.name} (labels hash differs): "
-        "its statuses were ignored",
+        taken,
+        f"{csv_path.name} was written for other labels than {path.name} (changed by "
+        f"another program?): its statuses of the {len(taken)} nuclei still present were "
+        "loaded anyway; check them (saving keeps the old table as a .stale copy)",
     )

@@ -596,6 +596,73 @@ def test_crash_between_tiff_and_csv_keeps_the_pair_consistent(
     assert warnings and "gt_status.csv" in warnings[-1] and "ignored" in warnings[-1]
 
 
+def test_saving_never_deletes_an_earlier_sessions_autosave_still_offered(
+    make_napari_viewer, tmp_path, recovery
+):
+    """The banner hidden ("the autosaves are kept"), the layer edited and saved."""
+    viewer, gt = open_he(make_napari_viewer)
+    widget = make_widget(viewer)
+    delete_one(viewer, gt, 4)
+    [earlier] = widget.autosave_now()
+    viewer.close()  # killed
+
+    viewer, gt = open_he(make_napari_viewer)
+    widget = make_widget(viewer)
+    assert [p for _, p, _ in widget._recovery_offers] == [earlier]
+    widget.recovery_frame.setVisible(False)  # "Hide"
+    delete_one(viewer, gt, 2)
+    assert widget.save_ground_truth(tmp_path / "saved.tif")
+    assert earlier.exists()  # only Restore or Discard removes it
+    assert [p for _, p, _ in widget._recovery_offers] == [earlier]
+    delete_one(viewer, gt, 1)
+    widget._confirm_overwrite = lambda paths: True
+    assert widget.save_ground_truth(tmp_path / "other.tif")  # save as, elsewhere
+    assert earlier.exists()
+    widget.discard_recovery()
+    assert not earlier.exists()
+
+
+def test_two_layers_of_one_file_keep_their_own_autosaves(make_napari_viewer, tmp_path, recovery):
+    file = tmp_path / "labels.tif"
+    write_tiff(file, disk_labels(centres=((20, 20), (60, 60), (80, 25), (25, 75))))
+    viewer = make_napari_viewer()
+    widget = make_widget(viewer)
+    a, b = widget.load_ground_truth(file), widget.load_ground_truth(file)
+    delete_one(viewer, a, 1)
+    delete_one(viewer, b, 2)
+    edited_b = np.array(b.data)
+    paths = widget.autosave_now()
+    assert len(set(paths)) == 2  # neither overwrites the other
+    [path_a] = [p for p in paths if recovery_module.read_record(p).layer == a.name]
+    [path_b] = [p for p in paths if p != path_a]
+    widget._gt.value = a
+    widget._confirm_overwrite = lambda paths: True
+    assert widget.save_ground_truth(file)
+    assert not path_a.exists() and path_b.exists()  # saving a never deletes b's edits
+    delete_one(viewer, a, 1)
+    assert path_b in widget.autosave_now()  # b is still unsaved: rewritten in place
+    [path_a] = set(recovery.glob("*.tif")) - {path_b}
+    edited_a = np.array(a.data)
+    viewer.close()  # killed
+
+    # a later session is offered both: one per layer of that file, the other waits
+    viewer = make_napari_viewer()
+    widget = make_widget(viewer)
+    first = widget.load_ground_truth(file)
+    [(layer, offered, _)] = widget._recovery_offers
+    assert layer is first and offered in (path_a, path_b)
+    assert "Another autosave of the same source" in widget.recovery_label.text()
+    second = widget.load_ground_truth(file)
+    offers = {p: x for x, p, _ in widget._recovery_offers}
+    assert set(offers) == {path_a, path_b} and offers[offered] is first
+    assert offers[({path_a, path_b} - {offered}).pop()] is second
+    assert "Another autosave" not in widget.recovery_label.text()
+    assert sorted(widget.restore_recovery()) == sorted([first.name, second.name])
+    got = {offered: np.array(first.data), ({path_a, path_b} - {offered}).pop(): second.data}
+    np.testing.assert_array_equal(got[path_a], edited_a)
+    np.testing.assert_array_equal(got[path_b], edited_b)
+
+
 # ------------------------------------------------------------------------ auto-tune
 
 

@@ -147,8 +147,8 @@ def load_ground_truth(viewer, path: str | Path, like: Any = None) -> Labels:
 
     ``like`` (a layer) gives scale and translate, and its shape is checked.  The
     statuses come from :func:`napari_medinst.recovery.read_ground_truth`: a status CSV
-    that belongs to other labels (e.g. left over from a crash during a save) is ignored
-    with a warning.
+    that belongs to other labels is ignored with a warning when the TIFF carries its own
+    table (a crash during a save), else loaded for the ids still present, with a warning.
 
     Raises
     ------

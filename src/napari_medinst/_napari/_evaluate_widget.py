@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import time
 import weakref
 import zlib
@@ -209,6 +210,20 @@ def _may_receive(layer: Labels, record: recovery.Record) -> bool:
     return bool(record.source.path) or bool(layer.metadata.get(GT_KEY))
 
 
+#: A token per editor for its autosave file name (:func:`recovery.record_path`), so two
+#: layers of one source (the same file opened twice, two copies of one prediction over
+#: one image) never overwrite or delete each other's autosave.
+_AUTOSAVE_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _autosave_token(editor: GroundTruthEditor) -> str:
+    """This session's token of ``editor`` (made on first use, random)."""
+    token = _AUTOSAVE_TOKENS.get(editor)
+    if token is None:
+        token = _AUTOSAVE_TOKENS[editor] = secrets.token_hex(4)
+    return token
+
+
 def _unlink(path: Path) -> None:
     try:
         Path(path).unlink(missing_ok=True)
@@ -354,6 +369,7 @@ class EvaluateWidget(Container):
         self._last_run_end = 0.0
         self._recovery_offers: list[tuple[Labels, Path, recovery.Record]] = []
         self._offered: set[tuple[int, Path]] = set()
+        self._waiting = False  # autosaves wait for an offer to be resolved
         self._image_hashes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._warned_outputs: set[int] = set()
         self.evaluations = 0
@@ -1161,8 +1177,11 @@ class EvaluateWidget(Container):
         An existing file is replaced only after :meth:`_confirm_overwrite` says yes.
         The TIFF embeds the status table and the CSV records the labels' hash
         (:func:`napari_medinst.recovery.write_ground_truth`), so a crash between the
-        two writes never pairs the new labels with old statuses.  Once both are
-        written the autosave is deleted and editing starts afresh from the file.
+        two writes never pairs the new labels with old statuses; a CSV there that did
+        not belong to the labels replaced is kept as ``<stem>_status.stale-<time>.csv``
+        (a warning names it).  Once both are written this layer's own autosave is
+        deleted (an earlier session's autosave still offered is not) and editing
+        starts afresh from the file.
         """
         editor = self._editor()
         layer = editor.layer
@@ -1178,12 +1197,17 @@ class EvaluateWidget(Container):
         targets = [path, status_path(path)]
         if not self._may_write(targets):
             return False
-        recovery.write_ground_truth(path, data, editor.status, targets[1])
+        saved = recovery.write_ground_truth(path, data, editor.status, targets[1])
         editor.dirty = False
         self._remove_recovery(layer)
         layer.metadata["path"] = str(path)
         editor.rebase()
         show_info(f"Saved '{layer.name}' to {path} (status: {targets[1].name}).")
+        if saved.kept_csv is not None:
+            show_warning(
+                f"The replaced {targets[1].name} did not belong to the labels replaced; "
+                f"its statuses were kept as {saved.kept_csv.name}."
+            )
         return True
 
     def _may_write(self, paths: list[Path]) -> bool:
@@ -1384,12 +1408,12 @@ class EvaluateWidget(Container):
     def autosave_now(self) -> list[Path]:
         """Write every ground truth with unsaved edits to the recovery folder.
 
-        One file per source (:meth:`recovery.Source.key`: the ground-truth file, or the
-        original labels and the image), replaced at each autosave; its record says
-        what the edits belong to.  Skipped: layers whose unsaved edits the user
-        discarded ("Close anyway") and has not edited since, and layers with a
-        recovery offer still pending (that file holds the earlier session's edits
-        until Restore or Discard).
+        One file per editor, named by its source (:meth:`recovery.Source.key`: the
+        ground-truth file, or the original labels and the image) and the editor's token
+        (:func:`_autosave_token`), replaced at each autosave; its record says what the
+        edits belong to.  Skipped: layers whose unsaved edits the user discarded
+        ("Close anyway") and has not edited since, and layers with a recovery offer
+        still pending (until Restore or Discard).
         """
         pending = {id(x) for x, _, _ in self._recovery_offers}
         written = []
@@ -1411,24 +1435,35 @@ class EvaluateWidget(Container):
         data = np.asarray(layer.data)
         changed = recovery.changed_nuclei(editor.base_status, status)
         record = recovery.new_record(source, layer.name, data, status, changed)
-        path = recovery.write_record(recovery_dir(), record, data)
+        path = recovery.write_record(recovery_dir(), record, data, _autosave_token(editor))
         old, editor.recovery_file = editor.recovery_file, path
         if old is not None and old != path:  # the source changed (e.g. another image)
-            _unlink(old)
+            self._delete_autosave(old)
         editor.discarded_revision = None
         return path
 
+    def _delete_autosave(self, path: Path) -> None:
+        """Delete an autosave of this session; never one still offered.
+
+        An offered autosave holds an earlier session's edits that the user has not
+        yet restored or discarded (even with the banner hidden): only
+        :meth:`restore_recovery` (which adopts it) or :meth:`discard_recovery` may
+        remove it.
+        """
+        if any(Path(p) == Path(path) for _, p, _ in self._recovery_offers):
+            return
+        _unlink(path)
+
     def _remove_recovery(self, layer: Labels) -> None:
-        """Delete the autosave of ``layer`` (this session's, and any for its source)."""
+        """After a save, delete the autosave of ``layer``'s editor (its own, or restored).
+
+        Nothing else: not another layer's autosave of the same source, and not an
+        earlier session's autosave still offered for this layer (it stays offered).
+        """
         editor = existing_editor(layer)
-        paths = {recovery.record_path(recovery_dir(), self._source(layer))}
         if editor is not None and editor.recovery_file is not None:
-            paths.add(editor.recovery_file)
+            self._delete_autosave(editor.recovery_file)
             editor.recovery_file = None
-        for p in paths:
-            _unlink(p)
-        self._recovery_offers = [o for o in self._recovery_offers if o[0] is not layer]
-        self._show_recovery(self._recovery_offers, [])
 
     def discard_unsaved_autosaves(self) -> list[str]:
         """The user closes with unsaved edits ("Close anyway"): delete their autosaves.
@@ -1448,7 +1483,7 @@ class EvaluateWidget(Container):
             if editor is None or not editor.dirty:
                 continue
             if editor.recovery_file is not None:
-                _unlink(editor.recovery_file)
+                self._delete_autosave(editor.recovery_file)
                 editor.recovery_file = None
             editor.discarded_revision = editor.revision
             names.append(layer.name)
@@ -1461,51 +1496,69 @@ class EvaluateWidget(Container):
         layer's (:meth:`recovery.Source.matches`: same file, or same original labels
         and same image).  One with the layer's name and shape but another source is
         never offered; the banner only says it exists.  This session's own autosaves
-        are never offered.
+        are never offered.  A layer gets one offer at a time: several autosaves of one
+        source (two layers of it were edited) are offered to as many layers of that
+        source, and the rest are listed as waiting (offered once the first is
+        restored or discarded, or to another layer of the source).
         """
         records = recovery.list_records(recovery_dir())
         layers = [x for _, x in self._label_choices() if x.ndim == 2]
         offers = [o for o in self._recovery_offers if o[0] in self._viewer.layers and o[1].exists()]
         own = {e.recovery_file for e in map(existing_editor, layers) if e is not None}
         sources: dict[int, recovery.Source] = {}
-        others = []
+        others, waiting = [], []
         for path, record in records:
             if path in own or any(p == path for _, p, _ in offers):
                 continue
-            layer = self._layer_for(path, record, layers, offers, sources)
+            layer, busy = self._layer_for(path, record, layers, offers, sources)
             if layer is not None:
                 self._offered.add((id(layer), path))
                 offers.append((layer, path, record))
+            elif busy:
+                waiting.append(record)
             elif any(
                 x.name == record.layer and tuple(x.data.shape) == record.source.shape
                 for x in layers
             ):
                 others.append(record)
         self._recovery_offers = offers
-        self._show_recovery(offers, others)
+        self._waiting = bool(waiting)
+        self._show_recovery(offers, others, waiting)
 
-    def _layer_for(self, path, record, layers, offers, sources) -> Labels | None:
-        """The first layer (without an offer yet) whose source matches ``record``'s."""
+    def _layer_for(self, path, record, layers, offers, sources) -> tuple[Labels | None, bool]:
+        """The first layer without an offer yet whose source matches ``record``'s.
+
+        Also whether a layer that already has an offer matches it (the record then
+        waits for that layer's offer to be resolved).
+        """
         busy = {id(x) for x, _, _ in offers}
+        waiting = False
         for layer in layers:
             key = id(layer)
-            if key in busy or (key, path) in self._offered:
-                continue
-            if not _may_receive(layer, record):
+            if (key, path) in self._offered or not _may_receive(layer, record):
                 continue
             if key not in sources:
                 sources[key] = self._source(layer)
-            if record.source.matches(sources[key]):
-                return layer
-        return None
+            if not record.source.matches(sources[key]):
+                continue
+            if key not in busy:
+                return layer, False
+            waiting = True
+        return None, waiting
 
-    def _show_recovery(self, offers, others) -> None:
-        """Fill the banner: what each offer belongs to, and unrelated autosaves."""
+    def _show_recovery(self, offers, others, waiting=()) -> None:
+        """Fill the banner: what each offer belongs to, waiting and unrelated autosaves."""
         lines = []
         for layer, _, record in offers:
             lines.append(
                 f"Unsaved edits of '{layer.name}' were recovered ({record.describe()}). "
                 "Until you Restore or Discard them, this layer is not autosaved."
+            )
+        for record in waiting:
+            lines.append(
+                f"Another autosave of the same source ({record.describe()}) is kept; it "
+                "is offered once the one above is restored or discarded, or to another "
+                "layer of that source."
             )
         for record in others:
             lines.append(
@@ -1538,6 +1591,8 @@ class EvaluateWidget(Container):
             restored.append(layer.name)
         self._recovery_offers = []
         self._show_recovery([], [])
+        if self._waiting:
+            self._check_recovery()
         if restored:
             show_info(f"Restored the autosaved edits of {', '.join(restored)} (not yet saved).")
         return restored
@@ -1566,6 +1621,8 @@ class EvaluateWidget(Container):
             _unlink(path)
         self._recovery_offers = []
         self._show_recovery([], [])
+        if self._waiting:
+            self._check_recovery()
 
     # ================================================================== auto-tune
 
