@@ -82,6 +82,14 @@ def _add_segment(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--model", default="default", help="'default', 'classical' or a model folder")
     p.add_argument(
+        "--format",
+        type=_formats_arg,
+        default=("tif", "csv"),
+        metavar="LIST",
+        help="outputs, comma-separated: tif (<stem>_instances.tif), csv (<stem>_instances.csv), "
+        "geojson (<stem>.geojson, QuPath), ome-zarr; default tif,csv",
+    )
+    p.add_argument(
         "--pixel-size",
         type=float,
         default=None,
@@ -177,17 +185,38 @@ def _add_demo(sub) -> None:
     )
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: print the release and the bundled model's name and hash, exit 0."""
+
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     from .evaluation import add_parser as add_evaluate
 
     parser = argparse.ArgumentParser(prog="napari-medinst", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"napari-medinst {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="show the version, the bundled model's name and its weights' sha256, and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
     add_evaluate(sub)
     _add_train(sub)
     _add_demo(sub)
+    from .convert import add_parser as add_convert
+
+    add_convert(sub)
     return parser
 
 
@@ -224,8 +253,28 @@ def _planes(
     yield from iter_planes(arr, layout)
 
 
-def _outputs_for(out: Path, stem: str, save_maps: bool) -> dict[str, Path]:
-    names = {"instances": f"{stem}_instances.tif", "scores": f"{stem}_instances.csv"}
+#: Output name of each ``segment --format`` word (``{stem}`` is the image's stem).
+SEGMENT_FORMATS = {
+    "tif": ("instances", "{stem}_instances.tif"),
+    "csv": ("scores", "{stem}_instances.csv"),
+    "geojson": ("geojson", "{stem}.geojson"),
+    "ome-zarr": ("ome-zarr", "{stem}_instances.ome.zarr"),
+}
+
+
+def _formats_arg(text: str) -> tuple[str, ...]:
+    """argparse type of ``--format``: known words, comma-separated (else exit 2)."""
+    words = tuple(dict.fromkeys(w.strip().lower() for w in text.split(",") if w.strip()))
+    bad = [w for w in words if w not in SEGMENT_FORMATS]
+    if bad or not words:
+        raise argparse.ArgumentTypeError(
+            f"expected some of {', '.join(SEGMENT_FORMATS)} (comma-separated), got {text!r}"
+        )
+    return words
+
+
+def _outputs_for(out: Path, stem: str, save_maps: bool, formats=("tif", "csv")) -> dict[str, Path]:
+    names = {SEGMENT_FORMATS[f][0]: SEGMENT_FORMATS[f][1].format(stem=stem) for f in formats}
     if save_maps:
         names |= {
             "prob": f"{stem}_prob.tif",
@@ -235,13 +284,14 @@ def _outputs_for(out: Path, stem: str, save_maps: bool) -> dict[str, Path]:
     return {k: out / v for k, v in names.items()}
 
 
-def _estimate_bytes(jobs, save_maps: bool) -> int:
+def _estimate_bytes(plane_pixels: int, save_maps: bool) -> int:
     """A low estimate of the outputs' size on disk (labels compress well, maps do not)."""
-    pixels = sum(plane.shape[0] * plane.shape[1] for _, planes, _ in jobs for _, plane in planes)
-    return pixels // 32 + (4 * pixels if save_maps else 0)
+    return plane_pixels // 32 + (4 * plane_pixels if save_maps else 0)
 
 
-def _write_outputs(targets: dict[str, Path], labels, rows: list[str], maps, overwrite: bool):
+def _write_outputs(
+    targets: dict[str, Path], labels, rows: list[str], maps, overwrite: bool, extra=()
+):
     """Write one image's outputs as one unit (all or nothing), the instances TIFF last.
 
     A complete ``_instances.tif`` therefore means that the CSV (and maps) beside it are
@@ -251,15 +301,97 @@ def _write_outputs(targets: dict[str, Path], labels, rows: list[str], maps, over
 
     from ._io import bytes_writer, tiff_writer, write_group
 
-    items = [(targets["scores"], bytes_writer(("\n".join(rows) + "\n").encode()))]
+    items = list(extra)  # e.g. the GeoJSON (see _geojson_item)
+    if "scores" in targets:
+        items.insert(0, (targets["scores"], bytes_writer(("\n".join(rows) + "\n").encode())))
     for attr in ("prob", "hv", "contour"):
         if attr in targets:
             arrs = [getattr(m.maps, attr).astype(np.float32) for m in maps]
             items.append(
                 (targets[attr], tiff_writer(arrs[0] if len(arrs) == 1 else np.stack(arrs)))
             )
-    items.append((targets["instances"], tiff_writer(labels)))
+    if "instances" in targets:
+        items.append((targets["instances"], tiff_writer(labels)))
     write_group(items, overwrite=overwrite)
+
+
+def _check_formats(path: Path, planes, formats) -> None:
+    """Refuse, before any work, an output format that cannot hold this image's result."""
+    from ._io import InputError
+
+    for word in formats:
+        key = SEGMENT_FORMATS[word][0]
+        if key in ("instances", "scores"):
+            continue
+        if key not in SEGMENT_WRITERS and key != "ome-zarr":
+            raise InputError(f"--format {word}: this output is not available in this version")
+        if key in ("geojson", "ome-zarr") and len(planes) > 1:
+            raise InputError(
+                f"{path}: --format {word} needs a 2-D image, this one has {len(planes)} "
+                "planes; segment the planes as separate images"
+            )
+        if key == "ome-zarr":
+            from .omezarr import _zarr
+
+            _zarr()  # zarr missing: say so before any work
+
+
+def _write_with_zarr(targets: dict[str, Path], stack, pixel_size, write_rest, overwrite) -> None:
+    """Write the OME-Zarr labels (a folder, renamed into place), then the other outputs.
+
+    The folder goes first; when the other outputs then fail, a folder this run created
+    is removed again, so an image's outputs stay all or nothing.
+    """
+    import shutil
+
+    from .omezarr import write_labels_zarr
+
+    dest = targets.get("ome-zarr")
+    if dest is None:
+        write_rest()
+        return
+    existed = dest.exists()
+    write_labels_zarr(dest, stack, pixel_size=pixel_size, overwrite=overwrite)
+    try:
+        write_rest()
+    except BaseException:
+        if not existed:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
+    """(path, writer) of the QuPath GeoJSON of one plane's nuclei (status: predicted)."""
+    from . import __version__
+    from .geojson import geojson_writer, measurements_from_columns
+    from .measure import measure_nuclei
+
+    scores = {int(r.split(",")[0]): float(r.split(",")[1]) for r in rows[1:]}
+    img = image if image.ndim == 2 or image.shape[-1] <= 4 else None
+    cols = measure_nuclei(labels, img, pixel_size=seg.maps.pixel_size, scores=scores)
+    config = getattr(model, "config", {}) or {}
+    version = config.get("version") or f"napari-medinst {__version__}"
+    writer = geojson_writer(
+        labels,
+        status=dict.fromkeys(scores, "predicted"),
+        measurements=measurements_from_columns(cols),
+        model={"name": seg.maps.model_name, "version": str(version)},
+    )
+    return target, writer
+
+
+#: Writers of the ``segment --format`` outputs beyond the TIFF and CSV:
+#: ``key -> f(target, labels, rows, model, seg, image) -> (path, writer)``.
+SEGMENT_WRITERS = {"geojson": _geojson_item}
+
+
+def _format_items(targets: dict[str, Path], labels, rows, model, seg, image) -> list:
+    """(path, writer) of each extra output asked for, for :func:`_write_outputs`."""
+    return [
+        SEGMENT_WRITERS[key](targets[key], labels, rows, model, seg, image)
+        for key in SEGMENT_WRITERS
+        if key in targets
+    ]
 
 
 def _checked_planes(path: Path, arr, info=None, args=None, notes=None) -> list:
@@ -295,6 +427,28 @@ def _report_warnings(caught, path: Path, said: set[str]) -> None:
         elif str(w.message) not in said:
             said.add(str(w.message))
             print(f"{path}: warning: {w.message}", file=sys.stderr)
+
+
+def _file_pixel_size(path: Path, info, args, notes: list[str]) -> float | None:
+    """The pixel size the file's metadata states, when it is plausible.
+
+    A file's resolution tags are not always about the specimen (a scanner's or an editor's
+    dpi): a value outside the range the model accepts is not used; the size is estimated
+    instead, and a note in ``notes`` tells the user (``--pixel-size`` overrides the file).
+    """
+    from .preprocess import PIXEL_SIZE_RANGE
+
+    px = info.pixel_size
+    if px is None or args.pixel_size is not None:
+        return px
+    lo, hi = PIXEL_SIZE_RANGE
+    if lo <= px <= hi:
+        return px
+    notes.append(
+        f"{path}: warning: its metadata says {px:.4g} µm/px, outside the plausible "
+        f"{lo:g}-{hi:g}; the pixel size is estimated instead (or give --pixel-size)"
+    )
+    return None
 
 
 def _pixel_size_for(args, from_file: float | None) -> float | None:
@@ -337,7 +491,7 @@ def run_segment(args) -> int:
             params = PostprocessParams.from_file(args.params)
         except ValueError as exc:  # names the file: a folder, not UTF-8, bad JSON or values
             raise InputError(f"--params {exc}") from None
-    jobs, stems, file_px, notes = [], {}, {}, {}
+    jobs, stems, file_px, notes, pixels = [], {}, {}, {}, 0
     for name in args.images:
         path = Path(name)
         if path.stem in stems:
@@ -346,18 +500,29 @@ def run_segment(args) -> int:
                 "segment them into different output folders"
             )
         stems[path.stem] = path
-        targets = _outputs_for(out, path.stem, args.save_maps)
+        targets = _outputs_for(out, path.stem, args.save_maps, args.format)
         clash = [str(p) for p in targets.values() if p.exists()]
         if clash and not args.overwrite:
             raise InputError(f"{clash[0]}: already exists (use --overwrite to replace)")
         arr, info = open_image(path)
-        file_px[path] = info.pixel_size  # used when --pixel-size is not given
-        notes[path] = []
-        jobs.append((path, _checked_planes(path, arr, info, args, notes[path]), targets))
-        _check_block_maps(path, jobs[-1][1], args)
-    check_free_space(out, _estimate_bytes(jobs, args.save_maps))
+        notes[path] = []  # printed once every input has passed its checks
+        file_px[path] = _file_pixel_size(path, info, args, notes[path])
+        planes = _checked_planes(path, arr, info, args, notes[path])
+        _check_block_maps(path, planes, args)
+        _check_formats(path, planes, args.format)
+        pixels += sum(plane.shape[0] * plane.shape[1] for _, plane in planes)
+        # every image is checked before any is written, but only the first one stays
+        # decoded: the others are read again in turn, so memory holds at most two images
+        jobs.append((path, planes if not jobs else None, targets))
+        del arr, planes
+    check_free_space(out, _estimate_bytes(pixels, args.save_maps))
     model = get_model(args.model, args.device)
-    for path, planes, targets in jobs:
+    while jobs:
+        path, planes, targets = jobs.pop(0)
+        if planes is None:
+            arr, info = open_image(path)
+            planes = _checked_planes(path, arr, info, args, [])
+            del arr
         for note in notes[path]:
             print(note, file=sys.stderr)
         labels, maps, rows, said = [], [], ["label,score"], set()
@@ -391,7 +556,16 @@ def run_segment(args) -> int:
         if len(labels) > 1:  # ids unique across planes
             offs = np.cumsum([0] + [int(lab.max()) for lab in labels[:-1]]).astype(np.uint32)
             stack = np.where(stack > 0, stack + offs[:, None, None], 0).astype(np.uint32)
-        _write_outputs(targets, stack.astype(np.uint32, copy=False), rows, maps, args.overwrite)
+        stack = stack.astype(np.uint32, copy=False)
+        extra = _format_items(targets, stack, rows, model, seg, planes[0][1])
+        _write_with_zarr(
+            targets,
+            stack,
+            seg.maps.pixel_size,
+            lambda: _write_outputs(targets, stack, rows, maps, args.overwrite, extra),  # noqa: B023
+            args.overwrite,
+        )
+        del planes, labels, maps, stack  # before the next image is decoded
     return 0
 
 
@@ -451,6 +625,10 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         if args.command == "train":
             return run_train(args)
+        if args.command == "convert":
+            from .convert import run as run_convert
+
+            return run_convert(args)
         return run_demo(args)
     except (InputError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"napari-medinst {args.command}: error: {exc}", file=sys.stderr)
