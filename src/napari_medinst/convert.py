@@ -202,8 +202,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert labels between TIFF and QuPath GeoJSON (by file suffix)"
     )
-    p.add_argument("input", help="labels: .tif/.tiff or .geojson/.json")
-    p.add_argument("output", help="labels to write: .tif/.tiff or .geojson/.json")
+    p.add_argument("input", help="labels: .tif/.tiff, .geojson/.json or .zarr (OME-Zarr)")
+    p.add_argument("output", help="labels to write: .tif/.tiff, .geojson/.json or .zarr")
     p.add_argument("--shape", type=_pair_arg("--shape", True), default=None, metavar="HxW",
                    help="size of the label image made from GeoJSON (default: the "
                    "features' extent)")  # fmt: skip
