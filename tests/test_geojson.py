@@ -15,6 +15,7 @@ from hypothesis.extra.numpy import arrays
 from napari_medinst._io import InputError
 from napari_medinst.cli import main
 from napari_medinst.geojson import (
+    OBJECT_TYPES,
     features_to_labels,
     labels_to_features,
     read_geojson,
@@ -203,7 +204,7 @@ def test_qupath_detection_annotation_cell_multipolygon(tmp_path):
          "geometry": {"type": "MultiPolygon", "coordinates": [
              [_square(7, 6, 5), _square(8, 7, 3)[::-1]], [_square(13, 13, 1)]]}},
     ]  # fmt: skip
-    res = read_geojson(_write(tmp_path, feats), (14, 14))
+    res = read_geojson(_write(tmp_path, feats), (14, 14), object_types=OBJECT_TYPES)
     assert res.problems == []
     expect = np.zeros((14, 14), np.uint32)
     expect[1:4, 1:4], expect[1:4, 6:9], expect[7:9, 1:3] = 1, 2, 3
@@ -232,6 +233,9 @@ def test_shape_defaults_to_the_features_extent():
     lab = np.zeros((9, 7), np.uint8)
     lab[2:5, 1:6] = 3
     res = features_to_labels(labels_to_features(lab))
+    np.testing.assert_array_equal(res.labels, lab[2:5, 1:6])
+    assert res.offset == (2, 1)
+    res = features_to_labels(labels_to_features(lab), offset=(0, 0))  # from a given corner
     np.testing.assert_array_equal(res.labels, lab[:5, :6])
 
 
@@ -392,3 +396,157 @@ def test_cli_segment_format_geojson(tmp_path):
     with pytest.raises(SystemExit) as info:  # argparse: exit 2 with a usage line
         main([*args, "--format", "geojson,zip"])
     assert info.value.code == 2
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def _feat(x, y, size, kind=None, fid=None, **props):
+    """A square feature with an optional objectType and extra properties."""
+    props = props | ({"objectType": kind} if kind else {})
+    feat = {"type": "Feature", "properties": props,
+            "geometry": {"type": "Polygon", "coordinates": [_square(x, y, size)]}}  # fmt: skip
+    return feat | ({"id": fid} if fid else {})
+
+
+def test_qupath_export_imports_the_detections_not_the_tissue_annotation(tmp_path, capsys):
+    feats = [_feat(0, 0, 20, "annotation", "tissue")]
+    feats += [_feat(2 + 5 * i, 2, 3, "detection", f"n{i}") for i in range(3)]
+    feats.append({"type": "Feature", "id": "pt", "properties": {"objectType": "annotation"},
+                  "geometry": {"type": "MultiPoint", "coordinates": [[1, 1]]}})  # fmt: skip
+    path = _write(tmp_path, feats)
+    res = read_geojson(path, (20, 20))
+    assert [r["uuid"] for r in res.table] == ["n0", "n1", "n2"]
+    assert np.count_nonzero(res.labels) == 27
+    assert len(res.problems) == 1 and "2 feature(s) of type annotation left out" in res.problems[0]
+    res = read_geojson(path, (20, 20), object_types=["annotation"], strict=False)
+    assert [r["uuid"] for r in res.table] == ["tissue"]
+    with pytest.raises(InputError, match="object_types"):
+        read_geojson(path, (20, 20), object_types=["nucleus"])
+    # a file of annotations only imports them
+    only = _write(tmp_path, [_feat(0, 0, 3, "annotation", "a"), _feat(4, 0, 3, "annotation", "b")],
+                  "ann.geojson")  # fmt: skip
+    res = read_geojson(only, (4, 8))
+    assert [r["uuid"] for r in res.table] == ["a", "b"] and res.problems == []
+    out = tmp_path / "t.tif"
+    assert main(["convert", str(path), str(out), "--shape", "20x20", "--skip-bad",
+                 "--object-types", "annotation"]) == 0  # fmt: skip
+    assert (tifffile.imread(out) == 1).all()  # the tissue only
+    with pytest.raises(SystemExit):
+        main(["convert", str(path), str(out), "--object-types", "blob"])
+
+
+def test_slide_coordinates_give_the_features_region_with_its_offset(tmp_path, capsys):
+    path = _write(tmp_path, [_feat(80000, 60000, 10, "detection", "far")])
+    res = read_geojson(path)
+    assert res.labels.shape == (10, 10) and res.offset == (60000, 80000)
+    assert (res.labels == 1).all()
+    # float corners: the region is floored/ceiled
+    fc = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        [[10.6, 20.4], [13.4, 20.4], [13.4, 22.6], [10.6, 22.6], [10.6, 20.4]]]}}]  # fmt: skip
+    res = features_to_labels(fc)
+    assert res.offset == (20, 10) and res.labels.shape == (3, 4)
+    # GeoJSON -> GeoJSON keeps slide coordinates; -> TIFF says which offset to restore
+    assert main(["convert", str(path), str(tmp_path / "b.geojson")]) == 0
+    back = json.loads((tmp_path / "b.geojson").read_text())["features"][0]
+    assert back["geometry"]["coordinates"][0][0] == [80000, 60000] and back["id"] == "far"
+    assert main(["convert", str(path), str(tmp_path / "b.tif")]) == 0
+    assert "--offset 60000,80000" in capsys.readouterr().out
+    assert tifffile.imread(tmp_path / "b.tif").shape == (10, 10)
+    assert main(["convert", str(tmp_path / "b.tif"), str(tmp_path / "c.geojson"),
+                 "--offset", "60000,80000"]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "c.geojson").read_text())["features"][0]
+    assert again["geometry"] == back["geometry"]
+    # a region beyond the decode limit is refused with a hint
+    huge = _write(tmp_path, [_feat(0, 0, 2, "detection"), _feat(90000, 90000, 2, "detection")],
+                  "huge.geojson")  # fmt: skip
+    with pytest.raises(InputError, match="--shape") as info:
+        read_geojson(huge)
+    assert str(huge) in str(info.value)
+
+
+@pytest.mark.parametrize("props, geometry, words", [
+    ({"classification": {"name": "T", "color": ["r", 0, 0]}}, None, "color"),
+    ({"classification": {"name": "T", "color": [1, 2, 3e40]}}, None, "color"),
+    ({"classification": {"name": "T", "color": [1, 2, 300]}}, None, "color"),
+    ({"measurements": {"a": 10**400}}, None, "measurement 'a'"),
+    ({}, {"type": "Polygon", "coordinates": [[[10**400, 0], [1, 1], [2, 0], [10**400, 0]]]},
+     "coordinates"),
+    ({}, {"type": "Polygon", "coordinates": [_square(0, 0, 1e300)]}, "coordinates beyond"),
+])  # fmt: skip
+def test_bad_values_are_per_feature_errors(tmp_path, props, geometry, words):
+    bad = _feat(4, 0, 2, "detection", "bad-one", **props)
+    if geometry is not None:
+        bad["geometry"] = geometry
+    path = tmp_path / "v.geojson"
+    text = json.dumps({"type": "FeatureCollection", "features": [_good(0), bad]})
+    path.write_text(text)
+    with pytest.raises(InputError, match=words) as info:
+        read_geojson(path, (4, 8))
+    assert f"{path}: feature 1 (id bad-one)" in str(info.value)
+    res = read_geojson(path, (4, 8), strict=False)
+    assert [r["uuid"] for r in res.table] == ["ok0"] and "skipped" in res.problems[0]
+
+
+def test_deeply_nested_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.geojson"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(InputError, match="nested too deeply") as info:
+        read_geojson(path)
+    assert str(path) in str(info.value)
+
+
+def _labelled(x, label):
+    return _feat(x, 0, 2, "detection", metadata={"napari_medinst.label": label})
+
+
+def test_label_ids_kept_up_to_uint32_max_and_new_ids_fill_gaps():
+    fc = [_labelled(0, "4294967294"), _feat(2, 0, 2), _feat(4, 0, 2), _labelled(6, "4294967295")]
+    res = features_to_labels(fc, (2, 8))
+    assert res.labels[0, ::2].tolist() == [4294967294, 1, 2, 4294967295]
+    assert res.problems == []
+    fc = [_labelled(0, "2"), _labelled(2, "2"), _labelled(4, str(2**32)), _feat(6, 0, 2)]
+    res = features_to_labels(fc, (2, 8))
+    assert res.labels[0, ::2].tolist() == [2, 1, 3, 4]
+    assert len(res.problems) == 2
+    assert "feature 1" in res.problems[0] and "(already used); renumbered to 1" in res.problems[0]
+    assert "feature 2" in res.problems[1] and "renumbered to 3" in res.problems[1]
+
+
+def test_export_refuses_labels_above_uint32():
+    lab = np.zeros((2, 2), np.uint64)
+    lab[0, 0] = 2**63 + 5
+    with pytest.raises(InputError, match=r"above 2\*\*32 - 1"):
+        labels_to_features(lab)
+    lab[0, 0] = 2**32 - 1
+    fc = labels_to_features(lab)
+    assert fc["features"][0]["properties"]["metadata"]["napari_medinst.label"] == "4294967295"
+
+
+def test_convert_geojson_keeps_object_types_and_models(tmp_path):
+    meta = {"napari_medinst.model": "hovernet", "napari_medinst.model_version": "1.2"}
+    feats = [_feat(0, 0, 2, "annotation", "a", metadata=meta), _feat(3, 0, 2, "annotation", "b")]
+    path = _write(tmp_path, feats)
+    assert main(["convert", str(path), str(tmp_path / "o.geojson")]) == 0
+    out = json.loads((tmp_path / "o.geojson").read_text())["features"]
+    assert [f["properties"]["objectType"] for f in out] == ["annotation", "annotation"]
+    assert out[0]["properties"]["metadata"]["napari_medinst.model"] == "hovernet"
+    assert out[0]["properties"]["metadata"]["napari_medinst.model_version"] == "1.2"
+    assert "napari_medinst.model" not in out[1]["properties"]["metadata"]
+    assert main(["convert", str(path), str(tmp_path / "d.geojson"),
+                 "--object-type", "detection"]) == 0  # fmt: skip
+    out = json.loads((tmp_path / "d.geojson").read_text())["features"]
+    assert [f["properties"]["objectType"] for f in out] == ["detection", "detection"]
+
+
+def test_cli_segment_geojson_in_pixels_when_the_pixel_size_is_estimated(tmp_path):
+    from napari_medinst.samples import DATA
+
+    image = tmp_path / "tile.tif"
+    tifffile.imwrite(image, tifffile.imread(DATA / "he_tile.tif"))  # no pixel size in it
+    out = tmp_path / "out"
+    assert main(["segment", str(image), "-o", str(out), "--model", "classical",
+                 "--format", "geojson,tif"]) == 0  # fmt: skip
+    names = set(json.loads((out / "tile.geojson").read_text())["features"][0]["properties"]
+                ["measurements"])  # fmt: skip
+    assert "Area px^2" in names and "Area µm^2" not in names

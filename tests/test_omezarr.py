@@ -201,3 +201,129 @@ def test_cli_convert_and_segment_write_ome_zarr(tmp_path):
     # a second run without --overwrite is refused before any work and changes nothing
     assert main(["segment", str(img), "-o", str(out), "--model", "classical",
                  "--format", "tif,ome-zarr"]) == 2  # fmt: skip
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def _bioformats2raw(root):
+    """A bioformats2raw-style store: root attrs with the layout, the image at 0/."""
+    import zarr
+
+    g = zarr.open_group(str(root), mode="w", zarr_format=2)
+    g.attrs["bioformats2raw.layout"] = 3
+    img = g.create_group("0")
+    img.create_array("0", shape=(20, 30), dtype="uint8", chunks=(20, 30))[...] = 7
+    img.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "y", "type": "space"}, {"name": "x", "type": "space"}], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}]}]}]  # fmt: skip
+    (root / "OME").mkdir()
+    (root / "OME" / "METADATA.ome.xml").write_text("<OME/>")
+
+
+def test_bioformats2raw_store_gets_labels_inside_its_image(tmp_path):
+    root = tmp_path / "slide.zarr"
+    _bioformats2raw(root)
+    lab = np.zeros((20, 30), np.uint32)
+    lab[2:5, 2:5] = 1
+    for _ in range(2):  # the second time replaces our label image, nothing else
+        dest = write_labels_zarr(root, lab, overwrite=True)
+    assert dest == root / "0" / "labels" / "nuclei"
+    assert sorted(p.name for p in root.iterdir()) == [".zattrs", ".zgroup", "0", "OME"]
+    assert (root / "OME" / "METADATA.ome.xml").read_text() == "<OME/>"
+    assert np.array_equal(read_labels_zarr(root), lab)
+
+
+@pytest.mark.parametrize("attrs", [{"plate": {"rows": []}}, {"something": 1}, None])
+def test_other_folders_are_never_replaced(tmp_path, attrs):
+    import zarr
+
+    path = tmp_path / "x.zarr"
+    if attrs is None:
+        path.mkdir()
+        (path / "notes.txt").write_text("mine")
+    else:
+        zarr.open_group(str(path), mode="w", zarr_format=2).attrs.update(attrs)
+    before = sorted(p.name for p in path.iterdir())
+    with pytest.raises(InputError, match="not changed") as info:
+        write_labels_zarr(path, disk_labels(), overwrite=True)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in path.iterdir()) == before
+    if attrs and "plate" in attrs:
+        assert "plate" in str(info.value)
+
+
+def test_own_store_is_replaced_and_foreign_label_image_is_not(tmp_path):
+    lab = disk_labels()
+    write_labels_zarr(tmp_path / "own.zarr", lab)
+    write_labels_zarr(tmp_path / "own.zarr", lab * 2, overwrite=True)
+    assert np.array_equal(read_labels_zarr(tmp_path / "own.zarr"), lab * 2)
+    root = tmp_path / "slide.zarr"
+    _bioformats2raw(root)
+    small = np.zeros((20, 30), np.uint32)
+    write_labels_zarr(root, small, name="theirs")
+    attrs = json.loads((root / "0/labels/theirs/.zattrs").read_text())
+    del attrs["napari_medinst"]  # as if another tool had written it
+    (root / "0/labels/theirs/.zattrs").write_text(json.dumps(attrs))
+    with pytest.raises(InputError, match="not written by napari-medinst"):
+        write_labels_zarr(root, small + 1, name="theirs", overwrite=True)
+    assert read_labels_zarr(root, "theirs").max() == 0
+
+
+def test_offset_is_a_translation_and_the_table_reads_back(tmp_path):
+    from napari_medinst.omezarr import read_labels_zarr_table
+
+    lab = disk_labels()
+    props = {int(i): {"uuid": f"u{i}", "status": "verified", "objectType": "annotation",
+                      "Area px^2": 12.5} for i in np.unique(lab)[1:]}  # fmt: skip
+    path = write_labels_zarr(tmp_path / "o.zarr", lab, pixel_size=0.5, offset=(100, 40),
+                             properties=props)  # fmt: skip
+    moves = json.loads((path / ".zattrs").read_text())["multiscales"][0]["datasets"][-1]
+    assert {"type": "translation", "translation": [50.0, 20.0]} in moves[
+        "coordinateTransformations"
+    ]
+    z = read_labels_zarr_table(tmp_path / "o.zarr")
+    assert z.offset == (100, 40) and z.pixel_size == 0.5
+    row = z.table[0]
+    assert row["uuid"] == f"u{row['id']}" and row["status"] == "verified"
+    assert row["objectType"] == "annotation" and row["measurements"] == {"Area px^2": 12.5}
+
+
+def test_convert_zarr_to_geojson_keeps_uuids_status_and_offset(tmp_path):
+    from napari_medinst.cli import main
+
+    feats = [{"type": "Feature", "id": f"id-{k}", "geometry": {"type": "Polygon", "coordinates": [
+        [[500 + 4 * k, 300], [502 + 4 * k, 300], [502 + 4 * k, 302], [500 + 4 * k, 302],
+         [500 + 4 * k, 300]]]}, "properties": {"objectType": "annotation", "measurements": {"m": k},
+        "metadata": {"napari_medinst.status": "edited"}}} for k in range(3)]  # fmt: skip
+    src = tmp_path / "a.geojson"
+    src.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    assert main(["convert", str(src), str(tmp_path / "a.zarr")]) == 0
+    assert main(["convert", str(tmp_path / "a.zarr"), str(tmp_path / "b.geojson")]) == 0
+    back = json.loads((tmp_path / "b.geojson").read_text())["features"]
+    assert [f["id"] for f in back] == ["id-0", "id-1", "id-2"]
+    assert [f["geometry"] for f in back] == [f["geometry"] for f in feats]
+    assert {f["properties"]["metadata"]["napari_medinst.status"] for f in back} == {"edited"}
+    assert [f["properties"]["objectType"] for f in back] == ["annotation"] * 3
+    assert [f["properties"]["measurements"] for f in back] == [{"m": 0.0}, {"m": 1.0}, {"m": 2.0}]
+
+
+def test_segment_overwrite_keeps_the_old_zarr_until_the_rest_is_written(tmp_path, monkeypatch):
+    from napari_medinst import cli
+
+    dest = tmp_path / "he_instances.ome.zarr"
+    old = disk_labels()
+    write_labels_zarr(dest, old)
+
+    def fail():
+        assert np.array_equal(read_labels_zarr(dest), old)  # not yet replaced
+        raise OSError("disk full")
+
+    new = np.ones_like(old)
+    with pytest.raises(OSError, match="disk full"):
+        cli._write_with_zarr({"ome-zarr": dest}, new, None, fail, True)
+    assert np.array_equal(read_labels_zarr(dest), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+    cli._write_with_zarr({"ome-zarr": dest}, new, None, lambda: None, True)
+    assert np.array_equal(read_labels_zarr(dest), new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]

@@ -337,27 +337,37 @@ def _check_formats(path: Path, planes, formats) -> None:
 
 
 def _write_with_zarr(targets: dict[str, Path], stack, pixel_size, write_rest, overwrite) -> None:
-    """Write the OME-Zarr labels (a folder, renamed into place), then the other outputs.
+    """Write the OME-Zarr labels, then the other outputs, all or nothing.
 
-    The folder goes first; when the other outputs then fail, a folder this run created
-    is removed again, so an image's outputs stay all or nothing.
+    The labels are written under a temporary name beside ``dest`` first (an existing
+    ``dest`` must be a store this package may replace, and is kept), then the other
+    outputs; only when those succeeded is the new store renamed into place. On failure
+    the temporary store is removed and ``dest`` is as before. ``pixel_size`` is None
+    when it was estimated (scales in pixels).
     """
     import shutil
 
-    from .omezarr import write_labels_zarr
+    from .omezarr import _place_folder, _staging, _target, write_labels_zarr
 
     dest = targets.get("ome-zarr")
     if dest is None:
         write_rest()
         return
-    existed = dest.exists()
-    write_labels_zarr(dest, stack, pixel_size=pixel_size, overwrite=overwrite)
-    try:
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest}: already exists (use --overwrite to replace)")
+    final, inside = _target(dest)
+    if inside:  # labels into an existing image: the label image itself is placed atomically
+        write_labels_zarr(dest, stack, pixel_size=pixel_size, overwrite=overwrite)
         write_rest()
-    except BaseException:
-        if not existed:
-            shutil.rmtree(dest, ignore_errors=True)
-        raise
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = _staging(dest)
+    try:
+        write_labels_zarr(stage / "store", stack, pixel_size=pixel_size)
+        write_rest()
+        _place_folder(stage / "store", final, overwrite)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
@@ -368,7 +378,8 @@ def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
 
     scores = {int(r.split(",")[0]): float(r.split(",")[1]) for r in rows[1:]}
     img = image if image.ndim == 2 or image.shape[-1] <= 4 else None
-    cols = measure_nuclei(labels, img, pixel_size=seg.maps.pixel_size, scores=scores)
+    px = None if seg.maps.pixel_size_estimated else seg.maps.pixel_size  # estimated: pixels
+    cols = measure_nuclei(labels, img, pixel_size=px, scores=scores)
     config = getattr(model, "config", {}) or {}
     version = config.get("version") or f"napari-medinst {__version__}"
     writer = geojson_writer(
@@ -561,7 +572,7 @@ def run_segment(args) -> int:
         _write_with_zarr(
             targets,
             stack,
-            seg.maps.pixel_size,
+            None if seg.maps.pixel_size_estimated else seg.maps.pixel_size,
             lambda: _write_outputs(targets, stack, rows, maps, args.overwrite, extra),  # noqa: B023
             args.overwrite,
         )

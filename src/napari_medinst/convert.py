@@ -32,17 +32,24 @@ class ConvertOptions:
     ----------
     shape : (int, int) or None
         Size of the label image made from GeoJSON (default: the features' extent).
-    offset : (int, int)
-        (row, col) of the labels' top-left pixel in the slide's level-0 pixels.
-    object_type : str
-        QuPath object type written to GeoJSON: ``detection`` or ``annotation``.
+    offset : (int, int) or None
+        (row, col) of the labels' top-left pixel in the slide's level-0 pixels; default:
+        what the input says (GeoJSON: the features' corner, OME-Zarr: its translation,
+        TIFF: 0, 0).
+    object_type : str or None
+        QuPath object type of every feature written to GeoJSON (``detection`` or
+        ``annotation``); default: each nucleus keeps its own (new ones: detection).
+    object_types : tuple of str or None
+        Object types imported from GeoJSON (default: detections and cells when the
+        file has any, else all).
     strict : bool
         Refuse a GeoJSON file with any bad feature (else skip those and report them).
     """
 
     shape: tuple[int, int] | None = None
-    offset: tuple[int, int] = (0, 0)
-    object_type: str = "detection"
+    offset: tuple[int, int] | None = None
+    object_type: str | None = None
+    object_types: tuple[str, ...] | None = None
     strict: bool = True
 
 
@@ -59,11 +66,17 @@ class Labels:
         :class:`napari_medinst.geojson.ImportResult` gives; may be empty.
     problems : list of str
         Features skipped or changed while reading.
+    offset : (int, int)
+        (row, col) of ``labels[0, 0]`` in the slide's level-0 pixels.
+    pixel_size : float or None
+        µm per pixel when the input says.
     """
 
     labels: np.ndarray
     table: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    offset: tuple[int, int] = (0, 0)
+    pixel_size: float | None = None
 
 
 Reader = Callable[[Path, ConvertOptions], Labels]
@@ -73,7 +86,7 @@ Writer = Callable[[Path, Labels, ConvertOptions, bool], None]
 def _read_tiff(path: Path, opts: ConvertOptions) -> Labels:
     from ._io import read_labels
 
-    return Labels(read_labels(path))
+    return Labels(read_labels(path), offset=tuple(opts.offset or (0, 0)))
 
 
 def _write_tiff(path: Path, lab: Labels, opts: ConvertOptions, overwrite: bool) -> None:
@@ -85,10 +98,24 @@ def _write_tiff(path: Path, lab: Labels, opts: ConvertOptions, overwrite: bool) 
 def _read_geojson(path: Path, opts: ConvertOptions) -> Labels:
     from .geojson import read_geojson
 
-    res = read_geojson(path, opts.shape, offset=opts.offset, strict=opts.strict)
+    res = read_geojson(path, opts.shape, offset=opts.offset, strict=opts.strict,
+                       object_types=opts.object_types)  # fmt: skip
     if res.labels.size == 0:
         raise InputError(f"{path}: no nucleus to rasterise (give --shape for an empty image)")
-    return Labels(res.labels, res.table, res.problems)
+    return Labels(res.labels, res.table, res.problems, res.offset)
+
+
+def _per_row_types(rows: dict, opts: ConvertOptions) -> dict | None:
+    """Label -> object type: each row's own (cells and tiles as detections), unless forced."""
+    if opts.object_type is not None:
+        return None
+    return {k: "annotation" if r.get("objectType") == "annotation" else "detection"
+            for k, r in rows.items()}  # fmt: skip
+
+
+def _per_row_models(rows: dict) -> dict:
+    return {k: {"name": r["model"], "version": r.get("model_version")}
+            for k, r in rows.items() if r.get("model")}  # fmt: skip
 
 
 def _write_geojson(path: Path, lab: Labels, opts: ConvertOptions, overwrite: bool) -> None:
@@ -100,8 +127,10 @@ def _write_geojson(path: Path, lab: Labels, opts: ConvertOptions, overwrite: boo
         path,
         lab.labels,
         overwrite=overwrite,
-        offset=opts.offset,
-        object_type=opts.object_type,
+        offset=lab.offset,
+        object_type=opts.object_type or "detection",
+        object_types=_per_row_types(rows, opts),
+        models=_per_row_models(rows) or None,
         status={k: r["status"] for k, r in rows.items() if r.get("status")},
         types={k: r["type"] for k, r in rows.items() if r.get("type")},
         type_names=names or None,
@@ -111,17 +140,31 @@ def _write_geojson(path: Path, lab: Labels, opts: ConvertOptions, overwrite: boo
 
 
 def _read_zarr(path: Path, opts: ConvertOptions) -> Labels:
-    from .omezarr import read_labels_zarr
+    from .omezarr import read_labels_zarr_table
 
-    return Labels(read_labels_zarr(path))
+    z = read_labels_zarr_table(path)
+    offset = z.offset if opts.offset is None else tuple(opts.offset)
+    return Labels(z.labels, z.table, offset=offset, pixel_size=z.pixel_size)
+
+
+def _zarr_properties(table: list[dict]) -> dict:
+    """Label -> flat properties: the row's known keys and its measurements."""
+    keep = ("status", "uuid", "name", "type", "objectType", "model", "model_version")
+    out = {}
+    for r in table:
+        props = {k: r[k] for k in keep if r.get(k) not in (None, "", 0)}
+        props.update({k: v for k, v in (r.get("measurements") or {}).items() if k not in keep})
+        out[int(r["id"])] = props
+    return out
 
 
 def _write_zarr(path: Path, lab: Labels, opts: ConvertOptions, overwrite: bool) -> None:
     from .omezarr import write_labels_zarr
 
-    keep = ("status", "uuid", "name")
-    props = {int(r["id"]): {k: r[k] for k in keep if r.get(k)} for r in lab.table}
-    write_labels_zarr(path, np.asarray(lab.labels), properties=props or None, overwrite=overwrite)
+    props = _zarr_properties(lab.table)
+    write_labels_zarr(path, np.asarray(lab.labels), properties=props or None,
+                      overwrite=overwrite, offset=lab.offset,
+                      pixel_size=lab.pixel_size)  # fmt: skip
 
 
 #: Label readers by lower-case file suffix.
@@ -197,6 +240,19 @@ def _pair_arg(name: str, positive: bool):
     return parse
 
 
+def _types_arg(text: str) -> tuple[str, ...]:
+    """argparse type of ``--object-types``: comma-separated QuPath object types."""
+    from .geojson import OBJECT_TYPES
+
+    kinds = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in kinds if t not in OBJECT_TYPES]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"--object-types: expected some of {','.join(OBJECT_TYPES)}, got {text!r}"
+        )
+    return kinds
+
+
 def add_parser(sub) -> None:
     """Register the ``convert`` subcommand."""
     p = sub.add_parser(
@@ -209,11 +265,17 @@ def add_parser(sub) -> None:
                    "features' extent)")  # fmt: skip
     p.add_argument("--like", default=None, metavar="IMAGE",
                    help="take the size of the label image from this image")  # fmt: skip
-    p.add_argument("--offset", type=_pair_arg("--offset", False), default=(0, 0),
+    p.add_argument("--offset", type=_pair_arg("--offset", False), default=None,
                    metavar="ROW,COL", help="slide position of the labels' top-left pixel "
-                   "(level 0); default 0,0")  # fmt: skip
-    p.add_argument("--object-type", choices=["detection", "annotation"], default="detection",
-                   help="QuPath object type of the exported nuclei (default detection)")  # fmt: skip
+                   "(level 0); default: the input's (GeoJSON: the features' corner, "
+                   "OME-Zarr: its translation, TIFF: 0,0)")  # fmt: skip
+    p.add_argument("--object-type", choices=["detection", "annotation"], default=None,
+                   help="QuPath object type of every exported nucleus (default: each keeps "
+                   "its own; new ones are detections)")  # fmt: skip
+    p.add_argument("--object-types", type=_types_arg, default=None, metavar="TYPES",
+                   help="GeoJSON object types to import, comma-separated, of "
+                   "annotation,detection,cell,tile (default: detections and cells when the "
+                   "file has any, else all)")  # fmt: skip
     p.add_argument("--skip-bad", action="store_true",
                    help="import the valid features of a GeoJSON file and list the bad ones "
                    "(default: refuse the file)")  # fmt: skip
@@ -236,13 +298,21 @@ def run(args) -> int:
     """Run ``napari-medinst convert`` (errors are reported by ``cli.main``)."""
     opts = ConvertOptions(
         shape=_shape_from(args),
-        offset=tuple(args.offset),
+        offset=None if args.offset is None else tuple(args.offset),
         object_type=args.object_type,
+        object_types=args.object_types,
         strict=not args.skip_bad,
     )
     lab = convert(args.input, args.output, opts, overwrite=args.overwrite)
     for line in lab.problems:
         print(f"warning: {line}", file=sys.stderr)
     n = int(np.count_nonzero(np.unique(lab.labels)))
-    print(f"{args.output}: {n} nuclei written ({lab.labels.shape[0]}x{lab.labels.shape[1]} px)")
+    where = ""
+    if any(lab.offset):
+        row, col = lab.offset
+        where = f", offset {row},{col}"
+        if Path(args.output).suffix.lower() in (".tif", ".tiff"):
+            where += f"; a TIFF has no offset: pass --offset {row},{col} when converting it back"
+    print(f"{args.output}: {n} nuclei written ({lab.labels.shape[0]}x{lab.labels.shape[1]} px"
+          f"{where})")  # fmt: skip
     return 0

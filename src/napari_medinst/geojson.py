@@ -344,7 +344,7 @@ def _clean_measurements(values: Mapping) -> dict:
     for k, v in values.items():
         try:
             f = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             continue
         if math.isfinite(f):
             out[str(k)] = f
@@ -356,10 +356,11 @@ def _properties(lab_id: int, object_type: str, extra: dict) -> dict:
     status = (extra["status"] or {}).get(lab_id)
     if status is not None:
         meta[f"{_META}status"] = str(status)
-    model = extra["model"] or {}
+    model = (extra["models"] or {}).get(lab_id) or extra["model"] or {}
     for key in ("name", "version"):
         if model.get(key) is not None:
             meta[f"{_META}model" + ("" if key == "name" else "_version")] = str(model[key])
+    object_type = (extra["object_types"] or {}).get(lab_id) or object_type
     props: dict = {"objectType": object_type, "isLocked": False}
     t = (extra["types"] or {}).get(lab_id)
     if t is not None and int(t) > 0:
@@ -371,9 +372,15 @@ def _properties(lab_id: int, object_type: str, extra: dict) -> dict:
     return props
 
 
-def _check_export_args(object_type: str, status) -> None:
-    if object_type not in ("annotation", "detection"):
-        raise InputError(f"object_type: expected 'annotation' or 'detection', got {object_type!r}")
+def _check_export_args(lab: np.ndarray, object_type: str, status, object_types) -> None:
+    if lab.size and lab.max() > 2**32 - 1:
+        raise InputError(
+            f"labels: id {int(lab.max())} is above 2**32 - 1, the largest id GeoJSON "
+            "export keeps; renumber the labels first"
+        )
+    for value in [object_type, *(object_types or {}).values()]:
+        if value not in ("annotation", "detection"):
+            raise InputError(f"object_type: expected 'annotation' or 'detection', got {value!r}")
     bad = sorted({str(s) for s in (status or {}).values()} - set(STATUSES))
     if bad:
         raise InputError(f"status: unknown value {bad[0]!r}; expected one of {', '.join(STATUSES)}")
@@ -390,6 +397,8 @@ def labels_to_features(
     measurements: Mapping[int, Mapping] | None = None,
     ids: Mapping[int, str] | None = None,
     model: Mapping[str, str] | None = None,
+    object_types: Mapping[int, str] | None = None,
+    models: Mapping[int, Mapping[str, str]] | None = None,
 ) -> dict:
     """A QuPath GeoJSON FeatureCollection with one feature per nucleus.
 
@@ -413,6 +422,10 @@ def labels_to_features(
         Label -> UUID string to keep; other labels get a new UUID.
     model : mapping, optional
         ``{"name": ..., "version": ...}`` of the model that made the labels.
+    object_types : mapping, optional
+        Label -> object type, overriding ``object_type`` for those labels.
+    models : mapping, optional
+        Label -> ``{"name": ..., "version": ...}``, overriding ``model`` for those labels.
 
     Returns
     -------
@@ -421,11 +434,12 @@ def labels_to_features(
         positions are ``(x, y)`` tuples of ints (JSON arrays once serialised).
     """
     lab = check_labels(labels, name="labels")
-    _check_export_args(object_type, status)
+    _check_export_args(lab, object_type, status, object_types)
     with _no_gc():
         return _feature_collection(lab, offset, object_type, ids, extra={
             "status": status, "types": types, "type_names": type_names,
-            "measurements": measurements, "model": model})  # fmt: skip
+            "measurements": measurements, "model": model, "object_types": object_types,
+            "models": models})  # fmt: skip
 
 
 def _feature_collection(lab, offset, object_type: str, ids, extra: dict) -> dict:
@@ -508,12 +522,16 @@ class ImportResult:
         0 = none), ``name`` (class name or None), ``color``, ``objectType``,
         ``measurements``, ``feature`` (index in the file).
     problems : list of str
-        One line per feature skipped, clipped or partly covered by an earlier one.
+        One line per feature skipped, clipped, renumbered or partly covered by an
+        earlier one, and one for the features of other object types left out.
+    offset : (int, int)
+        (row, col) in slide pixels of ``labels[0, 0]``.
     """
 
     labels: np.ndarray
     table: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    offset: tuple[int, int] = (0, 0)
 
 
 class _Bad(Exception):
@@ -558,16 +576,22 @@ def _geometry_of(feat) -> dict:
     return geom
 
 
+#: Largest coordinate accepted (pixels); beyond it a file cannot be of a real slide.
+MAX_COORDINATE = 2.0**31
+
+
 def _ring(raw) -> np.ndarray:
     try:
         arr = np.asarray(raw, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _Bad("has coordinates that are not pairs of numbers") from None
     if arr.ndim != 2 or arr.shape[1] < 2 or arr.shape[0] == 0:
         raise _Bad("has coordinates that are not a list of [x, y] positions")
     arr = arr[:, :2]
     if not np.all(np.isfinite(arr)):
         raise _Bad("has coordinates that are not finite numbers")
+    if np.abs(arr).max() > MAX_COORDINATE:
+        raise _Bad(f"has coordinates beyond ±{MAX_COORDINATE:.0f} pixels")
     if not np.array_equal(arr[0], arr[-1]):
         arr = np.vstack([arr, arr[:1]])
     return arr
@@ -590,12 +614,18 @@ def _polygons_of(geom: dict) -> list[list[np.ndarray]]:
     return out
 
 
+def _byte(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+
+
 def _color(cls: dict):
     rgb = cls.get("color")
-    if isinstance(rgb, list) and len(rgb) >= 3:
-        return tuple(int(v) for v in rgb[:3])
+    if rgb is not None:
+        if not (isinstance(rgb, list) and len(rgb) in (3, 4) and all(_byte(v) for v in rgb)):
+            raise _Bad(f"has a classification color that is not 3 integers 0-255: {rgb!r:.60}")
+        return tuple(rgb[:3])
     packed = cls.get("colorRGB")
-    if isinstance(packed, int):
+    if isinstance(packed, int) and not isinstance(packed, bool):
         packed &= 0xFFFFFF
         return ((packed >> 16) & 255, (packed >> 8) & 255, packed & 255)
     return None
@@ -632,6 +662,8 @@ def _measurements_of(props: dict) -> dict:
             f = float(v)
         except (TypeError, ValueError):
             continue
+        except OverflowError:
+            raise _Bad(f"has a measurement {str(k)!r:.40} too large for a number") from None
         if math.isfinite(f):  # QuPath writes "NaN" (or null) for a missing value
             out[str(k)] = f
     return out
@@ -700,10 +732,54 @@ def _type_numbers(rows: list[dict], type_names: Mapping | None, parsed: _Parsed,
             row["type"] = 0
 
 
-def _parse(feats: list, source: str, strict: bool) -> _Parsed:
-    """Check every feature; keep the good ones (strict: raise on the first bad one)."""
+def _object_type_of(feat) -> str | None:
+    props = feat.get("properties") if isinstance(feat, dict) else None
+    if not isinstance(props, dict):
+        return None
+    value = props.get("objectType", props.get("object_type"))
+    return value if isinstance(value, str) else None
+
+
+def _check_object_types(object_types, source: str) -> tuple[str, ...] | None:
+    if object_types is None:
+        return None
+    kinds = (object_types,) if isinstance(object_types, str) else tuple(object_types)
+    bad = [k for k in kinds if k not in OBJECT_TYPES]
+    if bad or not kinds:
+        raise InputError(f"{source}: object_types: expected some of {', '.join(OBJECT_TYPES)}, "
+                         f"got {bad[0] if bad else 'none'!r}")  # fmt: skip
+    return kinds
+
+
+def _select(feats: list, object_types, source: str) -> tuple[list[int], list[str]]:
+    """Indices of the features to import, and a problem line for those left out.
+
+    Default: the detections and cells when the file has any (a QuPath export of a
+    tissue annotation with its nuclei), else every feature. Features without an
+    ``objectType`` are always imported.
+    """
+    kinds = _check_object_types(object_types, source)
+    types = [_object_type_of(f) for f in feats]
+    if kinds is None:
+        nuclei = {"detection", "cell"}
+        kinds = tuple(nuclei) if nuclei & set(types) else OBJECT_TYPES
+    keep = [i for i, t in enumerate(types) if t is None or t in kinds]
+    out = sorted({t for t in types if t is not None and t not in kinds})
+    if not out:
+        return keep, []
+    left = [i for i, t in enumerate(types) if t is not None and t not in kinds]
+    shown = ", ".join(map(str, left[:10])) + (", ..." if len(left) > 10 else "")
+    msg = (f"{source}: {len(left)} feature(s) of type {', '.join(out)} left out (features "
+           f"{shown}); only {', '.join(sorted(kinds))} imported (choose with object_types / "
+           "--object-types)")  # fmt: skip
+    return keep, [msg]
+
+
+def _parse(feats: list, keep: list[int], source: str, strict: bool) -> _Parsed:
+    """Check the features ``keep``; keep the good ones (strict: raise on the first bad one)."""
     parsed = _Parsed()
-    for i, feat in enumerate(feats):
+    for i in keep:
+        feat = feats[i]
         try:
             polys = _polygons_of(_geometry_of(feat))
             row = _row_of(i, feat)
@@ -822,33 +898,57 @@ def _paint(shape, runs, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out.reshape(h, w), lost
 
 
-def _label_ids(rows: list[dict]) -> np.ndarray:
-    """Label of each row: its stored label when a unique positive integer, else new ones."""
+def _label_ids(rows: list[dict], problems: list[str], source: str) -> np.ndarray:
+    """Label of each row: its stored label when a unique id 1 .. 2**32 - 1, else a new one.
+
+    New ids are the smallest ids not in use; every stored label that had to change is
+    reported in ``problems``.
+    """
     want = []
     for row in rows:
         try:
             want.append(int(row["_label"]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             want.append(0)
     out, used = np.zeros(len(rows), np.int64), set()
     for k, v in enumerate(want):
-        if 0 < v < 2**32 - 1 and v not in used:
+        if 0 < v <= 2**32 - 1 and v not in used:
             out[k] = v
             used.add(v)
-    nxt = max(used, default=0)
-    for k in np.flatnonzero(out == 0):
+    nxt = 0
+    for k in np.flatnonzero(out == 0).tolist():
         nxt += 1
+        while nxt in used:
+            nxt += 1
         out[k] = nxt
+        if rows[k]["_label"] is not None:
+            why = "already used" if want[k] in used else "not an id from 1 to 2**32 - 1"
+            problems.append(_feature_msg(source, rows[k],
+                            f"has label {str(rows[k]['_label'])!r:.40} ({why}); renumbered to {nxt}"))  # fmt: skip
     return out
 
 
-def _guess_shape(polys: list, offset) -> tuple[int, int]:
-    """Bounding box of all features, from (0, 0) of the region."""
+def _guess_region(polys: list, offset, source: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(shape, offset) of the region: the features' bounding box (from ``offset`` if given).
+
+    Refused when larger than :data:`napari_medinst._io.MAX_DECODE_PIXELS`.
+    """
+    from ._io import MAX_DECODE_PIXELS
+
     if not polys:
-        return (0, 0)
+        return (0, 0), (0, 0) if offset is None else tuple(offset)
     pts = np.concatenate([r for fp in polys for p in fp for r in p])
+    lo = np.floor(pts.min(axis=0)).astype(np.int64)
     hi = np.ceil(pts.max(axis=0)).astype(np.int64)
-    return (max(int(hi[1]) - int(offset[0]), 0), max(int(hi[0]) - int(offset[1]), 0))
+    off = (int(lo[1]), int(lo[0])) if offset is None else (int(offset[0]), int(offset[1]))
+    shape = (max(int(hi[1]) - off[0], 0), max(int(hi[0]) - off[1], 0))
+    if shape[0] * shape[1] > MAX_DECODE_PIXELS:
+        raise InputError(
+            f"{source}: the features span {shape[0]}x{shape[1]} px (from row {off[0]}, col "
+            f"{off[1]}), above the {MAX_DECODE_PIXELS / 1e9:.0f} Gpx limit; give --shape and "
+            "--offset of a smaller region"
+        )
+    return shape, off
 
 
 def _drop(parsed: _Parsed, bad_feats: set, msgs: dict) -> None:
@@ -908,10 +1008,11 @@ def features_to_labels(
     fc,
     shape: tuple[int, int] | None = None,
     *,
-    offset: tuple[int, int] = (0, 0),
+    offset: tuple[int, int] | None = None,
     source: str = "GeoJSON",
     strict: bool = True,
     type_names: Mapping[int, tuple] | None = None,
+    object_types=None,
 ) -> ImportResult:
     """Rasterise GeoJSON features into an instance label image.
 
@@ -924,10 +1025,11 @@ def features_to_labels(
     fc : dict or list
         A FeatureCollection (or a list of Features, or one Feature), as parsed JSON.
     shape : (int, int), optional
-        (rows, cols) of the label image; default: the features' bounding box from the
-        region's origin.
-    offset : (int, int)
-        (row, col) in slide pixels of the label image's top-left pixel.
+        (rows, cols) of the label image; default: the features' bounding box (from
+        ``offset`` when given), refused above 1 Gpx.
+    offset : (int, int), optional
+        (row, col) in slide pixels of the label image's top-left pixel; default: the
+        bounding box's (floored) corner without ``shape``, else (0, 0).
     source : str
         Name of the file, used in every message.
     strict : bool
@@ -936,17 +1038,26 @@ def features_to_labels(
     type_names : mapping, optional
         Type number -> (name, rgb) of the known classes; a classification not among
         them is a problem. Default: every name gets a number in order of appearance.
+    object_types : str or sequence of str, optional
+        QuPath object types to import (of ``annotation``, ``detection``, ``cell``,
+        ``tile``); default: detections and cells when the file has any, else all.
+        Features left out are counted in ``problems``; those without a type are kept.
 
     Returns
     -------
     ImportResult
     """
     feats = _feature_list(fc, source)
-    parsed = _parse(feats, source, strict)
+    keep, left_out = _select(feats, object_types, source)
+    parsed = _parse(feats, keep, source, strict)
+    parsed.problems.extend(left_out)
     _type_numbers(parsed.rows, type_names, parsed, source, strict)
-    shape = _guess_shape(parsed.polys, offset) if shape is None else _check_shape(shape, source)
+    if shape is None:
+        shape, offset = _guess_region(parsed.polys, offset, source)
+    else:
+        shape, offset = _check_shape(shape, source), tuple(offset or (0, 0))
     e, runs = _rasterise(parsed, shape, offset, source, strict)
-    ids = _label_ids(parsed.rows)
+    ids = _label_ids(parsed.rows, parsed.problems, source)
     poly_value = np.asarray(ids, np.int64)[e["poly_feat"]] if ids.size else np.zeros(0, np.int64)
     labels, lost = _paint(shape, runs, poly_value)
     run_feat = e["poly_feat"][runs[0]]
@@ -955,7 +1066,8 @@ def features_to_labels(
     lost = np.bincount(run_feat, weights=lost, minlength=n_feat).astype(np.int64)
     table = _finish_rows(parsed, ids, px, lost, source, strict)
     problems = sorted(parsed.problems, key=_feature_number)
-    return ImportResult(labels=labels, table=table, problems=problems)
+    return ImportResult(labels=labels, table=table, problems=problems,
+                        offset=(int(offset[0]), int(offset[1])))  # fmt: skip
 
 
 def _feature_number(msg: str) -> int:
@@ -992,9 +1104,10 @@ def read_geojson(
     path: str | os.PathLike,
     shape: tuple[int, int] | None = None,
     *,
-    offset: tuple[int, int] = (0, 0),
+    offset: tuple[int, int] | None = None,
     strict: bool = True,
     type_names: Mapping[int, tuple] | None = None,
+    object_types=None,
 ) -> ImportResult:
     """Read a QuPath GeoJSON file into labels (see :func:`features_to_labels`).
 
@@ -1016,5 +1129,7 @@ def read_geojson(
             data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not a JSON file ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a usable JSON file (nested too deeply)") from None
     return features_to_labels(data, shape, offset=offset, source=str(path), strict=strict,
-                              type_names=type_names)  # fmt: skip
+                              type_names=type_names, object_types=object_types)  # fmt: skip

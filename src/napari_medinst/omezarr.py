@@ -7,14 +7,21 @@ Two layouts are written:
   ``"../../"``, and ``<image>/labels/.zattrs`` lists them; other labels there are kept.
   The labels must have the image's Y and X size; the image's pixel size is used when
   none is given.
+  A ``bioformats2raw`` store (root ``.zattrs`` ``bioformats2raw.layout``) is followed
+  into its first image, ``0/``.
 * **beside an image**: otherwise ``path`` becomes a new store whose root is a ``labels``
-  group (``.zattrs`` ``{"labels": [name]}``) holding ``<name>``, the label image. Readers
-  such as ``ome-zarr`` open it at its root.
+  group (``.zattrs`` ``{"labels": [name]}``, with the marker :data:`MARKER`) holding
+  ``<name>``, the label image. Readers such as ``ome-zarr`` open it at its root.
+
+An existing folder is replaced (with ``overwrite``) only when it is such a labels store
+written by this package, and a label image inside an image only when this package wrote
+it; any other folder (an image, a plate, another zarr group, not zarr) is refused.
 
 The label image is a multiscale pyramid: level 0 is the labels, each further level takes
 every second pixel of the one before (nearest neighbour, so ids are never blended) until
 the larger side is under :data:`MIN_LEVEL_SIZE` pixels. ``coordinateTransformations`` give
-each level's scale (µm when the pixel size is known). ``image-label`` carries a colour and
+each level's scale (µm when the pixel size is known) and, for a region of a slide, a
+``translation`` to its top-left pixel. ``image-label`` carries a colour and
 optional properties (e.g. the measurements of :mod:`napari_medinst.measure`) per label.
 
 Writes are atomic: the label group is written into a temporary folder beside its
@@ -32,6 +39,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +53,8 @@ MAX_LEVELS = 12
 CHUNK = 1024
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _INSTALL = "pip install 'napari-medinst[io]'"
+#: Attribute key marking a group written by this package (root of a labels store, label image).
+MARKER = "napari_medinst"
 
 
 def _zarr():
@@ -128,13 +138,16 @@ def _property_list(properties) -> list[dict]:
     return out
 
 
-def _multiscales(name: str, levels: int, pixel_size: float | None) -> list[dict]:
+def _multiscales(name: str, levels: int, pixel_size: float | None, offset=(0, 0)) -> list[dict]:
     unit = {} if pixel_size is None else {"unit": "micrometer"}
     base = 1.0 if pixel_size is None else float(pixel_size)
+    move = []
+    if any(int(v) for v in offset):  # the same for every level (level i = every 2**i-th px)
+        move = [{"type": "translation", "translation": [int(v) * base for v in offset]}]
     datasets = [
         {
             "path": str(i),
-            "coordinateTransformations": [{"type": "scale", "scale": [base * 2**i] * 2}],
+            "coordinateTransformations": [{"type": "scale", "scale": [base * 2**i] * 2}, *move],
         }
         for i in range(levels)
     ]
@@ -219,6 +232,28 @@ def _is_image(path: Path) -> bool:
     return path.is_dir() and "multiscales" in _read_json(path / ".zattrs")
 
 
+def _is_ours(path: Path) -> bool:
+    """Whether ``path`` is a labels store this package wrote (its root has :data:`MARKER`)."""
+    attrs = _read_json(path / ".zattrs") if path.is_dir() else {}
+    return isinstance(attrs.get(MARKER), dict) and "labels" in attrs
+
+
+def _target(path: Path) -> tuple[Path, bool]:
+    """(where to write, whether it is inside an image), refusing folders that are not ours."""
+    if os.path.isdir(path) and "bioformats2raw.layout" in _read_json(path / ".zattrs"):
+        if not _is_image(path / "0"):
+            raise InputError(f"{path}: a bioformats2raw store without an image 0/; not changed")
+        return path / "0", True
+    if _is_image(path):
+        return path, True
+    if not os.path.lexists(path) or _is_ours(path):
+        return path, False
+    attrs = _read_json(path / ".zattrs") if path.is_dir() else {}
+    what = ("an OME-Zarr plate; write the labels into one of its images" if "plate" in attrs
+            else "not a labels store written by napari-medinst")  # fmt: skip
+    raise InputError(f"{path}: exists and is {what}; it was not changed (choose another name)")
+
+
 def write_labels_zarr(
     path: str | os.PathLike,
     labels: np.ndarray,
@@ -229,6 +264,7 @@ def write_labels_zarr(
     properties=None,
     levels: int | None = None,
     overwrite: bool = False,
+    offset: tuple[int, int] = (0, 0),
 ) -> Path:
     """Write instance labels as an OME-NGFF 0.4 image-label with a pyramid.
 
@@ -251,7 +287,11 @@ def write_labels_zarr(
     levels : int, optional
         Number of pyramid levels; default: halve until the larger side is < 256.
     overwrite : bool
-        Whether an existing label image (or store) of that name may be replaced.
+        Whether an existing label image (or labels store) of that name, written by
+        this package, may be replaced.
+    offset : (int, int)
+        (row, col) of the labels' top-left pixel in the slide (level 0), written as a
+        ``translation`` when not (0, 0).
 
     Returns
     -------
@@ -261,7 +301,9 @@ def write_labels_zarr(
     Raises
     ------
     InputError
-        Bad labels, name, colours, size mismatch with the image, or zarr not installed.
+        Bad labels, name, colours, size mismatch with the image, zarr not installed, or
+        ``path`` is a folder this package may not replace (an image's own label image of
+        that name included).
     FileExistsError
         The destination exists and ``overwrite`` is False. Nothing was changed.
     """
@@ -271,26 +313,38 @@ def write_labels_zarr(
         raise InputError(f"name: {name!r} is not a valid label name (letters, digits, ._-)")
     lab = lab.astype(np.uint32 if lab.size == 0 or lab.max() < 2**32 else np.uint64, copy=False)
     _zarr()
-    if _is_image(path):
-        return _write_inside(path, lab, name, pixel_size, colours, properties, levels, overwrite)
+    offset = _check_offset(offset)
+    path, inside = _target(path)
+    extra = (colours, properties, levels, offset)
+    if inside:
+        return _write_inside(path, lab, name, pixel_size, extra, overwrite)
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _staging(path)
     try:
-        _write_label_group(
-            tmp / name, *_label_content(lab, name, pixel_size, colours, properties, levels, False)
-        )
+        _write_label_group(tmp / name, *_label_content(lab, name, pixel_size, extra, False))
         zarr = _zarr()
-        zarr.open_group(str(tmp), mode="a", zarr_format=2).attrs.update({"labels": [name]})
+        root = zarr.open_group(str(tmp), mode="a", zarr_format=2)
+        root.attrs.update({"labels": [name], MARKER: {"kind": "labels"}})
         _place_folder(tmp, path, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path / name
 
 
-def _label_content(lab, name, pixel_size, colours, properties, levels, inside: bool):
-    """The pyramid and the ``.zattrs`` of a label image."""
+def _check_offset(offset) -> tuple[int, int]:
+    try:
+        row, col = (int(v) for v in offset)
+    except (TypeError, ValueError):
+        raise InputError(f"offset: expected (row, col) integers, got {offset!r}") from None
+    return row, col
+
+
+def _label_content(lab, name, pixel_size, extra, inside: bool):
+    """The pyramid and the ``.zattrs`` of a label image (``extra``: colours, properties,
+    levels, offset)."""
+    colours, properties, levels, offset = extra
     if pixel_size is not None:
         from .preprocess import check_pixel_size
 
@@ -305,11 +359,12 @@ def _label_content(lab, name, pixel_size, colours, properties, levels, inside: b
     if inside:
         image_label["source"] = {"image": "../../"}
     n = level_count(lab.shape, levels)
-    attrs = {"multiscales": _multiscales(name, n, pixel_size), "image-label": image_label}
+    attrs = {"multiscales": _multiscales(name, n, pixel_size, offset),
+             "image-label": image_label, MARKER: {"kind": "label-image"}}  # fmt: skip
     return pyramid(lab, n), attrs
 
 
-def _write_inside(image, lab, name, pixel_size, colours, properties, levels, overwrite) -> Path:
+def _write_inside(image, lab, name, pixel_size, extra, overwrite) -> Path:
     shape, image_px = _image_grid(image)
     if tuple(shape) != lab.shape:
         raise InputError(
@@ -319,16 +374,12 @@ def _write_inside(image, lab, name, pixel_size, colours, properties, levels, ove
     dest = folder / name
     if os.path.lexists(dest) and not overwrite:
         raise FileExistsError(f"{dest}: already exists (pass overwrite=True to replace it)")
+    if os.path.lexists(dest) and MARKER not in _read_json(dest / ".zattrs"):
+        raise InputError(f"{dest}: label image not written by napari-medinst; it was not "
+                         "replaced (choose another layer name)")  # fmt: skip
     attrs = _read_json(folder / ".zattrs")
-    content = _label_content(
-        lab,
-        name,
-        pixel_size if pixel_size is not None else image_px,
-        colours,
-        properties,
-        levels,
-        True,
-    )
+    px = pixel_size if pixel_size is not None else image_px
+    content = _label_content(lab, name, px, extra, True)
     folder.mkdir(exist_ok=True)
     if not (folder / ".zgroup").exists():
         write_bytes(folder / ".zgroup", b'{\n  "zarr_format": 2\n}', overwrite=True)
@@ -374,6 +425,102 @@ def _find_label_group(zarr, path: Path, name: str | None):
     return group[pick], _attrs(group[pick])
 
 
+@dataclass
+class ZarrLabels:
+    """An OME-Zarr label image read back (see :func:`read_labels_zarr_table`).
+
+    Attributes
+    ----------
+    labels : ndarray
+        Level 0, 2-D.
+    table : list of dict
+        One row per ``image-label.properties`` entry: ``id`` (label), the known keys
+        (``uuid``, ``status``, ``name``, ``type``, ``objectType``, ``model``,
+        ``model_version``, ``color`` None) and the other numbers as ``measurements``.
+    offset : (int, int)
+        (row, col) of the top-left pixel, from level 0's ``translation`` and ``scale``.
+    pixel_size : float or None
+        µm per pixel when the axes are in micrometres.
+    """
+
+    labels: np.ndarray
+    table: list[dict] = field(default_factory=list)
+    offset: tuple[int, int] = (0, 0)
+    pixel_size: float | None = None
+
+
+_ROW_KEYS = ("uuid", "status", "name", "type", "objectType", "model", "model_version")
+
+
+def _table_of(attrs: dict) -> list[dict]:
+    """Rows of ``image-label.properties`` (entries without an integer label skipped)."""
+    props = (attrs.get("image-label") or {}).get("properties") or []
+    rows = []
+    for item in props if isinstance(props, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("label-value"), int):
+            continue
+        row = {"id": int(item["label-value"]), "color": None, "measurements": {}}
+        for key, value in item.items():
+            if key in _ROW_KEYS:
+                row[key] = value
+            elif key not in ("label-value", "label", "index") and _is_number(value):
+                row["measurements"][key] = float(value)
+        row.setdefault("type", 0)
+        rows.append({k: row.get(k) for k in ("id", *_ROW_KEYS, "color", "measurements")})
+    return rows
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))  # fmt: skip
+
+
+def _placement(attrs: dict) -> tuple[tuple[int, int], float | None]:
+    """(offset in pixels, µm/px) from level 0's coordinateTransformations."""
+    try:
+        ms = attrs["multiscales"][0]
+        moves = ms["datasets"][0].get("coordinateTransformations", [])
+        scale = next(t["scale"] for t in moves if t.get("type") == "scale")[-2:]
+        shift = next((t["translation"] for t in moves if t.get("type") == "translation"),
+                     [0.0, 0.0])[-2:]  # fmt: skip
+        offset = tuple(round(float(t) / float(s)) for t, s in zip(shift, scale, strict=True))
+        units = {a.get("unit") for a in ms.get("axes", [])[-2:] if isinstance(a, dict)}
+    except (KeyError, IndexError, TypeError, ValueError, StopIteration, ZeroDivisionError):
+        return (0, 0), None
+    px = float(scale[-1]) if units == {"micrometer"} else None
+    return (int(offset[0]), int(offset[1])), px
+
+
+def read_labels_zarr_table(path: str | os.PathLike, name: str | None = None) -> ZarrLabels:
+    """Read an OME-Zarr label image with its properties table, offset and pixel size.
+
+    Parameters and errors are those of :func:`read_labels_zarr`.
+    """
+    path = Path(path)
+    zarr = _zarr()
+    if not path.is_dir():
+        raise InputError(f"{path}: no such OME-Zarr folder")
+    if "bioformats2raw.layout" in _read_json(path / ".zattrs") and (path / "0").is_dir():
+        path = path / "0"
+    group, attrs = _find_label_group(zarr, path, name)
+    labels = _level0(path, group, attrs)
+    offset, px = _placement(attrs)
+    return ZarrLabels(labels, _table_of(attrs), offset, px)
+
+
+def _level0(path: Path, group, attrs: dict) -> np.ndarray:
+    try:
+        level0 = attrs["multiscales"][0]["datasets"][0]["path"]
+        arr = np.asarray(group[level0][...])
+    except (KeyError, IndexError, TypeError) as exc:
+        raise InputError(
+            f"{path}: the label image has no readable multiscales level 0 ({exc})"
+        ) from exc
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    return check_labels(arr, name=str(path))
+
+
 def read_labels_zarr(path: str | os.PathLike, name: str | None = None) -> np.ndarray:
     """Read level 0 of an OME-Zarr label image as a 2-D label array.
 
@@ -394,21 +541,8 @@ def read_labels_zarr(path: str | os.PathLike, name: str | None = None) -> np.nda
     InputError
         Not OME-Zarr labels, not 2-D, or zarr not installed; the message names ``path``.
     """
-    path = Path(path)
-    zarr = _zarr()
-    if not path.is_dir():
-        raise InputError(f"{path}: no such OME-Zarr folder")
-    group, attrs = _find_label_group(zarr, path, name)
-    try:
-        level0 = attrs["multiscales"][0]["datasets"][0]["path"]
-        arr = np.asarray(group[level0][...])
-    except (KeyError, IndexError, TypeError) as exc:
-        raise InputError(
-            f"{path}: the label image has no readable multiscales level 0 ({exc})"
-        ) from exc
-    while arr.ndim > 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    return check_labels(arr, name=str(path))
+    return read_labels_zarr_table(path, name).labels
 
 
-__all__ = ["default_colours", "level_count", "pyramid", "read_labels_zarr", "write_labels_zarr"]
+__all__ = ["ZarrLabels", "default_colours", "level_count", "pyramid", "read_labels_zarr",
+           "read_labels_zarr_table", "write_labels_zarr"]  # fmt: skip

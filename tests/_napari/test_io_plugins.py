@@ -225,3 +225,97 @@ def test_segment_run_measures_tuning_does_not(make_napari_viewer, qtbot, monkeyp
     qtbot.waitUntil(idle, timeout=60_000)
     assert len(calls) == 1
     assert "area_um2" not in layer.features
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def _square_feature(x, y, size, kind, fid):
+    ring = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+    return {"type": "Feature", "id": fid, "properties": {"objectType": kind},
+            "geometry": {"type": "Polygon", "coordinates": [ring]}}  # fmt: skip
+
+
+@needs_geojson
+def test_reader_skips_bad_features_warns_and_keeps_them_in_metadata(
+    make_napari_viewer, tmp_path, monkeypatch
+):
+    import napari.utils.notifications as notes
+
+    said = []
+    monkeypatch.setattr(notes, "show_warning", said.append)
+    feats = [_square_feature(2, 2, 3, "detection", "n0"), _square_feature(8, 2, 3, "detection", "n1"),
+             {"type": "Feature", "id": "pt", "properties": {"objectType": "detection"},
+              "geometry": {"type": "Point", "coordinates": [1, 1]}}]  # fmt: skip
+    path = tmp_path / "cells.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    layer = make_napari_viewer().open(str(path), plugin=PLUGIN)[0]
+    assert sorted(layer.features["uuid"]) == ["n0", "n1"]
+    problems = layer.metadata["import_problems"]
+    assert len(problems) == 1 and "feature 2 (id pt)" in problems[0]
+    assert len(said) == 1 and "1 feature problem(s)" in said[0]
+
+
+@needs_geojson
+def test_slide_coordinates_open_translated_and_save_back_in_place(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    path = tmp_path / "far.geojson"
+    feats = [_square_feature(80000, 60000, 10, "annotation", "far")]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    layer = viewer.open(str(path), plugin=PLUGIN)[0]
+    assert layer.data.shape == (10, 10)
+    assert tuple(layer.translate) == (60000, 80000)
+    viewer.layers.selection.active = layer
+    out = tmp_path / "out.geojson"
+    viewer.layers.save(str(out), selected=True, plugin=PLUGIN)
+    back = json.loads(out.read_text())["features"][0]
+    assert back["geometry"] == feats[0]["geometry"] and back["id"] == "far"
+    assert back["properties"]["objectType"] == "annotation"  # not turned into a detection
+
+
+@needs_zarr
+def test_zarr_writer_keeps_translate_and_reader_gives_it_back(make_napari_viewer, tmp_path):
+    from napari_medinst.omezarr import read_labels_zarr_table
+
+    viewer = make_napari_viewer()
+    _labels_layer(viewer, scale=(0.5, 0.5), translate=(50.0, 20.0))
+    viewer.layers.save(str(tmp_path / "x.zarr"), selected=True, plugin=PLUGIN)
+    z = read_labels_zarr_table(tmp_path / "x.zarr")
+    assert z.offset == (100, 40) and z.pixel_size == 0.5
+    viewer.layers.save(str(tmp_path / "x.geojson"), selected=True, plugin=PLUGIN)
+    first = json.loads((tmp_path / "x.geojson").read_text())["features"][0]
+    xs = [p[0] for p in first["geometry"]["coordinates"][0]]
+    assert min(xs) >= 40  # level-0 pixels of the slide, offset by translate / scale
+
+
+@needs_zarr
+def test_save_zarr_never_replaces_an_image_store(make_napari_viewer, tmp_path):
+    import zarr
+
+    viewer = make_napari_viewer()
+    _labels_layer(viewer, labels=np.ones((20, 30), np.uint32))
+    root = tmp_path / "slide.zarr"
+    g = zarr.open_group(str(root), mode="w", zarr_format=2)
+    g.attrs["bioformats2raw.layout"] = 3
+    img = g.create_group("0")
+    img.create_array("0", shape=(20, 30), dtype="uint8", chunks=(20, 30))[...] = 7
+    img.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "y", "type": "space"}, {"name": "x", "type": "space"}], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}]}]}]  # fmt: skip
+    viewer.layers.save(str(root), selected=True, plugin=PLUGIN)
+    assert (zarr.open_group(str(root / "0"), mode="r")["0"][...] == 7).all()
+    assert (root / "0" / "labels" / "nuclei" / ".zattrs").is_file()
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w", zarr_format=2).attrs["plate"] = {"rows": []}
+    with pytest.raises(_io_plugins.LayerWriteError, match="plate"):
+        viewer.layers.save(str(other), selected=True, plugin=PLUGIN)
+    assert json.loads((other / ".zattrs").read_text()) == {"plate": {"rows": []}}
+
+
+def test_bare_list_of_features_json_is_claimed(tmp_path):
+    bare = tmp_path / "cells.json"
+    bare.write_text(json.dumps([_square_feature(0, 0, 2, "detection", "a")], indent=2))
+    other = tmp_path / "list.json"
+    other.write_text("[1, 2, 3]")
+    assert _io_plugins.get_geojson_reader(str(bare)) is not None
+    assert _io_plugins.get_geojson_reader(str(other)) is None

@@ -40,14 +40,16 @@ _SNIFF_BYTES = 4096
 
 
 def _is_feature_collection(path: Path) -> bool:
-    """Whether a ``.json`` file's top-level object is a GeoJSON FeatureCollection."""
+    """Whether a ``.json`` file is a GeoJSON FeatureCollection or a bare list of Features."""
     try:
         with open(path, encoding="utf-8") as fh:
-            head = fh.read(_SNIFF_BYTES)
+            head = fh.read(_SNIFF_BYTES).lstrip()
     except (OSError, UnicodeDecodeError):
         return False
-    found = re.search(r'"type"\s*:\s*"FeatureCollection"', head)
-    return head.lstrip().startswith("{") and found is not None
+    if head.startswith("{"):
+        return re.search(r'"type"\s*:\s*"FeatureCollection"', head) is not None
+    first = re.match(r'\[\s*\{[^{}\[\]]*?"type"\s*:\s*"Feature"', head)
+    return first is not None
 
 
 def _geojson_path(path) -> Path | None:
@@ -98,19 +100,24 @@ def _table_features(table: list[dict]):
 
 
 def _read_as_labels(path) -> list[tuple[Any, dict, str]]:
+    """Read leniently: bad features are skipped, counted in a warning and kept in
+    ``metadata["import_problems"]``; the layer's ``translate`` is the region's offset."""
     from ..geojson import read_geojson
 
     p = Path(path)
     shape, px = _grid(p)
-    result = read_geojson(p, shape)
+    result = read_geojson(p, shape, strict=False)
     metadata: dict[str, Any] = {"source_path": str(p), "import_problems": list(result.problems)}
     if px is not None:
         metadata["pixel_size_um"] = px
     if result.problems:
         from napari.utils.notifications import show_warning
 
-        show_warning(f"{p.name}: {len(result.problems)} problem(s): {result.problems[0]}")
-    meta = {"name": p.stem, "features": _table_features(result.table), "metadata": metadata}
+        show_warning(f"{p.name}: {len(result.problems)} feature problem(s) (skipped or "
+                     f"changed; see the layer's metadata['import_problems']): "
+                     f"{result.problems[0]}")  # fmt: skip
+    meta = {"name": p.stem, "features": _table_features(result.table), "metadata": metadata,
+            "translate": tuple(float(v) for v in result.offset)}  # fmt: skip
     return [(np.asarray(result.labels), meta, "labels")]
 
 
@@ -132,8 +139,8 @@ def _rings(geometry: dict) -> list[np.ndarray]:
 def _load_features(p: Path) -> list[dict]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{p}: not readable GeoJSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{p}: not readable GeoJSON ({type(exc).__name__}: {exc})") from None
     feats = data.get("features") if isinstance(data, dict) else data
     if not isinstance(feats, list):
         raise InputError(f"{p}: not a GeoJSON FeatureCollection")
@@ -236,6 +243,33 @@ def _features(meta: dict):
     return feats
 
 
+def offset_of(meta: dict) -> tuple[int, int]:
+    """(row, col) in level-0 pixels of a layer's top-left pixel: round(translate / scale)."""
+    translate = meta.get("translate")
+    if translate is None or len(translate) < 2:
+        return (0, 0)
+    scale = meta.get("scale")
+    scale = [1.0, 1.0] if scale is None or len(scale) < 2 else list(scale)[-2:]
+    out = []
+    for t, s in zip(list(translate)[-2:], scale, strict=True):
+        s = float(s) if s and math.isfinite(float(s)) else 1.0
+        out.append(round(float(t) / s) if math.isfinite(float(t)) else 0)
+    return out[0], out[1]
+
+
+def _object_types(feats) -> dict[int, str] | None:
+    """Label -> ``annotation``/``detection`` from an ``objectType`` column (cells: detections)."""
+    kinds = _by_label(feats, "objectType")
+    if not kinds:
+        return None
+    return {k: "annotation" if v == "annotation" else "detection" for k, v in kinds.items()}
+
+
+def _models(feats) -> dict[int, dict] | None:
+    names, versions = _by_label(feats, "model") or {}, _by_label(feats, "model_version") or {}
+    return {k: {"name": str(v), "version": versions.get(k)} for k, v in names.items()} or None
+
+
 def _missing(value) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
@@ -295,8 +329,11 @@ def write_labels_geojson(path: str, data: Any, meta: dict) -> list[str]:
         "type_names": _type_names(feats),
         "ids": _by_label(feats, "uuid"),
         "measurements": _measurements(feats),
+        "object_types": _object_types(feats),
+        "models": _models(feats),
     }
-    write_geojson(path, labels, overwrite=True, **{k: v for k, v in kwargs.items() if v})
+    write_geojson(path, labels, overwrite=True, offset=offset_of(meta),
+                  **{k: v for k, v in kwargs.items() if v})  # fmt: skip
     return [str(path)]
 
 
@@ -318,9 +355,8 @@ def write_labels_omezarr(path: str, data: Any, meta: dict) -> list[str]:
     if feats is not None:
         props = {c: feats[c].to_numpy() for c in feats if c != "index"}
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(meta.get("name") or "")).strip("._") or "nuclei"
-    write_labels_zarr(
-        p, labels, name=name, pixel_size=pixel_size_of(meta), properties=props, overwrite=True
-    )
+    write_labels_zarr(p, labels, name=name, pixel_size=pixel_size_of(meta), properties=props,
+                      overwrite=True, offset=offset_of(meta))  # fmt: skip
     return [str(p)]
 
 
