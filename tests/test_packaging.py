@@ -191,7 +191,12 @@ def _third_party_imports() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                 visit(child, guarded, where)
             return
         if isinstance(node, ast.Try):
-            catches = {ast.unparse(h.type) for h in node.handlers if h.type is not None}
+            catches = {
+                ast.unparse(t)
+                for h in node.handlers
+                if h.type is not None
+                for t in (h.type.elts if isinstance(h.type, ast.Tuple) else [h.type])
+            }
             inner = guarded or bool(catches & {"ImportError", "ModuleNotFoundError"})
             for child in node.body:
                 visit(child, inner, where)
