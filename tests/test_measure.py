@@ -140,3 +140,28 @@ def test_as_features_keeps_existing_columns_by_label():
     assert feats["score"].tolist() == [0.1, 0.9]  # matched on label, not on row order
     assert feats["area_px"].tolist() == [200.0, 256.0]  # the new measurement wins
     assert as_features(cols, pd.DataFrame({"index": [3], "type": [2]}))["type"].tolist()[0] == 2
+
+
+def test_segment_format_measurements_writes_the_table(tmp_path):
+    """`segment --format measurements` writes one row per nucleus, in µm when the pixel
+    size is given, in the same all-or-nothing group as the other outputs."""
+    import csv
+
+    import tifffile
+
+    from napari_medinst.cli import main
+    from napari_medinst.samples import DATA
+
+    img = tmp_path / "he.tif"
+    img.write_bytes((DATA / "he_tile.tif").read_bytes())
+    out = tmp_path / "out"
+    rc = main(["segment", str(img), "-o", str(out), "--model", "classical",
+               "--pixel-size", "0.25", "--format", "tif,measurements"])  # fmt: skip
+    assert rc == 0
+    labels = tifffile.imread(out / "he_instances.tif")
+    with open(out / "he_measurements.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == int(labels.max()) and "area_um2" in rows[0]
+    first = int(rows[0]["label"])
+    assert float(rows[0]["area_um2"]) == pytest.approx((labels == first).sum() * 0.25**2)
+    assert not (out / "he_instances.csv").exists()  # only what was asked for

@@ -87,7 +87,9 @@ def _add_segment(sub) -> None:
         default=("tif", "csv"),
         metavar="LIST",
         help="outputs, comma-separated: tif (<stem>_instances.tif), csv (<stem>_instances.csv), "
-        "geojson (<stem>.geojson, QuPath), ome-zarr; default tif,csv",
+        "geojson (<stem>.geojson, QuPath), ome-zarr (<stem>_instances.ome.zarr), "
+        "measurements (<stem>_measurements.csv: area, shape, intensity, score per nucleus); "
+        "default tif,csv",
     )
     p.add_argument(
         "--pixel-size",
@@ -259,6 +261,7 @@ SEGMENT_FORMATS = {
     "csv": ("scores", "{stem}_instances.csv"),
     "geojson": ("geojson", "{stem}.geojson"),
     "ome-zarr": ("ome-zarr", "{stem}_instances.ome.zarr"),
+    "measurements": ("measurements", "{stem}_measurements.csv"),
 }
 
 
@@ -325,7 +328,7 @@ def _check_formats(path: Path, planes, formats) -> None:
             continue
         if key not in SEGMENT_WRITERS and key != "ome-zarr":
             raise InputError(f"--format {word}: this output is not available in this version")
-        if key in ("geojson", "ome-zarr") and len(planes) > 1:
+        if key in ("geojson", "ome-zarr", "measurements") and len(planes) > 1:
             raise InputError(
                 f"{path}: --format {word} needs a 2-D image, this one has {len(planes)} "
                 "planes; segment the planes as separate images"
@@ -370,16 +373,30 @@ def _write_with_zarr(targets: dict[str, Path], stack, pixel_size, write_rest, ov
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
-    """(path, writer) of the QuPath GeoJSON of one plane's nuclei (status: predicted)."""
-    from . import __version__
-    from .geojson import geojson_writer, measurements_from_columns
+def _measure(labels, rows: list[str], seg, image) -> tuple[dict, dict]:
+    """(scores by id, measurement columns) of one plane's nuclei; pixels when the pixel
+    size was estimated, µm when it was given or read from the file."""
     from .measure import measure_nuclei
 
     scores = {int(r.split(",")[0]): float(r.split(",")[1]) for r in rows[1:]}
     img = image if image.ndim == 2 or image.shape[-1] <= 4 else None
     px = None if seg.maps.pixel_size_estimated else seg.maps.pixel_size  # estimated: pixels
-    cols = measure_nuclei(labels, img, pixel_size=px, scores=scores)
+    return scores, measure_nuclei(labels, img, pixel_size=px, scores=scores)
+
+
+def _measurements_item(target: Path, labels, rows: list[str], model, seg, image):
+    """(path, writer) of the per-nucleus measurements table (CSV)."""
+    from .measure import table_writer
+
+    return target, table_writer(target, _measure(labels, rows, seg, image)[1])
+
+
+def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
+    """(path, writer) of the QuPath GeoJSON of one plane's nuclei (status: predicted)."""
+    from . import __version__
+    from .geojson import geojson_writer, measurements_from_columns
+
+    scores, cols = _measure(labels, rows, seg, image)
     config = getattr(model, "config", {}) or {}
     version = config.get("version") or f"napari-medinst {__version__}"
     writer = geojson_writer(
@@ -393,7 +410,7 @@ def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
 
 #: Writers of the ``segment --format`` outputs beyond the TIFF and CSV:
 #: ``key -> f(target, labels, rows, model, seg, image) -> (path, writer)``.
-SEGMENT_WRITERS = {"geojson": _geojson_item}
+SEGMENT_WRITERS = {"geojson": _geojson_item, "measurements": _measurements_item}
 
 
 def _format_items(targets: dict[str, Path], labels, rows, model, seg, image) -> list:

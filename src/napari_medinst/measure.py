@@ -173,6 +173,18 @@ def write_table(
     FileExistsError
         ``path`` exists and ``overwrite`` is False.
     """
+    path = Path(path)
+    return _atomic_write(path, table_writer(path, columns), overwrite)
+
+
+def table_writer(path: str | os.PathLike, columns: Mapping[str, Sequence]):
+    """A writer ``f(tmp_path)`` of the table for ``path``'s format (for ``_io.write_group``).
+
+    Raises
+    ------
+    InputError
+        Unknown suffix, unequal columns, or Parquet without ``pyarrow``.
+    """
     import pandas as pd
 
     path = Path(path)
@@ -185,14 +197,14 @@ def write_table(
     if suffix == ".csv":
         buf = io.StringIO()
         frame.to_csv(buf, index=False, lineterminator="\n")
-        return _atomic_write(path, bytes_writer(buf.getvalue().encode("utf-8")), overwrite)
+        return bytes_writer(buf.getvalue().encode("utf-8"))
     write = _parquet_writer(frame)
     if write is None:
         raise InputError(
             f"{path}: writing Parquet needs the pyarrow package "
             "(pip install 'napari-medinst[io]'); or write a .csv instead"
         )
-    return _atomic_write(path, write, overwrite)
+    return write
 
 
 def as_features(columns, existing=None):

@@ -319,3 +319,25 @@ def test_bare_list_of_features_json_is_claimed(tmp_path):
     other.write_text("[1, 2, 3]")
     assert _io_plugins.get_geojson_reader(str(bare)) is not None
     assert _io_plugins.get_geojson_reader(str(other)) is None
+
+
+def test_open_geojson_as_shapes_from_the_file_menu(make_napari_viewer, tmp_path):
+    """The outlines open as editable polygons through the plugin's File ▸ IO Utilities
+    command (the menu entry is in the manifest and calls the function with the viewer)."""
+    import npe2
+
+    from napari_medinst._napari._io_plugins import open_geojson_as_shapes
+    from napari_medinst.geojson import write_geojson
+
+    lab = np.zeros((40, 40), np.uint32)
+    lab[5:12, 5:15] = 1
+    lab[20:30, 22:33] = 2
+    path = write_geojson(tmp_path / "n.geojson", lab)
+    viewer = make_napari_viewer()
+    [layer] = open_geojson_as_shapes(viewer, str(path))
+    assert layer._type_string == "shapes" and len(layer.data) == 2
+    ys, xs = np.concatenate(layer.data)[:, 0], np.concatenate(layer.data)[:, 1]
+    assert ys.min() == 5 and xs.max() == 33
+    manifest = npe2.PluginManager.instance().get_manifest("napari-medinst")
+    items = manifest.contributions.menus["napari/file/io_utilities"]
+    assert any(i.command == "napari-medinst.open_geojson_shapes" for i in items)

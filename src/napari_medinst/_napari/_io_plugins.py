@@ -6,8 +6,8 @@ Reader
     the measurements). npe2 readers do not see the viewer, so the grid is taken from an
     image of the same stem beside the file (``tile.geojson`` -> ``tile.tif``, ``.tiff``,
     ``.png``, ``.jpg``), else from the bounding box of the features. The outlines as a
-    Shapes layer instead: ``viewer.add_layer(Layer.create(*read_geojson_shapes(path)[0]))``.
-    (It is not a second reader contribution: npe2 picks among one plugin's readers of
+    Shapes layer instead: File ▸ IO Utilities ▸ *Open GeoJSON as shapes* (or
+    :func:`read_geojson_shapes`). (It is not a second reader contribution: npe2 picks among one plugin's readers of
     the same pattern in no fixed order, so File ▸ Open would open Labels or Shapes by
     chance.)
 
@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import napari.viewer
 import numpy as np
 
 from .._io import IMAGE_SUFFIXES, InputError, check_labels, read_image_info, write_tiff
@@ -380,3 +381,32 @@ def write_labels_table(path: str, data: Any, meta: dict) -> list[str]:
     table = as_features(cols, _features(meta)).drop(columns=["index"])
     write_table(path, {c: table[c].to_numpy() for c in table}, overwrite=True)
     return [str(path)]
+
+
+# ------------------------------------------------------------------ menu command
+
+
+def open_geojson_as_shapes(viewer: napari.viewer.Viewer, path: str | None = None) -> list:
+    """File ▸ IO Utilities ▸ Open GeoJSON as shapes: the outlines of a GeoJSON file as
+    editable polygons (a Shapes layer) instead of a Labels layer.
+
+    ``path`` is asked for with a file dialog when not given. Returns the added layers.
+    """
+    from napari.layers import Layer
+    from napari.utils.notifications import show_error
+
+    if path is None:
+        from qtpy.QtWidgets import QFileDialog
+
+        name, _ = QFileDialog.getOpenFileName(
+            None, "Open GeoJSON as shapes", "", "GeoJSON (*.geojson *.json)"
+        )
+        if not name:
+            return []
+        path = name
+    try:
+        tuples = read_geojson_shapes(path)
+    except (InputError, OSError, ValueError) as exc:
+        show_error(f"{path}: {exc}")
+        return []
+    return [viewer.add_layer(Layer.create(*t)) for t in tuples]
