@@ -1,4 +1,4 @@
-"""Command line: ``napari-medinst segment | evaluate | train | demo``.
+"""Command line: ``napari-medinst segment | segment-slide | convert | evaluate | train | demo``.
 
 Every subcommand answers bad input with one line on stderr naming the file and the
 problem, exits with status 2, and leaves no partial output behind.
@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
+    from .slide_cli import add_parser as add_segment_slide
+
+    add_segment_slide(sub)
     add_evaluate(sub)
     _add_train(sub)
     _add_demo(sub)
@@ -647,6 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "segment":
             return run_segment(args)
+        if args.command == "segment-slide":
+            from .slide_cli import run as run_segment_slide
+
+            return run_segment_slide(args)
         if args.command == "evaluate":
             from .evaluation import run
 

@@ -1,0 +1,747 @@
+"""Whole slides segmented block by block on ``dask.distributed``, straight into a zarr store.
+
+Plan (:func:`plan_slide`, on the client, reading only the header, the coarsest level and
+one central crop): the *working level* is the coarsest level whose pixel size is at most
+the model's working size (0.5 µm/px, :data:`~.preprocess.CANONICAL_PIXEL_SIZE`). A slide
+without a pixel size is estimated on a central crop of level 0 (and the plan says so).
+Modality, post-processing parameters and normalisation are decided once
+(:func:`~.blockwise.prepare_setup`); the blocks are those of
+:func:`~.blockwise.plan_blocks` over the working level (the grid of the in-memory block
+path, so both give the same nuclei). A tissue mask of the coarsest level (saturation for
+H&E, intensity for fluorescence, Otsu) marks blocks with less than ``min_tissue`` of
+tissue in their core as background: they are recorded as complete and empty, unread.
+
+Run (:func:`run_slide`), two phases, both on the workers, which read the slide by its
+*path* and write into the store themselves; only small summaries travel back:
+
+1. *segment* a block: read its window at the working level, run
+   :func:`~.blockwise.segment_block` (model loaded once per worker process) and save its
+   owned nuclei (centroid in the core, whole outline) as ``records/<block>.npz``, then the
+   marker ``records/<block>.json``.
+2. *paint* a chunk of ``labels``: gather the owned nuclei of every block whose window
+   reaches near the chunk and paint them in one fixed order (block, then local id). A
+   nucleus more than half covered by earlier ones is the same nucleus claimed by two
+   blocks and is dropped; otherwise it gives up the pixels of earlier kept ones and
+   keeps its largest piece (the rules of :func:`~.blockwise.paste_block`). Each decision
+   looks only at the nucleus and the ones overlapping it, so every chunk computes the
+   same outline for a nucleus it shares with a neighbour: tasks write disjoint chunks
+   and need no locks. The chunk's table rows (nuclei whose centroid lies in it) go into
+   ``chunks/<chunk>.npy``, the chunk's completion marker, written last.
+
+Labels are unique without coordination: block ``k``'s nucleus ``i`` gets the id
+``k * stride + i``, ``stride`` the power of two above the largest window's pixel count (a
+block cannot own more nuclei than it has pixels). ``uint32`` when every id fits, else
+``uint64``, which cannot overflow (``2**64 / stride`` blocks of ``stride`` pixels would be
+far beyond any slide). The table of nuclei gives each id its centroid and bounding box in
+slide µm (level-0 origin), area in µm², score and type.
+
+Store (zarr format 2, readable by zarr-python 2 and 3)::
+
+    OUT.zarr/
+      .zattrs          napari_medinst_slide: plan, settings, status running|incomplete|complete
+      labels/          (H, W) uint32|uint64 at the working level, chunks of ``block`` px
+      records/         per block: <k>.npz (owned nuclei), <k>.json (marker, written last)
+      chunks/          per chunk: <k>.npy (table rows; marker, written last)
+      nuclei.csv       written at the end, when every chunk is complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._io import InputError, _atomic_write, bytes_writer, check_free_space
+from .blockwise import (
+    DEFAULT_BLOCK,
+    HALO_UM,
+    BlockResult,
+    BlockSetup,
+    BlockSpec,
+    _grid_step,
+    plan_blocks,
+    prepare_setup,
+    segment_block,
+)
+from .preprocess import CANONICAL_PIXEL_SIZE, Modality, check_pixel_size, detect_modality
+from .segment import get_model
+from .slide import _LEVEL_SLACK, _zarr, open_slide, read_region
+
+__all__ = ["MIN_TISSUE", "SlidePlan", "SlideRun", "connect", "plan_slide", "run_slide"]
+
+#: A block whose core holds less tissue than this share is background (not segmented).
+MIN_TISSUE = 0.01
+#: Side of the central crop the pixel size is estimated on (px of level 0).
+ESTIMATE_CROP = 2048
+#: The coarsest level is read whole for the tissue mask only up to this many pixels.
+MAX_MASK_PIXELS = 25_000_000
+STORE_KEY = "napari_medinst_slide"
+_TABLE = [("id", "u8"), ("centroid_y_um", "f8"), ("centroid_x_um", "f8"), ("bbox_y0_um", "f8"),
+          ("bbox_x0_um", "f8"), ("bbox_y1_um", "f8"), ("bbox_x1_um", "f8"),
+          ("area_um2", "f8"), ("score", "f4"), ("type", "i2")]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything the workers share for one slide: decided once, on the client."""
+
+    path: str
+    stamp: tuple[int, int]  # (mtime_ns, size) of the slide
+    level: int
+    downsample: float  # level-0 px per working-level px
+    shape: tuple[int, int]  # working level (H, W)
+    setup: BlockSetup  # pixel_size: µm/px of the working level
+    model: str
+    specs: tuple[BlockSpec, ...]
+    background: frozenset[int]  # blocks with too little tissue: not segmented
+    chunk: int
+    stride: int
+    dtype: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def n_chunks(self) -> tuple[int, int]:
+        return (-(-self.shape[0] // self.chunk), -(-self.shape[1] // self.chunk))
+
+    def fingerprint(self) -> dict:
+        """The settings a resumed run must share with the store."""
+        s = self.setup
+        return {"slide": self.path, "stamp": list(self.stamp), "level": self.level,
+                "shape": list(self.shape), "model": self.model, "modality": s.modality,
+                "pixel_size_um": round(s.pixel_size, 9), "tta": s.tta,
+                "blocks": [list(b.window) for b in self.specs], "chunk": self.chunk,
+                "background": sorted(self.background), "stride": self.stride,
+                "dtype": self.dtype, "params": dataclasses.asdict(s.params)}  # fmt: skip
+
+
+@dataclass
+class SlideRun:
+    """What a run did: counts, failures, and where the results are."""
+
+    out: Path
+    n_blocks: int
+    n_background: int
+    segmented: int
+    painted: int
+    n_nuclei: int
+    failed: dict[int, str]  # block or chunk ("chunk k") -> one-line reason
+    seconds: float
+    complete: bool
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _read_level(path: str, level: int, shape: tuple[int, int]) -> np.ndarray:
+    return read_region(path, level, 0, shape[0], 0, shape[1])
+
+
+def _tissue(overview: np.ndarray, modality: Modality) -> np.ndarray:
+    """Tissue (True) on a low-resolution RGB or grey overview, by Otsu, slightly dilated."""
+    from skimage.filters import threshold_otsu
+
+    arr = overview.astype(np.float32)
+    if modality == "he" and arr.ndim == 3 and arr.shape[-1] == 3:
+        top = arr.max(axis=-1)
+        signal = (top - arr.min(axis=-1)) / np.maximum(top, 1.0)  # saturation
+        lo, hi = 0.04, 0.15
+    else:
+        signal = arr.max(axis=-1) / 255.0 if arr.ndim == 3 else arr / 255.0
+        lo, hi = 0.02, 0.5
+    thr = float(np.clip(threshold_otsu(signal), lo, hi)) if np.ptp(signal) > 0 else hi
+    return ndi.binary_dilation(signal > thr, iterations=2)
+
+
+def _background_blocks(slide, level: int, specs, modality, min_tissue: float) -> frozenset:
+    """Blocks whose core holds less than ``min_tissue`` of tissue on the coarsest level."""
+    coarse = len(slide.levels) - 1
+    shape = slide.levels[coarse].shape[:2]
+    if min_tissue <= 0 or shape[0] * shape[1] > MAX_MASK_PIXELS:
+        return frozenset()
+    overview = _read_level(str(slide.path), coarse, shape)
+    mask = _tissue(overview[..., 0] if overview.shape[-1] == 1 else overview, modality)
+    scale = slide.downsamples[level] / slide.downsamples[coarse]
+    empty = set()
+    for spec in specs:
+        r0, r1, c0, c1 = spec.core
+        part = mask[int(r0 * scale) : max(int(r0 * scale) + 1, math.ceil(r1 * scale)),
+                    int(c0 * scale) : max(int(c0 * scale) + 1, math.ceil(c1 * scale))]  # fmt: skip
+        if part.size == 0 or part.mean() < min_tissue:
+            empty.add(spec.index)
+    return frozenset(empty)
+
+
+def _central(path: str, level: int, shape: tuple[int, int], size: int) -> np.ndarray:
+    r0, c0 = max(0, (shape[0] - size) // 2), max(0, (shape[1] - size) // 2)
+    crop = read_region(path, level, r0, min(shape[0], r0 + size), c0, min(shape[1], c0 + size))
+    return crop[..., 0] if crop.shape[-1] == 1 else crop
+
+
+def _working_level(slide, px0: float, target: float) -> int:
+    """Coarsest level whose pixel size (level 0: ``px0``) is at most ``target``."""
+    best = 0
+    for k, ds in enumerate(slide.downsamples):
+        if px0 * ds <= target * (1 + _LEVEL_SLACK):
+            best = k
+    return best
+
+
+def _level0_pixel_size(slide, loaded, pixel_size, modality, device) -> tuple[float, bool, str]:
+    """(µm/px of level 0, estimated?, note) from the user, the file, or the image."""
+    if pixel_size is not None:
+        return check_pixel_size(pixel_size, "--pixel-size"), False, ""
+    if slide.pixel_size_um is not None:
+        return slide.pixel_size_um, False, ""
+    shape = slide.levels[0].shape[:2]
+    crop = _central(str(slide.path), 0, shape, ESTIMATE_CROP)
+    est = prepare_setup(crop, loaded, modality=modality, device=device, tta=False).pixel_size
+    note = (f"{slide.path}: the slide states no pixel size; estimated {est:.3f} µm/px from "
+            "the image (give --pixel-size to set it)")  # fmt: skip
+    return est, True, note
+
+
+def _ids(specs) -> tuple[int, str]:
+    """Ids per block (a power of two above the largest window) and the labels' dtype."""
+    biggest = max((w[1] - w[0]) * (w[3] - w[2]) for w in (s.window for s in specs))
+    stride = 1 << int(biggest).bit_length()
+    fits = len(specs) * stride <= np.iinfo(np.uint32).max
+    return stride, "uint32" if fits else "uint64"
+
+
+def plan_slide(
+    path: str | os.PathLike,
+    model: str = "default",
+    *,
+    pixel_size: float | None = None,
+    modality: Modality | None = None,
+    block: int = DEFAULT_BLOCK,
+    device: str = "auto",
+    tta: bool = True,
+    min_tissue: float = MIN_TISSUE,
+) -> SlidePlan:
+    """Choose the working level, decide the setup once, cut blocks and find background.
+
+    Parameters
+    ----------
+    path : path-like
+        The slide (any format :func:`~.slide.open_slide` reads).
+    model : str
+        ``'default'``, ``'classical'``, a bundled name or a model folder.
+    pixel_size : float, optional
+        µm/px of level 0; default: the file's, else estimated on a central crop.
+    block : int
+        Core size of a block and side of a zarr chunk, px of the working level.
+    min_tissue : float
+        Blocks with a smaller share of tissue in their core are skipped (0: none).
+    """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 64:
+        raise InputError(f"--block-size must be a whole number of at least 64 px, got {block!r}")
+    if not 0 <= min_tissue < 1:
+        raise InputError(f"--min-tissue must be a share from 0 to 1, got {min_tissue!r}")
+    slide = open_slide(path)
+    loaded = get_model(model, device)
+    if modality is None:
+        coarse = len(slide.levels) - 1
+        cshape = slide.levels[coarse].shape[:2]
+        modality = detect_modality(_central(str(slide.path), coarse, cshape, 2048))
+    px0, estimated, note = _level0_pixel_size(slide, loaded, pixel_size, modality, device)
+    level = _working_level(slide, px0, CANONICAL_PIXEL_SIZE)
+    shape = tuple(int(n) for n in slide.levels[level].shape[:2])
+    px = px0 * slide.downsamples[level]
+    crop = _central(str(slide.path), level, shape, ESTIMATE_CROP)
+    setup = prepare_setup(crop, loaded, pixel_size=px, modality=modality, device=device, tta=tta)
+    setup = dataclasses.replace(setup, pixel_size_estimated=estimated)
+    halo = max(16, math.ceil(HALO_UM / px))
+    specs = tuple(plan_blocks(shape, block, halo, _grid_step(loaded, px)))
+    stride, dtype = _ids(specs)
+    return SlidePlan(
+        path=str(Path(path).resolve()),
+        stamp=(slide.path.stat().st_mtime_ns, slide.path.stat().st_size),
+        level=level,
+        downsample=float(slide.downsamples[level]),
+        shape=shape,
+        setup=setup,
+        model=model if isinstance(model, str) else loaded.name,
+        specs=specs,
+        background=_background_blocks(slide, level, specs, modality, min_tissue),
+        chunk=block,
+        stride=stride,
+        dtype=dtype,
+        notes=(note,) if note else (),
+    )
+
+
+# ------------------------------------------------------------------------ the store
+
+
+def _is_ours(out: Path) -> bool:
+    try:
+        attrs = json.loads((out / ".zattrs").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs, dict) and STORE_KEY in attrs
+
+
+def check_store(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path:
+    """Refuse an existing output unless ``resume`` or ``overwrite`` (ours only), before work."""
+    out = Path(out).expanduser()
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if out.suffix.lower() != ".zarr":
+        raise InputError(f"{out}: the output must be a .zarr folder")
+    if not os.path.lexists(out):
+        if resume:
+            raise InputError(f"{out}: nothing to resume (no such store)")
+        return out
+    if not out.is_dir() or not _is_ours(out):
+        raise InputError(f"{out}: exists and is not a store napari-medinst segment-slide wrote; "
+                         "not touched (choose another output)")  # fmt: skip
+    if not (resume or overwrite):
+        raise InputError(f"{out}: already exists (use --resume to finish it or --overwrite "
+                         "to replace it)")  # fmt: skip
+    return out
+
+
+def _set_status(out: Path, meta: dict, status: str) -> None:
+    zarr = _zarr()
+    group = zarr.open_group(str(out), mode="r+", zarr_format=2)
+    group.attrs[STORE_KEY] = {**meta, "status": status}
+
+
+def _store_meta(plan: SlidePlan) -> dict:
+    s = plan.setup
+    return {"format": 1, "plan": plan.fingerprint(),
+            "scale_um": [s.pixel_size, s.pixel_size], "level": plan.level,
+            "downsample": plan.downsample, "pixel_size_estimated": s.pixel_size_estimated,
+            "ids": f"block * {plan.stride} + local id"}  # fmt: skip
+
+
+def _create_store(out: Path, plan: SlidePlan, overwrite: bool) -> None:
+    zarr = _zarr()
+    if overwrite and out.exists():
+        shutil.rmtree(out)  # check_store made sure it is a store of ours
+    group = zarr.open_group(str(out), mode="w-", zarr_format=2)
+    group.create_array("labels", shape=plan.shape, chunks=(plan.chunk, plan.chunk),
+                       dtype=plan.dtype, fill_value=0)  # fmt: skip
+    (out / "records").mkdir()
+    (out / "chunks").mkdir()
+    _set_status(out, _store_meta(plan), "running")
+
+
+def _open_for_resume(out: Path, plan: SlidePlan) -> None:
+    attrs = json.loads((out / ".zattrs").read_text())[STORE_KEY]
+    if attrs.get("plan") != json.loads(json.dumps(plan.fingerprint())):
+        raise InputError(f"{out}: was made from another slide or with other settings "
+                         "(model, pixel size, block size, ...); use --overwrite")  # fmt: skip
+    for sub in ("records", "chunks"):
+        (out / sub).mkdir(exist_ok=True)
+    _set_status(out, _store_meta(plan), "running")
+
+
+def _need_bytes(plan: SlidePlan) -> int:
+    """Labels plus records, compressed: about 2 bytes a pixel of the tissue blocks."""
+    tissue = sum((s.core[1] - s.core[0]) * (s.core[3] - s.core[2])
+                 for s in plan.specs if s.index not in plan.background)  # fmt: skip
+    return 2 * tissue
+
+
+# ------------------------------------------------------------------ worker: phase 1
+
+
+def _save(path: Path, write: Callable) -> None:
+    """Atomically write ``path`` with ``write(file object)``."""
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            write(fh)
+
+    _atomic_write(path, writer, True)
+
+
+def _marker(out: Path, index: int, meta: dict) -> None:
+    _atomic_write(out / "records" / f"{index:06d}.json", bytes_writer(json.dumps(meta).encode()),
+                  True)  # fmt: skip
+
+
+_THREADS: list[int] = []
+
+
+def _limit_threads(threads: int | None) -> None:
+    """Once per worker process: torch's threads, so that workers do not oversubscribe."""
+    if threads and not _THREADS:
+        import torch
+
+        torch.set_num_threads(threads)
+        _THREADS.append(threads)
+
+
+def segment_task(plan: SlidePlan, index: int, out: str, device: str, threads: int | None) -> dict:
+    """Phase 1 on a worker: segment block ``index`` and save its owned nuclei."""
+    t0 = time.perf_counter()
+    spec = plan.specs[index]
+    out_p = Path(out)
+    if index in plan.background:
+        meta = {"n": 0, "max_side": 0, "background": True, "seconds": 0.0}
+        _marker(out_p, index, meta)
+        return meta
+    _limit_threads(threads)
+    model = get_model(plan.model, device)
+    r0, r1, c0, c1 = spec.window
+    pixels = read_region(plan.path, plan.level, r0, r1, c0, c1)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    res = segment_block(pixels, spec, plan.setup, model, image_shape=plan.shape, device=device)
+    meta = save_record(out_p, res)
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    _marker(out_p, index, meta)
+    return meta
+
+
+def save_record(out: Path, res: BlockResult) -> dict:
+    """Save a block's owned nuclei as ``records/<block>.npz``; returns its marker's content.
+
+    The marker (:func:`_marker`) is written by the caller, after this.
+    """
+    boxes = [b for b in ndi.find_objects(res.labels) if b is not None]
+    side = max((max(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes), default=0)
+    n = int(res.scores.shape[0])
+    small = res.labels.astype(np.uint16) if n < 2**16 else res.labels
+    types = res.types if res.types is not None else np.zeros(0, np.int16)
+    _save(out / "records" / f"{res.spec.index:06d}.npz",
+          lambda fh: np.savez_compressed(fh, labels=small, scores=res.scores, types=types,
+                                         has_types=res.types is not None))  # fmt: skip
+    return {"n": n, "max_side": int(side), "background": False,
+            "truncated": int(res.n_truncated)}  # fmt: skip
+
+
+# ------------------------------------------------------------------ worker: phase 2
+
+
+@dataclass
+class _Nucleus:
+    key: tuple[int, int]  # (block, local id): the painting order
+    gid: int
+    box: tuple[int, int, int, int]  # slide (working level) coords, half-open
+    mask: np.ndarray
+    centroid: tuple[float, float]  # pixel-centre convention, as blockwise._owned
+    score: float
+    type: int
+
+
+def _nuclei_of(out: Path, plan: SlidePlan, index: int, region) -> list[_Nucleus]:
+    """Owned nuclei of block ``index`` whose box meets ``region`` (r0, r1, c0, c1)."""
+    with np.load(out / "records" / f"{index:06d}.npz") as rec:
+        labels, scores, types = rec["labels"], rec["scores"], rec["types"]
+        has_types = bool(rec["has_types"])
+    wr, wc = plan.specs[index].window[0], plan.specs[index].window[2]
+    found = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        box = (sl[0].start + wr, sl[0].stop + wr, sl[1].start + wc, sl[1].stop + wc)
+        if box[0] >= region[1] or box[1] <= region[0] or box[2] >= region[3] or box[3] <= region[2]:
+            continue
+        mask = labels[sl] == i
+        rr, cc = np.nonzero(mask)
+        found.append(_Nucleus(
+            key=(index, i), gid=index * plan.stride + i, box=box, mask=mask,
+            centroid=(rr.mean() + box[0] + 0.5, cc.mean() + box[2] + 0.5),
+            score=float(scores[i - 1]), type=int(types[i - 1]) if has_types else -1))  # fmt: skip
+    return found
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    parts, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(parts.ravel())
+    sizes[0] = 0
+    return parts == sizes.argmax()
+
+
+class _Painter:
+    """Paints nuclei in order on a region; decides each one as described in the module."""
+
+    def __init__(self, region: tuple[int, int, int, int]) -> None:
+        self.region = region
+        shape = (region[1] - region[0], region[3] - region[2])
+        self.any = np.zeros(shape, bool)
+        self.kept = np.zeros(shape, bool)
+
+    def local(self, nuc: _Nucleus):
+        """The nucleus' mask clipped to the region, and its slices there."""
+        r0, r1, c0, c1 = self.region
+        b = nuc.box
+        y0, y1, x0, x1 = max(b[0], r0), min(b[1], r1), max(b[2], c0), min(b[3], c1)
+        mask = nuc.mask[y0 - b[0] : y1 - b[0], x0 - b[2] : x1 - b[2]]
+        return mask, (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0))
+
+    def final(self, nuc: _Nucleus) -> np.ndarray | None:
+        """The nucleus' painted pixels (clipped to the region), None when dropped."""
+        mask, where = self.local(nuc)
+        lost = int(np.count_nonzero(self.any[where] & mask))
+        self.any[where] |= mask
+        if 2 * lost > int(np.count_nonzero(nuc.mask)):
+            return None
+        free = mask & ~self.kept[where]
+        self.kept[where] |= mask
+        if lost and free.any():
+            free = _largest(free)
+        return free
+
+
+def _row(nuc: _Nucleus, final: np.ndarray, origin: tuple[int, int], px: float):
+    rr, cc = np.nonzero(final)
+    rr, cc = rr + origin[0], cc + origin[1]
+    return (
+        nuc.gid,
+        (rr.mean() + 0.5) * px,
+        (cc.mean() + 0.5) * px,
+        rr.min() * px,
+        cc.min() * px,
+        (rr.max() + 1) * px,
+        (cc.max() + 1) * px,
+        rr.size * px * px,
+        nuc.score,
+        nuc.type,
+    )
+
+
+def chunk_box(plan: SlidePlan, k: int) -> tuple[int, int, int, int]:
+    """Rows and columns of chunk ``k`` (row-major) at the working level."""
+    i, j = divmod(k, plan.n_chunks[1])
+    c = plan.chunk
+    return i * c, min((i + 1) * c, plan.shape[0]), j * c, min((j + 1) * c, plan.shape[1])
+
+
+def _grow(box, by: int, shape) -> tuple[int, int, int, int]:
+    return (max(0, box[0] - by), min(shape[0], box[1] + by), max(0, box[2] - by),
+            min(shape[1], box[3] + by))  # fmt: skip
+
+
+def _meets(a, b) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+
+def feeders(plan: SlidePlan, k: int, reach: int) -> list[int]:
+    """Blocks whose window meets chunk ``k`` grown by ``reach`` px."""
+    region = _grow(chunk_box(plan, k), reach, plan.shape)
+    return [s.index for s in plan.specs if _meets(s.window, region)]
+
+
+def paint_task(plan: SlidePlan, k: int, out: str, blocks: list[int], reach: int) -> int:
+    """Phase 2 on a worker: paint chunk ``k`` from the records of ``blocks``; table rows."""
+    zarr = _zarr()
+    out_p = Path(out)
+    box = chunk_box(plan, k)
+    region = _grow(box, reach, plan.shape)
+    nuclei = [n for b in blocks for n in _nuclei_of(out_p, plan, b, region)]
+    nuclei.sort(key=lambda n: n.key)
+    painter = _Painter(region)
+    canvas = np.zeros((region[1] - region[0], region[3] - region[2]), plan.dtype)
+    rows, px = [], plan.setup.pixel_size
+    for nuc in nuclei:
+        final = painter.final(nuc)
+        if final is None or not final.any():
+            continue
+        _, where = painter.local(nuc)
+        canvas[where][final] = nuc.gid
+        cy, cx = nuc.centroid
+        if box[0] <= cy < box[1] and box[2] <= cx < box[3]:
+            rows.append(_row(nuc, final, (where[0].start + region[0], where[1].start + region[2]),
+                             px))  # fmt: skip
+    inner = canvas[box[0] - region[0] : box[1] - region[0], box[2] - region[2] : box[3] - region[2]]
+    zarr.open_array(str(out_p / "labels"), mode="r+")[box[0] : box[1], box[2] : box[3]] = inner
+    table = np.array(rows, dtype=_TABLE)
+    _save(out_p / "chunks" / f"{k:06d}.npy", lambda fh: np.save(fh, table))
+    return len(rows)
+
+
+# --------------------------------------------------------------------- the client
+
+
+def _distributed():
+    """The ``distributed`` module, or a clear message when it is not installed."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise InputError("segment-slide needs dask.distributed, which is not installed: "
+                         "pip install 'napari-medinst[slides]'") from exc  # fmt: skip
+    return distributed
+
+
+def connect(scheduler: str | None, workers: int, threads_per_worker: int):
+    """A ``distributed.Client``: on ``scheduler``, else on a new ``LocalCluster``."""
+    dist = _distributed()
+    Client, LocalCluster = dist.Client, dist.LocalCluster
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="5s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"--scheduler {scheduler}: cannot reach the scheduler ({msg})") \
+                from None  # fmt: skip
+    if workers < 1 or threads_per_worker < 1:
+        raise InputError(f"--workers and --threads-per-worker must be at least 1, got "
+                         f"{workers} and {threads_per_worker}")  # fmt: skip
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                           processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)  # fmt: skip
+    return Client(cluster)
+
+
+def _eta(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def text_progress(stream=None) -> Callable[[str, int, int, float], None]:
+    """A progress callback printing ``blocks 12/40, ETA 1m20s`` (throttled) on stderr."""
+    stream = stream or sys.stderr
+    last = [0.0]
+
+    def show(what: str, done: int, total: int, elapsed: float) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < 2.0 and done > 1:
+            return
+        last[0] = now
+        eta = _eta(elapsed / done * (total - done)) if done else "?"
+        end = "\r" if stream.isatty() and done < total else "\n"
+        print(f"{what} {done}/{total}, ETA {eta}", end=end, file=stream, flush=True)
+
+    return show
+
+
+def _gather(client, futures: dict, what: str, progress) -> tuple[dict, dict]:
+    """Results and one-line failures of ``futures`` ({future: key}), with progress."""
+    as_completed = _distributed().as_completed
+    results, failed, t0 = {}, {}, time.perf_counter()
+    total = len(futures)
+    for done, fut in enumerate(as_completed(list(futures)), start=1):
+        key = futures[fut]
+        if fut.status == "error":
+            exc = fut.exception()
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failed[key] = f"{type(exc).__name__}: {text}"[:300]
+        else:
+            results[key] = fut.result()
+        fut.release()
+        if progress is not None:
+            progress(what, done, total, time.perf_counter() - t0)
+    return results, failed
+
+
+def _done_blocks(out: Path) -> dict[int, dict]:
+    found = {}
+    for path in (out / "records").glob("*.json"):
+        try:
+            found[int(path.stem)] = json.loads(path.read_text())
+        except ValueError:
+            continue  # a damaged marker: the block is done again
+    return found
+
+
+def _done_chunks(out: Path) -> set[int]:
+    return {int(p.stem) for p in (out / "chunks").glob("*.npy") if p.stem.isdigit()}
+
+
+def _segment_phase(client, plan, out, device, threads, progress):
+    """Phase 1: blocks without a record; returns (metas of all blocks, redone, failures)."""
+    metas = _done_blocks(out)
+    todo = [s.index for s in plan.specs if s.index not in metas]
+    futures = {client.submit(segment_task, plan, i, str(out), device, threads, retries=2,
+                             pure=False, key=f"segment-block-{i}-{time.time_ns()}"): i
+               for i in todo}  # fmt: skip
+    results, failed = _gather(client, futures, "blocks", progress)
+    metas.update(results)
+    return metas, set(results), failed
+
+
+def _paint_phase(client, plan, out, metas, redone, failed_blocks, progress):
+    """Phase 2: chunks not complete, or fed by a block segmented again in this run."""
+    reach = 2 * max((m.get("max_side", 0) for m in metas.values()), default=0) + 2
+    done = _done_chunks(out)
+    n = plan.n_chunks[0] * plan.n_chunks[1]
+    futures, blocked = {}, {}
+    for k in range(n):
+        feed = feeders(plan, k, reach)
+        if k in done and not redone.intersection(feed):
+            continue
+        missing = [b for b in feed if b in failed_blocks or b not in metas]
+        if missing:
+            blocked[k] = f"needs failed block(s) {', '.join(map(str, missing))}"
+            continue
+        feed = [b for b in feed if metas[b].get("n", 0) > 0]
+        futures[client.submit(paint_task, plan, k, str(out), feed, reach, retries=2, pure=False,
+                              key=f"paint-chunk-{k}-{time.time_ns()}")] = k  # fmt: skip
+    results, failed = _gather(client, futures, "chunks", progress)
+    failed.update(blocked)
+    return results, failed
+
+
+def _write_table(out: Path, plan: SlidePlan) -> int:
+    n = plan.n_chunks[0] * plan.n_chunks[1]
+    table = np.concatenate([np.load(out / "chunks" / f"{k:06d}.npy") for k in range(n)])
+    table = table[np.argsort(table["id"], kind="stable")]
+    has_types = bool(table.size) and bool((table["type"] >= 0).any())
+    names = [name for name, _ in _TABLE if name != "type" or has_types]
+    text = io.StringIO()
+    text.write(",".join(names) + "\n")
+    for row in table:
+        text.write(",".join(_fmt(row[name]) for name in names) + "\n")
+    _atomic_write(out / "nuclei.csv", bytes_writer(text.getvalue().encode()), True)
+    return int(table.size)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, np.floating):
+        return f"{float(value):.4f}"
+    return str(int(value))
+
+
+def run_slide(
+    plan: SlidePlan,
+    out: str | os.PathLike,
+    client,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> SlideRun:
+    """Segment the planned slide on ``client``'s workers into the store ``out``.
+
+    Returns a :class:`SlideRun`; ``complete`` is False (and the store's status
+    ``incomplete``) when a block or chunk still failed after two retries: those have no
+    completion marker and ``--resume`` does them again.
+    """
+    t0 = time.perf_counter()
+    out = check_store(out, resume=resume, overwrite=overwrite)
+    check_free_space(out.parent, _need_bytes(plan))
+    if resume:
+        _open_for_resume(out, plan)
+    else:
+        _create_store(out, plan, overwrite)
+    metas, redone, failed_blocks = _segment_phase(client, plan, out, device, threads, progress)
+    painted, failed_chunks = _paint_phase(client, plan, out, metas, redone, failed_blocks,
+                                          progress)  # fmt: skip
+    failed = {**failed_blocks, **{f"chunk {k}": v for k, v in failed_chunks.items()}}
+    complete = not failed
+    n_nuclei = _write_table(out, plan) if complete else 0
+    _set_status(out, _store_meta(plan), "complete" if complete else "incomplete")
+    return SlideRun(out=out, n_blocks=len(plan.specs), n_background=len(plan.background),
+                    segmented=len(redone - plan.background), painted=len(painted),
+                    n_nuclei=n_nuclei, failed=failed, seconds=time.perf_counter() - t0,
+                    complete=complete)  # fmt: skip
