@@ -678,3 +678,16 @@ def test_pixel_size_field_shows_only_plausible_layer_scales(make_napari_viewer, 
     widget._image_layer.value = viewer.layers["img"]
     assert widget._pixel_size.value == pytest.approx(shown)
     assert widget._pixel_size.max == pytest.approx(5.0)
+
+
+def test_closing_after_qt_deleted_the_timer_does_not_raise(make_napari_viewer):
+    """At viewer shutdown Qt can delete the tuning timer before the dock's `destroyed` slot
+    runs; `_on_destroyed` used to raise RuntimeError there, which makes PyQt abort the
+    whole process. It must still stop listening to the viewer."""
+    from qtpy import sip
+
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    sip.delete(widget._tune_timer)
+    widget._on_destroyed()
+    assert widget._closed
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="after")  # no callback into it

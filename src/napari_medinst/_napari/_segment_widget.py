@@ -32,6 +32,7 @@ to a new layer ``"<image> instances (2)"`` (the user is told so).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -545,7 +546,10 @@ class SegmentWidget(Container):
         """The dock widget (or the whole viewer) went away: stop and never touch layers."""
         self._closed = True
         self._cancel.set()
-        self._tune_timer.stop()
+        # At viewer shutdown Qt may have deleted the timer already; an exception here (a
+        # slot of `destroyed`) would make PyQt abort the whole process, losing unsaved work.
+        with contextlib.suppress(RuntimeError):
+            self._tune_timer.stop()
         registry.remove_listener(self._on_models_changed)
         ev = self._viewer.layers.events
         for emitter, slot in (
