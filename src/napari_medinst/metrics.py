@@ -75,7 +75,7 @@ NO_SCORES_NOTE = (
     "no confidence scores given: AP at each threshold is precision x recall of the "
     "single operating point (all predictions kept)"
 )
-SCORES_NOTE = "AP: area under the confidence-swept precision-recall curve, COCO 101-point"
+SCORES_NOTE = "area under the confidence-swept precision-recall curve, COCO 101-point"
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 

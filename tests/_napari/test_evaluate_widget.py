@@ -220,6 +220,16 @@ def test_start_from_prediction_is_a_copy(make_napari_viewer):
     assert "ground_truth" not in pred.metadata
 
 
+def test_ground_truth_started_from_an_annotation_is_not_named_twice(make_napari_viewer):
+    """Starting from the sample's annotation ("he sample ground truth") used to give
+    "he sample ground truth ground truth"."""
+    viewer, gt = open_he(make_napari_viewer)
+    widget = make_widget(viewer, pred_layer=gt)
+    layer = widget.start_from_prediction()
+    assert layer.name == f"{gt.name} (2)"
+    assert "ground truth ground truth" not in layer.name
+
+
 # ------------------------------------------------------------------------ numbers
 
 
@@ -259,8 +269,12 @@ def test_widget_numbers_equal_metrics_evaluate(make_napari_viewer, score_form):
         assert shown[key] == str(value)
     assert counts["fn"] > 0 and counts["tp"] > 0
     assert result.scores.to_dict() == want.to_dict()
+    note = widget.ap_note.text()
+    assert note.startswith("AP: ") and "AP: AP" not in note  # it once read "AP: AP: ..."
     if score_form is None:
-        assert "no confidence scores" in widget.ap_note.text()
+        assert "no confidence scores" in note
+    else:
+        assert "precision-recall curve" in note
 
 
 def test_mask_layer_is_an_ignore_mask(make_napari_viewer):

@@ -132,7 +132,10 @@ def start_from_prediction(viewer, prediction: Labels, name: str | None = None) -
     data = np.array(prediction.data, copy=True)
     layer = viewer.add_labels(
         data,
-        name=_free_name(viewer, name or f"{prediction.name} ground truth"),
+        # a copy of "x ground truth" is "x ground truth (2)", not "... ground truth ground truth"
+        name=_free_name(
+            viewer, name or f"{prediction.name.removesuffix(' ground truth')} ground truth"
+        ),
         scale=prediction.scale,
         translate=prediction.translate,
         opacity=0.6,
