@@ -131,6 +131,11 @@ def test_finetune_run_registers_model_and_compares(
     assert len(widget._history) == 1 and "Done" in widget._status.value
     assert widget._progress.value == widget._progress.max
     assert list(widget._loss_line.get_xdata()) == [1]
+    # the next run must get a fresh default folder, never the current directory
+    # (magicgui turns a FileEdit set to "" into the absolute CWD: issue 17, bug 1)
+    from napari_medinst._napari._finetune_widget import _folder_value
+
+    assert _folder_value(widget._out) is None
     # compare with the parent on the sample
     widget._cmp_image.value = viewer.layers[IMAGE]
     widget._cmp_gt.value = viewer.layers[GT]

@@ -379,6 +379,8 @@ def test_params_json_round_trip_and_malformed_file(make_napari_viewer, qtbot, no
     saved = PostprocessParams.from_json(out.read_text())
     assert saved.marker_threshold == pytest.approx(0.42)
     assert saved == widget._read_params()
+    # the field is emptied after saving, not left showing the current folder
+    assert widget._save_params.line_edit.value == ""
     # malformed JSON: an error notification, parameters unchanged, no traceback
     before = widget._read_params()
     for text in (

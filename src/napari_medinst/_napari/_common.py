@@ -66,3 +66,13 @@ def show_pixel_size(box: FloatSpinBox, px: float | None) -> None:
     lo, hi = PIXEL_SIZE_RANGE
     ok = px is not None and math.isfinite(px) and lo <= px <= hi
     box.value = round(px, 4) if ok else 0.0
+
+
+def clear_path(edit) -> None:
+    """Empty a magicgui ``FileEdit`` without it emitting a change.
+
+    Setting ``edit.value = ""`` does not empty it: magicgui turns "" into the absolute
+    current folder, which a later run would then take as the folder the user chose.
+    """
+    with edit.changed.blocked():
+        edit.line_edit.value = ""

@@ -63,7 +63,15 @@ from ..model.augment import AugmentConfig
 from ..model.folder import BUNDLED_MODELS, list_models, load_model
 from ..model.inference import CancelledError
 from ..preprocess import detect_modality, prepare_image
-from ._common import ROLE, input_images, pixel_size_box, qt_alive, show_pixel_size, unwrap
+from ._common import (
+    ROLE,
+    clear_path,
+    input_images,
+    pixel_size_box,
+    qt_alive,
+    show_pixel_size,
+    unwrap,
+)
 from ._editing import existing_editor
 from ._segment_widget import _pixel_size_from_layer
 
@@ -915,7 +923,7 @@ class FinetuneWidget(Container):
                 )
             show_info(f"Fine-tuned model saved in {value}{listed}.")
             self._forget_button.enabled = True
-            self._out.value = ""  # the next Start trains a new model in a new folder
+            clear_path(self._out)  # the next Start trains a new model in a new folder
         elif kind == "cancelled":
             if (model_dir / "config.json").exists():
                 msg = (

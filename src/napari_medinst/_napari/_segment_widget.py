@@ -72,7 +72,15 @@ from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from ..preprocess import prepare_image
 from ..segment import CLASSICAL, MapResult, compute_maps
 from ..targets import hv_gradient_magnitude
-from ._common import ROLE, input_images, pixel_size_box, qt_alive, show_pixel_size, unwrap
+from ._common import (
+    ROLE,
+    clear_path,
+    input_images,
+    pixel_size_box,
+    qt_alive,
+    show_pixel_size,
+    unwrap,
+)
 
 __all__ = ["SegmentWidget"]
 
@@ -917,8 +925,7 @@ class SegmentWidget(Container):
         else:
             show_info(f"Parameters saved to {path}")
         finally:
-            with self._save_params.changed.blocked():
-                self._save_params.value = ""
+            clear_path(self._save_params)
 
     def _on_load_params(self, path) -> None:
         if not path or str(path) in ("", "."):
@@ -936,8 +943,7 @@ class SegmentWidget(Container):
             show_info(f"Parameters loaded from {path.name}")
             self._schedule_tuning()
         finally:
-            with self._load_params.changed.blocked():
-                self._load_params.value = ""
+            clear_path(self._load_params)
 
     # ------------------------------------------------------------------ tuning
 
