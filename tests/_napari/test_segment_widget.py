@@ -693,3 +693,19 @@ def test_closing_after_qt_deleted_the_timer_does_not_raise(make_napari_viewer):
     widget._on_destroyed()
     assert widget._closed
     viewer.add_image(np.zeros((16, 16), np.uint8), name="after")  # no callback into it
+
+
+def test_sliders_show_the_chosen_models_defaults_before_the_first_run(make_napari_viewer):
+    """Before the first Run the sliders showed generic defaults (0.50 / 0.30 ...), and a
+    slider touched first meant the model's own defaults were never used (issue 17, bug 3)."""
+    from napari_medinst.model.folder import load_model
+
+    _viewer, widget = make_widget(make_napari_viewer)  # the H&E sample, model 'default'
+    want = load_model("default").params_for("he")
+    assert widget._read_params().fg_threshold == pytest.approx(want.fg_threshold)
+    assert widget._read_params().min_nucleus_size == want.min_nucleus_size
+    widget._modality.value = "fluorescence"
+    fluo = load_model("default").params_for("fluorescence")
+    assert widget._read_params().fg_threshold == pytest.approx(fluo.fg_threshold)
+    widget._model.value = "classical"
+    assert widget._read_params().fg_threshold == pytest.approx(PostprocessParams().fg_threshold)

@@ -66,7 +66,7 @@ from .._io import InputError, free_name, write_bytes
 from ..channels import trailing_channels
 from ..measure import as_features, measure_nuclei
 from ..model import registry
-from ..model.folder import ModelError, list_models
+from ..model.folder import ModelError, list_models, model_defaults
 from ..model.inference import DEFAULT_TTA, CancelledError
 from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from ..preprocess import prepare_image
@@ -438,6 +438,10 @@ class SegmentWidget(Container):
         self._connect_viewer()
         registry.add_listener(self._on_models_changed)
         self.native.destroyed.connect(self._on_destroyed)
+        # the chosen model's defaults, not generic ones, from the start (issue 17, bug 3)
+        self._image_layer.changed.connect(self._show_model_defaults)
+        self._modality.changed.connect(self._show_model_defaults)
+        self._show_model_defaults()
         self._on_image_changed(self._image_layer.value)
 
     # ------------------------------------------------------------------ building
@@ -627,6 +631,27 @@ class SegmentWidget(Container):
     def _on_model_changed(self, value: str) -> None:
         self._model_folder.visible = value == CHOOSE_FOLDER
         self._params_touched = False
+        self._show_model_defaults()
+
+    def _show_model_defaults(self, *_: Any) -> None:
+        """Show the chosen model's post-processing defaults at once (before any run).
+
+        Only while the user has not tuned the sliders and no run has set them for this
+        model; the modality is the chosen one, else guessed from the image (colour: H&E).
+        """
+        model = self._model.value
+        if self._params_touched or model == CHOOSE_FOLDER or model == self._params_model:
+            return
+        modality = self._modality.value
+        if modality not in ("he", "fluorescence"):
+            layer = self._image_layer.value
+            modality = "fluorescence" if layer is not None and not layer.rgb else "he"
+        try:
+            params = PostprocessParams() if model == CLASSICAL else model_defaults(model, modality)
+        except InputError:  # a broken model folder says so when it is run
+            return
+        self._defaults = params
+        self._set_params(params)
 
     @staticmethod
     def _image_data(layer: Image):
