@@ -199,7 +199,9 @@ def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool,
                 one_piece_blocks: list[int]) -> None:  # fmt: skip
     """Part 1 at one TTA setting: block path vs whole-image path vs one-piece prediction."""
     image = he_mosaic(size)
-    print(f"\n== seams: {size}x{size} H&E mosaic at {PIXEL_SIZE} µm/px, tta={'on' if tta else 'off'}")
+    print(
+        f"\n== seams: {size}x{size} H&E mosaic at {PIXEL_SIZE} µm/px, tta={'on' if tta else 'off'}"
+    )
     whole, t_whole = _timed(segment, image, "default", pixel_size=PIXEL_SIZE, tta=tta)
     params = whole.maps.default_params
     ref = whole.labels
@@ -388,7 +390,9 @@ def bench_slide(size: int, layouts: list[str], block: int, crop: int, tmp_root: 
             if r is not None:
                 over = r["wall"] / r["mpx"] / base - 1
                 verdict = "meets" if over <= TARGET_OVERHEAD else "misses"
-                print(f"    {layout:<5} {r['wall'] / r['mpx']:.2f} s/Mpx -> {over:+.1%} ({verdict})")
+                print(
+                    f"    {layout:<5} {r['wall'] / r['mpx']:.2f} s/Mpx -> {over:+.1%} ({verdict})"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
     if args.seams:
         for tta in {"off": [False], "on": [True], "both": [False, True]}[args.tta]:
-            bench_seams(args.seams_size, args.blocks, tta, not args.no_one_piece,
-                        args.one_piece_blocks)
+            bench_seams(
+                args.seams_size, args.blocks, tta, not args.no_one_piece, args.one_piece_blocks
+            )
     if args.slide:
         bench_slide(args.slide_size, args.runs, args.slide_block, args.crop, args.tmp)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
