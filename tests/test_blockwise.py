@@ -244,3 +244,19 @@ def test_cli_refuses_maps_in_blocks_and_bad_block_sizes(tmp_path, capsys):
             _run([str(path), "-o", str(out), "--block-size", bad])
         assert exc.value.code == 2
         assert "--block-size" in capsys.readouterr().err
+
+
+def test_block_normalisation_keeps_float64_beyond_float32_range():
+    """The block path's normalisation is the whole-image path's twin: float64 values
+    beyond float32's range (~3e38) used to overflow to inf there, reading as empty."""
+    from napari_medinst.blockwise import Normalisation
+    from napari_medinst.preprocess import to_network_input
+
+    rng = np.random.default_rng(0)
+    base = rng.random((64, 64))
+    for modality, img in (("fluorescence", base * 1e300), ("he", np.dstack([base] * 3) * 1e300)):
+        with np.errstate(over="raise", invalid="raise"):
+            norm = Normalisation.of_image(img, modality)
+            block = norm.apply(img)
+        assert np.isfinite(block).all() and block.max() > 0.5
+        np.testing.assert_allclose(block, to_network_input(img, modality), atol=1e-6)

@@ -40,8 +40,11 @@ from .preprocess import (
     CANONICAL_PIXEL_SIZE,
     Modality,
     check_pixel_size,
+    colour_divisor,
     detect_modality,
+    percentile_range,
     prepare_image,
+    work_dtype,
 )
 from .segment import compute_maps, default_params, get_model, maps_from_input
 
@@ -96,30 +99,25 @@ class Normalisation:
         pixels on a regular grid. No full-size copy is made.
         """
         if modality == "he":
-            if np.issubdtype(image.dtype, np.integer):
-                top = 255.0 if image.dtype.itemsize == 1 else float(max(image.max(), 255))
-                return cls(modality, 0.0, top, 0.0, 1.0)
-            peak = float(image.max()) if image.size else 0.0
-            span = 1.0 if peak <= 1.0 + 1e-6 else (255.0 if peak <= 255.0 else peak)
-            return cls(modality, 0.0, span, 0.0, 1.0)
+            return cls(modality, 0.0, colour_divisor(image), 0.0, 1.0)
         step = max(1, math.isqrt(image.shape[0] * image.shape[1] // 1_000_000))
-        sample = image[::step, ::step].astype(np.float32)
+        sample = image[::step, ::step].astype(work_dtype(image))
         gray = sample if sample.ndim == 2 else sample.max(axis=-1)
-        p_lo, p_hi = np.percentile(gray, [1.0, 99.8])
-        span = float(p_hi - p_lo) if p_hi - p_lo >= 1e-6 else 0.0
-        return cls(modality, float(p_lo), span, -0.2, 1.5)
+        lo, span = percentile_range(gray)
+        return cls(modality, lo, span, -0.2, 1.5)
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """A block's pixels ``(h, w)`` or ``(h, w, 3)`` as the network's ``(3, h, w)`` float32."""
-        arr = pixels.astype(np.float32)
+        arr = pixels.astype(work_dtype(pixels))  # float64 stays float64 until scaled
         if self.modality == "fluorescence" and arr.ndim == 3:
             arr = arr.max(axis=-1)
         if self.span == 0:
-            arr = np.zeros_like(arr)
+            arr = np.zeros(arr.shape, np.float32)
         else:
-            arr -= np.float32(self.lo)
-            arr /= np.float32(self.span)
+            arr -= arr.dtype.type(self.lo)
+            arr /= arr.dtype.type(self.span)
             np.clip(arr, self.clip_lo, self.clip_hi, out=arr)
+            arr = arr.astype(np.float32, copy=False)
         if arr.ndim == 2:
             return np.ascontiguousarray(np.broadcast_to(arr, (3, *arr.shape)))
         return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -24,9 +24,12 @@ __all__ = [
     "Modality",
     "PixelSizeWarning",
     "check_pixel_size",
+    "colour_divisor",
     "detect_modality",
+    "percentile_range",
     "prepare_image",
     "to_network_input",
+    "work_dtype",
 ]
 
 Modality = Literal["he", "fluorescence"]
@@ -148,26 +151,51 @@ def detect_modality(image: np.ndarray) -> Modality:
     return "he"
 
 
-def _unit_range(arr: np.ndarray) -> np.ndarray:
-    """Scale a colour image to [0, 1] by its dtype (floats above 1 are taken as 0-255)."""
+def colour_divisor(arr: np.ndarray) -> float:
+    """What a colour image is divided by to reach [0, 1].
+
+    Integers: 255, or their maximum when it is above 255 (16-bit RGB). Floats: 1 when
+    they are already in [0, 1], else 255, or their maximum above 255 (taken in the
+    image's own dtype, so float64 values beyond float32's range do not overflow).
+    """
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize == 1:
+        return 255.0  # no pass over the pixels for the usual 8-bit image
+    top = float(arr.max()) if arr.size else 0.0
     if np.issubdtype(arr.dtype, np.integer):
-        top = 255.0 if arr.dtype.itemsize == 1 or arr.max() <= 255 else float(arr.max())
+        return 255.0 if top <= 255 else top
+    return 1.0 if top <= 1.0 + 1e-6 else (255.0 if top <= 255.0 else top)
+
+
+def work_dtype(arr: np.ndarray) -> type:
+    """float64 for float64 images (values beyond float32's ~3e38 would become inf and
+    the image would silently read as empty), float32 otherwise."""
+    return np.float64 if arr.dtype == np.float64 else np.float32
+
+
+def percentile_range(sample: np.ndarray, lo: float = 1.0, hi: float = 99.8) -> tuple[float, float]:
+    """(low percentile, span up to the high one) of grey values; span 0 for a flat image."""
+    p_lo, p_hi = np.percentile(sample, [lo, hi])
+    span = p_hi - p_lo
+    return float(p_lo), float(span) if span >= 1e-6 * max(1.0, abs(p_hi)) else 0.0
+
+
+def _unit_range(arr: np.ndarray) -> np.ndarray:
+    """Scale a colour image to [0, 1] by :func:`colour_divisor`."""
+    top = colour_divisor(arr)
+    if np.issubdtype(arr.dtype, np.integer):
         return arr.astype(np.float32) / top
-    top = float(arr.max()) if arr.size else 0.0  # in the image's own dtype: no overflow
-    if top > 1.0 + 1e-6:
-        arr = arr / (255.0 if top <= 255.0 else top)
+    if top != 1.0:
+        arr = arr / top
     return np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def _percentile_normalise(gray: np.ndarray, lo: float = 1.0, hi: float = 99.8) -> np.ndarray:
-    # float64 images stay float64 until scaled: values beyond float32's range (~3e38)
-    # would otherwise become inf and the image would silently read as empty
-    work = gray if gray.dtype == np.float64 else gray.astype(np.float32)
+    work = gray.astype(work_dtype(gray), copy=False)
     step = max(1, work.size // 1_000_000)
-    p_lo, p_hi = np.percentile(work.ravel()[::step], [lo, hi])
-    if not p_hi - p_lo >= 1e-6 * max(1.0, abs(p_hi)):
+    p_lo, span = percentile_range(work.ravel()[::step], lo, hi)
+    if span == 0:
         return np.zeros(work.shape, np.float32)
-    scaled = (work - work.dtype.type(p_lo)) / work.dtype.type(p_hi - p_lo)
+    scaled = (work - work.dtype.type(p_lo)) / work.dtype.type(span)
     return np.clip(scaled, -0.2, 1.5).astype(np.float32, copy=False)
 
 
@@ -180,7 +208,7 @@ def to_network_input(image: np.ndarray, modality: Modality) -> np.ndarray:
         rgb = _unit_range(arr)
         return np.ascontiguousarray(rgb.transpose(2, 0, 1))
     if modality == "fluorescence":
-        gray = arr if arr.ndim == 2 else arr.astype(np.float32).max(axis=-1)
+        gray = arr if arr.ndim == 2 else arr.astype(work_dtype(arr)).max(axis=-1)
         norm = _percentile_normalise(gray)
         return np.ascontiguousarray(np.repeat(norm[None], 3, axis=0))
     raise InputError(f"unknown modality {modality!r}; expected 'he' or 'fluorescence'")
