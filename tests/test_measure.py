@@ -165,3 +165,21 @@ def test_segment_format_measurements_writes_the_table(tmp_path):
     first = int(rows[0]["label"])
     assert float(rows[0]["area_um2"]) == pytest.approx((labels == first).sum() * 0.25**2)
     assert not (out / "he_instances.csv").exists()  # only what was asked for
+
+
+def test_geojson_and_measurements_outputs_measure_once(tmp_path, monkeypatch):
+    """Asking for both outputs that carry measurements computes them once per image."""
+    from napari_medinst import measure
+    from napari_medinst.cli import main
+    from napari_medinst.samples import DATA
+
+    calls = []
+    real = measure.measure_nuclei
+    monkeypatch.setattr(measure, "measure_nuclei", lambda *a, **k: calls.append(1) or real(*a, **k))
+    img = tmp_path / "he.tif"
+    img.write_bytes((DATA / "he_tile.tif").read_bytes())
+    rc = main(["segment", str(img), "-o", str(tmp_path / "out"), "--model", "classical",
+               "--format", "tif,geojson,measurements"])  # fmt: skip
+    assert rc == 0 and len(calls) == 1
+    assert (tmp_path / "out" / "he.geojson").exists()
+    assert (tmp_path / "out" / "he_measurements.csv").exists()

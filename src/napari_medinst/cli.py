@@ -387,19 +387,19 @@ def _measure(labels, rows: list[str], seg, image) -> tuple[dict, dict]:
     return scores, measure_nuclei(labels, img, pixel_size=px, scores=scores)
 
 
-def _measurements_item(target: Path, labels, rows: list[str], model, seg, image):
+def _measurements_item(target: Path, labels, measured, model, seg):
     """(path, writer) of the per-nucleus measurements table (CSV)."""
     from .measure import table_writer
 
-    return target, table_writer(target, _measure(labels, rows, seg, image)[1])
+    return target, table_writer(target, measured()[1])
 
 
-def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
+def _geojson_item(target: Path, labels, measured, model, seg):
     """(path, writer) of the QuPath GeoJSON of one plane's nuclei (status: predicted)."""
     from . import __version__
     from .geojson import geojson_writer, measurements_from_columns
 
-    scores, cols = _measure(labels, rows, seg, image)
+    scores, cols = measured()
     config = getattr(model, "config", {}) or {}
     version = config.get("version") or f"napari-medinst {__version__}"
     writer = geojson_writer(
@@ -412,14 +412,18 @@ def _geojson_item(target: Path, labels, rows: list[str], model, seg, image):
 
 
 #: Writers of the ``segment --format`` outputs beyond the TIFF and CSV:
-#: ``key -> f(target, labels, rows, model, seg, image) -> (path, writer)``.
+#: ``key -> f(target, labels, measured, model, seg) -> (path, writer)``, where
+#: ``measured()`` gives :func:`_measure`'s (scores, columns), computed once per image.
 SEGMENT_WRITERS = {"geojson": _geojson_item, "measurements": _measurements_item}
 
 
 def _format_items(targets: dict[str, Path], labels, rows, model, seg, image) -> list:
     """(path, writer) of each extra output asked for, for :func:`_write_outputs`."""
+    import functools
+
+    measured = functools.cache(lambda: _measure(labels, rows, seg, image))
     return [
-        SEGMENT_WRITERS[key](targets[key], labels, rows, model, seg, image)
+        SEGMENT_WRITERS[key](targets[key], labels, measured, model, seg)
         for key in SEGMENT_WRITERS
         if key in targets
     ]
