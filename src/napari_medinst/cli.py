@@ -14,26 +14,26 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _channel_arg(text: str) -> int:
-    """argparse type of ``--channel``: a channel number, 0 or more (else exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a channel number 0, 1, 2, ..., got {text!r}")
-    return value
+def number_arg(convert, accept, expected: str):
+    """An argparse ``type``: ``convert(text)`` when ``accept`` says yes, else exit 2 with
+    "expected <expected>, got '<text>'" (one line naming the option, by argparse)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _block_size_arg(text: str) -> int:
-    """argparse type of ``--block-size``: 0 (never) or at least 16 px (else exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value != 0 and value < 16:
-        raise argparse.ArgumentTypeError(f"expected 0 (off) or a block size >= 16 px, got {text!r}")
-    return value
+#: ``--channel``: a channel number, 0 or more.
+_channel_arg = number_arg(int, lambda v: v >= 0, "a channel number 0, 1, 2, ...")
+#: ``--block-size``: 0 (never) or at least 16 px.
+_block_size_arg = number_arg(int, lambda v: v == 0 or v >= 16, "0 (off) or a block size >= 16 px")
 
 
 def _uses_blocks(shape, block_size: int | None) -> int:

@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from .cli import number_arg
+
 __all__ = ["add_parser", "run"]
 
 # The engine's defaults, repeated so that building the parser (``--version``, ``--help``)
@@ -19,24 +21,8 @@ DEFAULT_BLOCK = 2048  # blockwise.DEFAULT_BLOCK
 MIN_TISSUE = 0.01  # slide_engine.MIN_TISSUE
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1 (e.g. 0.01), got {text!r}")
-    return value
+_positive = number_arg(int, lambda v: v >= 1, "a whole number of at least 1")
+_share = number_arg(float, lambda v: 0 <= v < 1, "a share from 0 to 1 (e.g. 0.01)")
 
 
 def default_workers() -> int:
