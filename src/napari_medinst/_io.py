@@ -556,28 +556,27 @@ def _new_part(dest: Path, folder: Path | None = None) -> Path:
     return Path(tmp)
 
 
-def _fsync_file(path: Path) -> None:
-    """Flush the data of ``path`` to the disk: a rename is only safe after this."""
-    try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush the data of ``path`` to the disk: a rename is only safe after this."""
+    try:
+        _fsync(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    except PermissionError:
+        _fsync(path, os.O_RDONLY)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Flush a folder's entries (the renames) to the disk; best effort, POSIX only."""
-    if os.name == "nt":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if os.name != "nt":
+        with contextlib.suppress(OSError):
+            _fsync(folder, os.O_RDONLY)
 
 
 def _discard(path: Path) -> None:
