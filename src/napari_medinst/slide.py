@@ -175,7 +175,36 @@ class _Level:
     tile: tuple[int, int]
 
 
-class _TiffReader:
+class _ArrayLevels:
+    """Levels held as array-likes with an axes string (tifffile's zarr store, zarr).
+
+    Subclasses set ``path``, ``axes`` and ``arrays``; ``_fetch`` decodes one region.
+    """
+
+    path: Path
+    axes: str
+    arrays: list
+
+    def _shape(self, arr) -> tuple[int, int, int]:
+        """(Y, X, channels) of a level; refuses axes beyond Y, X and channels."""
+        _axes_key(self.axes, arr.shape, slice(0, 1), slice(0, 1), self.path, 0)  # planes?
+        iy, ix = self.axes.index("Y"), self.axes.index("X")
+        return arr.shape[iy], arr.shape[ix], _channels(self.axes, arr.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.arrays[0].dtype)
+
+    def _fetch(self, arr, key) -> np.ndarray:
+        return np.asarray(arr[key])
+
+    def read(self, level: int, ys: slice, xs: slice) -> np.ndarray:
+        arr = self.arrays[level]
+        key = _axes_key(self.axes, arr.shape, ys, xs, self.path, level)
+        return _to_yxc(self._fetch(arr, key), self.axes)
+
+
+class _TiffReader(_ArrayLevels):
     """tifffile's zarr store of the first series; levels from SubIFDs or reduced pages."""
 
     def __init__(self, path: Path) -> None:
@@ -197,23 +226,16 @@ class _TiffReader:
         self.levels = [self._level(arr, page) for arr, page in zip(self.arrays, pages, strict=True)]
 
     def _level(self, arr, page) -> _Level:
-        _axes_key(self.axes, arr.shape, slice(0, 1), slice(0, 1), self.path, 0)  # planes?
-        ny, nx = arr.shape[self.axes.index("Y")], arr.shape[self.axes.index("X")]
-        tile = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else (ny, nx)
-        return _Level(shape=(ny, nx, _channels(self.axes, arr.shape)), tile=tile)
+        shape = self._shape(arr)
+        tile = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else shape[:2]
+        return _Level(shape=shape, tile=tile)
 
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.arrays[0].dtype)
-
-    def read(self, level: int, ys: slice, xs: slice) -> np.ndarray:
-        arr = self.arrays[level]
-        key = _axes_key(self.axes, arr.shape, ys, xs, self.path, level)
+    def _fetch(self, arr, key) -> np.ndarray:
         with _tifffile_errors() as damage:
             block = np.asarray(arr[key])
         if damage:  # tifffile logs a tile it cannot decode and returns zeros
             raise RuntimeError(damage[0])
-        return _to_yxc(block, self.axes)
+        return block
 
     def close(self) -> None:
         self.tif.close()
@@ -253,7 +275,7 @@ class _OpenSlideReader:
         self.slide.close()
 
 
-class _ZarrReader:
+class _ZarrReader(_ArrayLevels):
     """An OME-Zarr image: ``multiscales[0]`` datasets, axes from its metadata."""
 
     def __init__(self, path: Path) -> None:
@@ -274,19 +296,8 @@ class _ZarrReader:
         self.levels = [self._level(a) for a in self.arrays]
 
     def _level(self, arr) -> _Level:
-        _axes_key(self.axes, arr.shape, slice(0, 1), slice(0, 1), self.path, 0)  # planes?
         iy, ix = self.axes.index("Y"), self.axes.index("X")
-        shape = (arr.shape[iy], arr.shape[ix], _channels(self.axes, arr.shape))
-        return _Level(shape=shape, tile=(arr.chunks[iy], arr.chunks[ix]))
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.arrays[0].dtype)
-
-    def read(self, level: int, ys: slice, xs: slice) -> np.ndarray:
-        arr = self.arrays[level]
-        key = _axes_key(self.axes, arr.shape, ys, xs, self.path, level)
-        return _to_yxc(np.asarray(arr[key]), self.axes)
+        return _Level(shape=self._shape(arr), tile=(arr.chunks[iy], arr.chunks[ix]))
 
     def close(self) -> None:
         pass
