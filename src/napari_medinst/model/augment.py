@@ -139,6 +139,8 @@ def copy_paste(
     scale_range: tuple[float, float] = (0.8, 1.25),
     max_overlap: float = 0.1,
     tries: int = 5,
+    types: np.ndarray | None = None,
+    donor_types: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Paste up to ``n_max`` nuclei of the donor into ``image`` / ``labels``.
 
@@ -146,7 +148,8 @@ def copy_paste(
     in ``scale_range``, rotated / flipped, and pasted at a random position where at most
     ``max_overlap`` of its area covers existing nuclei. The pasted nucleus takes a new id
     and lies on top. Returns the new image, the new labels (sequential) and the number
-    of nuclei pasted.
+    of nuclei pasted. With per-pixel class maps ``types`` and ``donor_types`` (nucleus
+    types), ``types`` is updated in place: a pasted nucleus keeps its donor class.
     """
     image = image.copy()
     labels = labels.astype(np.int32, copy=True)
@@ -162,6 +165,9 @@ def copy_paste(
         sl = boxes[nid - 1]
         mask = donor_labels[sl] == nid
         patch = donor_image[(slice(None), *sl)]
+        cls = 0
+        if types is not None and donor_types is not None:
+            cls = int(np.bincount(donor_types[sl][mask].astype(np.int64)).argmax())
         s = float(rng.uniform(*scale_range))
         if not np.isclose(s, 1.0):
             shape = (max(1, round(mask.shape[0] * s)), max(1, round(mask.shape[1] * s)))
@@ -178,6 +184,8 @@ def copy_paste(
             if (region[mask] > 0).mean() <= max_overlap:
                 region[mask] = next_id
                 image[:, r0 : r0 + mh, c0 : c0 + mw][:, mask] = patch[:, mask]
+                if types is not None:
+                    types[r0 : r0 + mh, c0 : c0 + mw][mask] = cls
                 next_id += 1
                 pasted += 1
                 break

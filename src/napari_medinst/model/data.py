@@ -9,6 +9,14 @@ size of all its images.
 
 Images without a pixel size are rescaled so that their median nucleus diameter (from
 the labels) equals :data:`~napari_medinst.preprocess.CANONICAL_DIAMETER`.
+
+Nucleus types: a folder with ``types/<id>.tif`` (the class of every nucleus pixel,
+0 = background) gives each sample a per-instance class table. A folder whose index has
+``tile``, ``y0`` and ``x0`` columns and whose ``nuclei.csv`` maps each patch label to a
+``tile_label`` holds overlapping patches cut from larger tiles (CoNSeP as distributed by
+HoVer-Net's patch extractor): its patches are put back together into their tiles, so a
+nucleus cut by a patch border is one whole nucleus again and the validation split
+falls by tile, never by patch.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import numpy as np
 from skimage.transform import rescale
 
 from .._io import IMAGE_SUFFIXES, InputError, read_image, read_labels
+from ..class_metrics import type_table
 from ..preprocess import (
     CANONICAL_DIAMETER,
     CANONICAL_PIXEL_SIZE,
@@ -60,6 +69,11 @@ class Sample:
     sha256: str
     group: str = ""  # the data folder it came from (validation is split per folder)
     label_path: str = ""  # the original label file (scores at the image's own pixels)
+    #: per-instance class (index = label id, 0 = background), None when not typed
+    types: np.ndarray | None = None
+    label_source: str = ""  # the index's ``label_source`` column (annotation convention)
+    #: a mosaic's labels and type map at its own pixels (it has no single label file)
+    native: tuple[np.ndarray, np.ndarray] | None = None  # (labels, types per pixel) of a mosaic
 
 
 def parse_folder_spec(spec: str) -> tuple[Path, float | None]:
@@ -194,6 +208,69 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _type_table(labels: np.ndarray, type_map: np.ndarray, where: str) -> np.ndarray:
+    """Per-instance class (index = label id) from a per-pixel type map."""
+    try:
+        return type_table(labels, type_map)
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+def _mosaic_tiles(folder: Path, index: dict[str, dict[str, str]], pairs, exclude_splits):
+    """Put the overlapping patches of each tile back together.
+
+    Yields ``(tile, image, labels, type_map or None, first patch row)``; labels carry
+    ``tile_label`` ids from ``nuclei.csv`` so a nucleus seen in several patches is one.
+    """
+    table = folder / "nuclei.csv"
+    tile_label: dict[tuple[str, int], int] = {}
+    reader = csv.DictReader(io.StringIO(_index_text(table), newline=""))
+    try:
+        for row in reader:
+            tile_label[(row["id"], int(row["label"]))] = int(row["tile_label"])
+    except (KeyError, ValueError, csv.Error) as exc:
+        raise InputError(f"{table}: needs id, label and tile_label columns ({exc})") from None
+    by_tile: dict[str, list] = {}
+    for key, img_path, lab_path in pairs:
+        row = index.get(key)
+        if row is None or row.get("split", "") in exclude_splits:
+            continue
+        by_tile.setdefault(row["tile"], []).append((key, img_path, lab_path, row))
+    for tile, parts in sorted(by_tile.items()):
+        loaded = []
+        for key, img_path, lab_path, row in parts:
+            try:
+                y0, x0 = int(row["y0"]), int(row["x0"])
+            except ValueError:
+                raise InputError(
+                    f"{folder / 'index.csv'}: row {key}: y0 / x0 must be whole numbers"
+                ) from None
+            image = prepare_image(read_image(img_path), name=str(img_path))
+            labels = read_labels(lab_path)
+            tpath = folder / "types" / lab_path.name
+            types = read_labels(tpath) if tpath.is_file() else None
+            lut = np.zeros(int(labels.max()) + 1, np.int32)
+            for lab in np.unique(labels[labels > 0]):
+                if (key, int(lab)) not in tile_label:
+                    raise InputError(f"{table}: no tile_label for {key} label {lab}")
+                lut[lab] = tile_label[(key, int(lab))]
+            loaded.append((y0, x0, image, lut[labels], types))
+        h = max(y0 + im.shape[0] for y0, _, im, _, _ in loaded)
+        w = max(x0 + im.shape[1] for _, x0, im, _, _ in loaded)
+        image = np.zeros((h, w, *loaded[0][2].shape[2:]), loaded[0][2].dtype)
+        labels = np.zeros((h, w), np.int32)
+        typed = all(t is not None for *_, t in loaded)
+        type_map = np.zeros((h, w), np.uint8) if typed else None
+        for y0, x0, im, lab, t in loaded:
+            sl = np.s_[y0 : y0 + im.shape[0], x0 : x0 + im.shape[1]]
+            image[sl] = im
+            labels[sl] = lab
+            if type_map is not None:
+                type_map[sl] = t
+        files = [p[1] for p in parts] + [p[2] for p in parts]
+        yield tile, image, labels, type_map, parts[0][3], files, True
+
+
 def load_folder(
     spec: str | Path,
     exclude_splits: frozenset[str] = DEFAULT_EXCLUDE_SPLITS,
@@ -202,19 +279,16 @@ def load_folder(
     folder, folder_px = parse_folder_spec(str(spec))
     index = read_index(folder)
     samples = []
-    for key, img_path, lab_path in find_pairs(folder):
-        row = index.get(key, {})
-        if row.get("split", "") in exclude_splits:
-            continue
-        image = prepare_image(read_image(img_path), name=str(img_path))  # (NaN, shape: named)
-        labels = read_labels(lab_path)
+    for key, image, labels, type_map, row, files, mosaic in _items(folder, index, exclude_splits):
         if image.shape[:2] != labels.shape:
             raise InputError(
-                f"{img_path}: image {image.shape[:2]} and labels {labels.shape} differ"
+                f"{files[0]}: image {image.shape[:2]} and labels {labels.shape} differ"
             )
         modality = index_modality(row) or detect_modality(image)
         px = index_pixel_size(row, folder / "index.csv", key) or folder_px
         labels, _ = relabel_sequential(labels)
+        types = None if type_map is None else _type_table(labels, type_map, str(files[-1]))
+        native = (labels, type_map) if mosaic else None  # no single label file to score on
         if px is not None:
             scale = px / CANONICAL_PIXEL_SIZE
         else:
@@ -224,8 +298,15 @@ def load_folder(
         if not np.isclose(scale, 1.0):
             net_in = rescale(net_in, (1, scale, scale), order=1, anti_aliasing=scale < 1)
             net_in = net_in.astype(np.float32)
-            labels = rescale(labels, scale, order=0, anti_aliasing=False, preserve_range=True)
-            labels, _ = relabel_sequential(labels.astype(np.int32))
+            small = rescale(labels, scale, order=0, anti_aliasing=False, preserve_range=True)
+            small = small.astype(np.int32)
+            if types is not None:  # ids survive nearest-neighbour rescaling: keep the classes
+                kept = np.unique(small)
+                types = _compact_types(types, kept)
+            labels, _ = relabel_sequential(small)
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(_sha256(f).encode())
         samples.append(
             Sample(
                 name=f"{folder.name}/{key}",
@@ -234,10 +315,41 @@ def load_folder(
                 labels=labels.astype(np.int32),
                 modality=modality,
                 scale=float(scale),
-                sha256=_sha256(img_path)[:16] + _sha256(lab_path)[:16],
-                label_path=str(lab_path),
+                sha256=digest.hexdigest()[:32],
+                label_path="" if mosaic else str(files[1]),
+                types=types,
+                label_source=(row.get("label_source") or "").strip(),
+                native=native,
             )
         )
     if not samples:
         raise InputError(f"{folder}: no usable image/label pairs")
     return samples
+
+
+def _compact_types(types: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The class table after ``relabel_sequential`` keeps the sorted ids ``kept``."""
+    kept = kept[kept > 0]
+    out = np.zeros(kept.size + 1, np.uint8)
+    out[1:] = types[kept]
+    return out
+
+
+def _items(folder: Path, index: dict[str, dict[str, str]], exclude_splits):
+    """(key, image, labels, type map or None, index row, source files, is a mosaic) per
+    training item."""
+    pairs = find_pairs(folder)
+    columns = set(next(iter(index.values()), {}))
+    if {"tile", "y0", "x0"} <= columns and (folder / "nuclei.csv").is_file():
+        yield from _mosaic_tiles(folder, index, pairs, exclude_splits)
+        return
+    for key, img_path, lab_path in pairs:
+        row = index.get(key, {})
+        if row.get("split", "") in exclude_splits:
+            continue
+        image = prepare_image(read_image(img_path), name=str(img_path))  # (NaN, shape: named)
+        labels = read_labels(lab_path)
+        tpath = folder / "types" / lab_path.name
+        type_map = read_labels(tpath) if tpath.is_file() else None
+        files = [img_path, lab_path] + ([tpath] if type_map is not None else [])
+        yield key, image, labels, type_map, row, files, False

@@ -68,6 +68,37 @@ class LoadedModel:
     def params_for(self, modality: str) -> PostprocessParams:
         return self.postprocess.get(modality) or self.postprocess.get("he") or PostprocessParams()
 
+    @property
+    def type_classes(self) -> dict[int, tuple[str, tuple[int, int, int]]]:
+        """Nucleus classes of the type head: ``{id: (name, (r, g, b))}`` from the
+        config's ``types`` (empty for a model without types; malformed entries are
+        named ``Type <id>`` in grey rather than trusted)."""
+        return type_classes(self.config, self.net.config.n_types)
+
+
+def type_classes(
+    config: dict[str, Any], n_types: int
+) -> dict[int, tuple[str, tuple[int, int, int]]]:
+    """See :attr:`LoadedModel.type_classes` (classes 1 .. n_types - 1)."""
+    given = {}
+    for entry in config.get("types") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), int):
+            given[entry["id"]] = entry
+    out = {}
+    for i in range(1, max(0, n_types)):
+        e = given.get(i, {})
+        name = (
+            e.get("name") if isinstance(e.get("name"), str) and e["name"].strip() else f"Type {i}"
+        )
+        colour = e.get("color", "")
+        ok = isinstance(colour, str) and len(colour) == 7 and colour[0] == "#"
+        try:
+            rgb = tuple(int(colour[k : k + 2], 16) for k in (1, 3, 5)) if ok else (128, 128, 128)
+        except ValueError:
+            rgb = (128, 128, 128)
+        out[i] = (name.strip()[:64], rgb)
+    return out
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

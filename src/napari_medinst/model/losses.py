@@ -76,7 +76,9 @@ def hovernet_loss(
     fg : (N, H, W) long tensor of 0/1.
     hv : (N, 2, H, W) float tensor in [-1, 1].
     contour : (N, H, W) float tensor of 0/1.
-    types : (N, H, W) long tensor of classes, or None.
+    types : (N, H, W) long tensor of classes, or None. An image whose nuclei have no
+        types (every pixel -1) adds no type loss; the type terms are averaged over the
+        typed images only.
     """
     w = weights or LossWeights()
     parts: dict[str, torch.Tensor] = {}
@@ -89,12 +91,14 @@ def hovernet_loss(
     c_logit = out.contour_logits[:, 0]
     parts["contour_bce"] = F.binary_cross_entropy_with_logits(c_logit, contour)
     parts["contour_dice"] = _soft_dice(torch.sigmoid(c_logit)[:, None], contour[:, None])
-    if out.type_logits is not None and types is not None:
+    typed = None if types is None else (types >= 0).flatten(1).all(1)
+    if out.type_logits is not None and typed is not None and bool(typed.any()):
         k = out.type_logits.shape[1]
-        parts["type_ce"] = F.cross_entropy(out.type_logits, types)
-        t_prob = out.type_logits.softmax(1)
+        logits, t = out.type_logits[typed], types[typed]
+        parts["type_ce"] = F.cross_entropy(logits, t)
+        t_prob = logits.softmax(1)
         parts["type_dice"] = _soft_dice(
-            t_prob, F.one_hot(types, k).permute(0, 3, 1, 2).to(t_prob.dtype)
+            t_prob, F.one_hot(t, k).permute(0, 3, 1, 2).to(t_prob.dtype)
         )
     total = sum(getattr(w, name) * value for name, value in parts.items())
     return total, {name: float(value.detach()) for name, value in parts.items()}

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
 from .folder import ModelError, load_model, load_weights_into, save_model_folder
 from .inference import DEFAULT_TTA, CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
-from .network import NetConfig, NucleusNet
+from .network import NET_LIMITS, NetConfig, NucleusNet
 
 __all__ = ["TrainConfig", "retune", "split_samples", "train", "tune_postprocess"]
 
@@ -62,6 +62,13 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     name: str = "napari-medinst model"
+    #: names of nucleus classes 1..K for a type head (from typed data folders); empty:
+    #: no type head, or the ``init`` model's head kept as it is
+    type_names: list[str] = field(default_factory=list)
+    #: images whose index ``label_source`` is outside this list train but are never
+    #: validated on (e.g. MoNuSeg's second rasterisation, which differs from the test
+    #: labels' convention by about a pixel)
+    val_label_sources: list[str] = field(default_factory=lambda: ["", "xml"])
 
     def __post_init__(self) -> None:
         checks = (
@@ -79,6 +86,13 @@ class TrainConfig:
                 raise ValueError(
                     f"training setting {name} must be {rule}, got {getattr(self, name)}"
                 )
+        if self.type_names:
+            lo, hi = 1, NET_LIMITS["n_types"][1] - 1
+            if not lo <= len(self.type_names) <= hi or not all(
+                isinstance(n, str) and n.strip() for n in self.type_names
+            ):
+                raise ValueError(f"type_names must be {lo}-{hi} non-empty names")
+            self.net = replace(self.net, n_types=len(self.type_names) + 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,17 +112,29 @@ class TrainConfig:
         return cls(**d)
 
 
-def split_samples(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic held-in validation split: per data folder, by a hash of the name."""
+def split_samples(
+    samples: list[Sample], fraction: float, val_label_sources: list[str] | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic held-in validation split: per data folder, by a hash of the name.
+
+    ``fraction`` of each folder's validation-eligible images (those whose
+    ``label_source`` is in ``val_label_sources``; all when None) are held out.
+    """
     groups: dict[str, list[Sample]] = {}
     for s in samples:
         groups.setdefault(getattr(s, "group", "") or s.name.split("/")[0], []).append(s)
     train, val = [], []
     for members in groups.values():
-        ranked = sorted(members, key=lambda s: hashlib.sha1(s.name.encode()).hexdigest())
-        n_val = max(1, round(fraction * len(ranked))) if len(ranked) > 1 and fraction > 0 else 0
-        val += ranked[:n_val]
-        train += ranked[n_val:]
+        ok = [
+            s
+            for s in members
+            if val_label_sources is None or getattr(s, "label_source", "") in val_label_sources
+        ]
+        ranked = sorted(ok, key=lambda s: hashlib.sha1(s.name.encode()).hexdigest())
+        n_val = max(1, round(fraction * len(ranked))) if len(members) > 1 and fraction > 0 else 0
+        held = ranked[:n_val]
+        val += held
+        train += [s for s in members if s not in held]
     return train, val
 
 
@@ -126,20 +152,25 @@ class _Sampler:
         pool = self.pools[modality]
         return pool[int(self.rng.choice(len(pool), p=self.weights[modality]))]
 
-    def item(self) -> tuple[np.ndarray, np.ndarray, str]:
+    def _crop(self, s: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """An augmented crop, its labels and (typed samples) its per-pixel classes."""
+        a = self.cfg.augment
+        img, lab = random_crop(s.image, s.labels, self.cfg.crop, self.rng, a.scale_range)
+        # nearest-neighbour crops keep the ids, so the class table still applies
+        return img, lab, None if s.types is None else s.types[lab]
+
+    def item(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
         mods = list(self.pools)
         if len(mods) == 2:
             modality = "he" if self.rng.random() < self.cfg.he_fraction else "fluorescence"
         else:
             modality = mods[0]
-        s = self._pick(modality)
+        img, lab, types = self._crop(self._pick(modality))
         a = self.cfg.augment
-        img, lab = random_crop(s.image, s.labels, self.cfg.crop, self.rng, a.scale_range)
         if self.rng.random() < a.copy_paste_prob:
-            donor = self._pick(modality)
-            d_img, d_lab = random_crop(
-                donor.image, donor.labels, self.cfg.crop, self.rng, a.scale_range
-            )
+            d_img, d_lab, d_types = self._crop(self._pick(modality))
+            if (types is None) != (d_types is None):  # classes would be made up: no types
+                types = d_types = None
             img, lab, _ = copy_paste(
                 img,
                 lab,
@@ -149,23 +180,28 @@ class _Sampler:
                 n_max=a.copy_paste_max,
                 scale_range=a.copy_paste_scale,
                 max_overlap=a.copy_paste_max_overlap,
+                types=types,
+                donor_types=d_types,
             )
         img = photometric(img, modality, a, self.rng)
-        return img, lab, modality
+        return img, lab, types, modality
 
     def batch(self) -> dict[str, torch.Tensor]:
-        imgs, fgs, hvs, cts = [], [], [], []
+        imgs, fgs, hvs, cts, tys = [], [], [], [], []
         for _ in range(self.cfg.batch_size):
-            img, lab, _ = self.item()
+            img, lab, types, _ = self.item()
             imgs.append(img)
             fgs.append(lab > 0)
             hvs.append(hv_maps(lab))
             cts.append(contour_map(lab, 1))
+            # -1: this image's nuclei have no types (no type loss), 0: background
+            tys.append(np.full(lab.shape, -1, np.int64) if types is None else types * (lab > 0))
         return {
             "image": torch.from_numpy(np.stack(imgs)),
             "fg": torch.from_numpy(np.stack(fgs).astype(np.int64)),
             "hv": torch.from_numpy(np.stack(hvs)),
             "contour": torch.from_numpy(np.stack(cts).astype(np.float32)),
+            "types": torch.from_numpy(np.stack(tys).astype(np.int64)),
         }
 
 
@@ -195,7 +231,9 @@ def _native_postprocessors(maps_list, samples: list[Sample]):
     out = []
     for maps, s in zip(maps_list, samples, strict=True):
         labels, px = s.labels, CANONICAL_PIXEL_SIZE
-        if s.label_path and Path(s.label_path).is_file():
+        if getattr(s, "native", None) is not None:  # a mosaic of patches
+            labels, px = s.native[0], CANONICAL_PIXEL_SIZE * s.scale
+        elif s.label_path and Path(s.label_path).is_file():
             labels = relabel_sequential(read_labels(s.label_path))[0]
             px = CANONICAL_PIXEL_SIZE * s.scale
         m = maps.resized(labels.shape)
@@ -270,6 +308,40 @@ def _identity(cfg: TrainConfig) -> str:
     keys = ("data", "init", "exclude_splits", "net", "crop", "seed", "val_fraction")
     d = cfg.to_dict()
     return json.dumps({k: d[k] for k in keys}, sort_keys=True)
+
+
+#: Colours of nucleus classes 1, 2, ... (HoVer-Net's CoNSeP order: other, inflammatory,
+#: epithelial, spindle-shaped), chosen to stay apart for common colour-vision deficiencies.
+TYPE_COLOURS = ("#bdbdbd", "#e66100", "#1a85ff", "#40b040", "#d35fb7", "#ffc20a", "#5d3a9b")
+
+
+def _type_info(names: list[str]) -> list[dict[str, Any]]:
+    """The model config's ``types``: id, name and colour of each class 1..K."""
+    return [
+        {"id": i + 1, "name": n.strip(), "color": TYPE_COLOURS[i % len(TYPE_COLOURS)]}
+        for i, n in enumerate(names)
+    ]
+
+
+def _from_init(init, cfg: TrainConfig) -> tuple[NucleusNet, list[dict[str, Any]]]:
+    """The network to start from: ``init``'s weights; a type head added (or replaced when
+    its class count differs) when ``cfg.type_names`` asks for one, else ``init``'s kept.
+    Returns it and the class table to keep (``init``'s, when its head is kept)."""
+    net_cfg = NetConfig.from_dict(init.config["net"])
+    kept: list[dict[str, Any]] = list(init.config.get("types") or [])
+    if cfg.type_names and net_cfg.n_types != cfg.net.n_types:
+        net_cfg = replace(net_cfg, n_types=cfg.net.n_types)
+        kept = []
+    net = NucleusNet(net_cfg)
+    state = {
+        k: v
+        for k, v in init.net.state_dict().items()
+        if not k.startswith("head_type.") or net_cfg.n_types == init.net.config.n_types
+    }
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("head_type.") for k in missing):
+        raise ModelError(f"{init.path}: weights do not fit its network config")
+    return net, kept
 
 
 def _check_run_folder(out: Path, ckpt_path: Path) -> None:
@@ -372,7 +444,7 @@ def train(
 
     samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
     _check_has_nuclei(samples, cfg.data)
-    train_s, val_s = split_samples(samples, cfg.val_fraction)
+    train_s, val_s = split_samples(samples, cfg.val_fraction, cfg.val_label_sources)
     if not train_s:
         raise ValueError("no training images left after the validation split")
     manifest = [
@@ -381,11 +453,11 @@ def train(
     ]
 
     net = NucleusNet(cfg.net)
-    parent = None
+    parent, type_info = None, _type_info(cfg.type_names)
     if cfg.init:
         init = load_model(cfg.init)
-        net = NucleusNet(NetConfig.from_dict(init.config["net"]))
-        net.load_state_dict(init.net.state_dict())
+        net, kept_types = _from_init(init, cfg)
+        type_info = type_info or kept_types
         parent = str(init.path)
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -410,6 +482,8 @@ def train(
         "parent": parent,
         "training": {"config": cfg.to_dict(), "manifest": manifest},
     }
+    if type_info:
+        extra["types"] = type_info
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -419,7 +493,9 @@ def train(
                 raise CancelledError("training cancelled")
             b = {k: v.to(device) for k, v in sampler.batch().items()}
             out_t = net(b["image"])
-            loss, _ = hovernet_loss(out_t, b["fg"], b["hv"], b["contour"], weights=cfg.loss)
+            loss, _ = hovernet_loss(
+                out_t, b["fg"], b["hv"], b["contour"], types=b["types"], weights=cfg.loss
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -490,7 +566,7 @@ def retune(
     target = Path(model_dir) if model_dir is not None else run / "model"
     cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
     samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
-    _, val_s = split_samples(samples, cfg.val_fraction)
+    _, val_s = split_samples(samples, cfg.val_fraction, cfg.val_label_sources)
     model = load_model(target)
     manifest = model.config.get("training", {}).get("manifest", [])
     trained_val = {(m["name"], m["sha256"]) for m in manifest if m.get("split") == "val"}
