@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from napari_medinst._io import InputError, read_labels
+from napari_medinst.class_metrics import type_table
 from napari_medinst.metrics import ImageScores, combine_scores, evaluate_table, overlap_table
 
 __all__ = [
@@ -43,12 +46,14 @@ PRED_STEM_SUFFIX = "_instances"
 
 @dataclass(frozen=True)
 class ImagePair:
-    """A prediction file, its ground truth and (optionally) its confidence-score CSV."""
+    """A prediction file, its ground truth and (optionally) its confidence-score CSV
+    and the ground truth's type map (the class of every nucleus pixel)."""
 
     name: str
     pred: Path
     gt: Path
     scores: Path | None = None
+    gt_types: Path | None = None
 
 
 # ---------------------------------------------------------------------------- pairing
@@ -161,7 +166,48 @@ def pair_files(pred: str | os.PathLike, gt: str | os.PathLike) -> list[ImagePair
         triples = [(key, pred, _find_in_folder(gt, key, False, "ground truth"))]
     else:
         triples = [(gt.stem, pred, gt)]
-    return [ImagePair(name, p, g, _scores_file(p)) for name, p, g in triples]
+    return [ImagePair(name, p, g, _scores_file(p), _gt_types_file(g)) for name, p, g in triples]
+
+
+def _gt_types_file(gt: Path) -> Path | None:
+    """The ground truth's type map: ``<stem>_types.tif`` beside it, or, in a data folder
+    (``labels/<stem>.tif``), ``types/<stem>.tif`` (CoNSeP's layout)."""
+    for cand in (
+        gt.with_name(f"{gt.stem}_types{gt.suffix}"),
+        gt.parent.parent / "types" / gt.name if gt.parent.name == "labels" else None,
+    ):
+        if cand is not None and cand.is_file():
+            return cand
+    return None
+
+
+def read_types(path: str | os.PathLike) -> dict[int, int] | None:
+    """Per-nucleus classes from the ``type`` column of a CSV with a ``label`` column
+    (``segment``'s ``<stem>_instances.csv``); None when the file has no such column."""
+    path = Path(path)
+    if "type" not in _csv_header(path):
+        return None
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        rows = csv.reader(fh)
+        header = [c.strip().lower() for c in next(rows)]
+        i_label, i_type = header.index("label"), header.index("type")
+        out: dict[int, int] = {}
+        for line, row in enumerate(rows, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            try:
+                out[int(row[i_label])] = int(row[i_type])
+            except (IndexError, ValueError):
+                raise InputError(f"{path}: line {line}: malformed label/type {row!r}") from None
+    return out
+
+
+def _gt_type_table(gt: np.ndarray, path: Path) -> np.ndarray:
+    """Class of each gt nucleus (indexed by id) from its type map."""
+    try:
+        return type_table(gt, read_labels(path))
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- scores
@@ -228,7 +274,7 @@ def _parse_scores(path: Path, rows: Any) -> dict[int, float]:
 # --------------------------------------------------------------------------- evaluate
 
 
-def _evaluate_pair(pair: ImagePair) -> ImageScores:
+def _evaluate_pair(pair: ImagePair, typed: bool = False) -> ImageScores:
     gt = read_labels(pair.gt)
     pred = read_labels(pair.pred)
     if gt.shape != pred.shape:
@@ -238,8 +284,12 @@ def _evaluate_pair(pair: ImagePair) -> ImageScores:
         )
     scores = read_scores(pair.scores) if pair.scores is not None else None
     table = overlap_table(gt, pred)
+    kinds = {}
+    if typed:
+        kinds["gt_types"] = _gt_type_table(gt, pair.gt_types)
+        kinds["pred_types"] = read_types(pair.scores)
     try:
-        return evaluate_table(table, scores=scores)
+        return evaluate_table(table, scores=scores, **kinds)
     except ValueError as exc:
         if pair.scores is None:
             raise
@@ -260,7 +310,9 @@ def evaluate_paths(pred: str | os.PathLike, gt: str | os.PathLike) -> dict[str, 
         ``{"images": [{"name", "n_gt", "n_pred", "accuracy", "ap", "precision",
         "recall", "f1", "map", "pq", "dq", "sq", "aji", "aji_plus", "dice"}, ...],
         "mean": {same keys but name, averaged over images}, "pooled": {scores of
-        the counts summed over images, plus the summed tp/fp/fn}}``.  Per-threshold
+        the counts summed over images, plus the summed tp/fp/fn}}``; when every image
+        has a gt type map and predicted types, mAP is over classes and the pooled dict
+        has ``types`` (see :mod:`napari_medinst.class_metrics`).  Per-threshold
         values are dicts keyed "0.50" ... "0.95".  Only plain Python numbers, so
         ``json.dumps`` works.
 
@@ -271,7 +323,12 @@ def evaluate_paths(pred: str | os.PathLike, gt: str | os.PathLike) -> dict[str, 
         score files (the message names the file).
     """
     pairs = pair_files(pred, gt)
-    scores = [_evaluate_pair(pair) for pair in pairs]
+    # types are scored when every image has both a gt type map and predicted types
+    typed = all(
+        p.gt_types is not None and p.scores is not None and read_types(p.scores) is not None
+        for p in pairs
+    )
+    scores = [_evaluate_pair(pair, typed) for pair in pairs]
     summary = combine_scores(scores)
     images = [{"name": p.name, **s.to_dict()} for p, s in zip(pairs, scores, strict=True)]
     return {"images": images, "mean": summary.mean, "pooled": summary.pooled}
@@ -312,6 +369,13 @@ def format_report(result: dict[str, Any]) -> str:
             + "  ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
         )
     acc = result["mean"]["accuracy"]
+    if "types" in result["pooled"]:
+        t = result["pooled"]["types"]
+        lines += ["", f"nucleus types (pooled): detection F1 {t['f1_d']:.3f}, mPQ {t['mpq']:.3f}"]
+        lines += [
+            f"  class {name:<16} F1 {v['f1']:.3f}  PQ {v['pq']:.3f}  gt {v['n_gt']}  pred {v['n_pred']}"
+            for name, v in t["classes"].items()
+        ]
     lines += [
         "",
         "accuracy TP/(TP+FP+FN) by IoU threshold (mean over images)",

@@ -969,6 +969,9 @@ class ImageScores:
     dice_sum: int
     class_map: dict[int, float] = field(default_factory=dict)
     detections: dict[Any, _ClassDetections] = field(default_factory=dict, repr=False)
+    #: per-class F1 / PQ counts (:class:`~napari_medinst.class_metrics.TypeScores`),
+    #: None without types
+    types: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``n_gt``, ``n_pred``, per-threshold ``accuracy``, ``ap``,
@@ -1088,7 +1091,14 @@ def evaluate_table(
         dice_sum=dice_sum,
         class_map=_class_map(detections, len(thresholds)),
         detections=detections,
+        types=None if gt_types is None else _type_counts(table, gt_types, pred_types),
     )
+
+
+def _type_counts(table: OverlapTable, gt_types: Any, pred_types: Any) -> Any:
+    from .class_metrics import class_counts  # (it builds on this module)
+
+    return class_counts(table, gt_types, pred_types)
 
 
 # ---------------------------------------------------------------------- a dataset
@@ -1226,6 +1236,10 @@ def _pooled_dict(images: Sequence[ImageScores]) -> dict[str, Any]:
         aji_plus=safe_ratio(sum(s.aji_plus_c for s in images), sum(s.aji_plus_u for s in images)),
         dice=safe_ratio(2 * sum(s.dice_inter for s in images), sum(s.dice_sum for s in images)),
     )
+    if images[0].types is not None:
+        from .class_metrics import type_scores
+
+        out["types"] = type_scores(s.types for s in images).to_dict()
     return out
 
 
