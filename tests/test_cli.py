@@ -173,3 +173,46 @@ def test_segment_with_mirror_averaging(tmp_path, he_image):
         outs[flag] = tifffile.imread(out / "tile_instances.tif")
     assert not np.array_equal(outs["--tta"], outs["--no-tta"])
     assert evaluate(outs["--no-tta"], outs["--tta"]).aji > 0.8
+
+
+def _subcommands():
+    import argparse
+
+    from napari_medinst.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_help_describes_every_subcommand_and_option_with_its_default():
+    """Issue 17: a description for every subcommand, a help text naming the default for
+    every option that has one, and no reStructuredText backticks in --help."""
+    import argparse
+    import re
+
+    parser, commands = _subcommands()
+    assert "`" not in parser.format_help()
+    for name, sub in commands.items():
+        assert sub.description, f"{name}: no description"
+        text = sub.format_help()
+        assert "`" not in text, f"{name}: backticks in --help"
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+            if action.option_strings and action.default not in (None, False):
+                assert re.search(r"\bdefault[:;\s)]", action.help % vars(action)), (
+                    f"{name} {action.option_strings}: default not stated"
+                )
+
+
+def test_help_strips_restructuredtext_roles():
+    from napari_medinst.cli import _PlainHelpFormatter
+
+    _, commands = _subcommands()
+    sub = commands["segment"]
+    sub.description = "Uses :func:`napari_medinst.segment.segment` on ``TIFF`` files."
+    assert isinstance(sub._get_formatter(), _PlainHelpFormatter)
+    text = sub.format_help()
+    assert "Uses napari_medinst.segment.segment on TIFF files." in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def _segment_plane(plane, model, *, block_size: int | None, **kwargs):
     return SimpleNamespace(labels=res.labels, scores=res.scores, result=res, maps=res)
 
 
+_MODALITY_HELP = "he (H&E) or fluorescence (default: detected, colour images are H&E)"
+_DEVICE_HELP = "auto, cpu, cuda or mps (default: auto, a GPU when there is one)"
+
+
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment nuclei in images, write <stem>_instances.tif")
     p.add_argument("images", nargs="+", help="TIFF, PNG or JPEG images")
@@ -97,13 +102,14 @@ def _add_segment(sub) -> None:
         default=None,
         help="µm per pixel, 0.05-5 (default: estimate)",
     )
-    p.add_argument("--modality", choices=["he", "fluorescence"], default=None)
+    p.add_argument("--modality", choices=["he", "fluorescence"], default=None, help=_MODALITY_HELP)
     p.add_argument(
         "--channel",
         type=_channel_arg,
         default=None,
         metavar="N",
-        help="nuclear channel (0-based) of a multi-channel image",
+        help="nuclear channel (0-based) of a multi-channel image (default: none; needed "
+        "when a fluorescence image has several channels)",
     )
     p.add_argument(
         "--channel-axis",
@@ -113,15 +119,13 @@ def _add_segment(sub) -> None:
         help="axis holding the channels (default: from the file's metadata, else the last "
         "axis when it has at most 16 entries)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--params", default=None, help="post-processing parameters JSON")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
     p.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="average the model over the four mirror images (default; --no-tta is about 4x "
-        "faster in the model, slightly less accurate)",
+        "--params",
+        default=None,
+        help="post-processing parameters JSON file (default: the model's own for the modality)",
     )
+    add_tta_args(p)
     p.add_argument(
         "--save-maps", action="store_true", help="also write probability, HV and contour maps"
     )
@@ -142,11 +146,17 @@ def _add_train(sub) -> None:
         "data", nargs="+", help="data folders (images/ + labels/), optionally PATH@UM_PER_PX"
     )
     p.add_argument("--out", required=True, help="output folder (checkpoint + model/)")
-    p.add_argument("--init", default=None, help="start from this model (name or folder)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--steps-per-epoch", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from this model, name or folder (default: random weights)",
+    )
+    p.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
+    p.add_argument(
+        "--steps-per-epoch", type=int, default=100, help="batches per epoch (default: 100)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="crops per batch (default: 8)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 0.002)")
     p.add_argument(
         "--widths",
         type=int,
@@ -167,9 +177,24 @@ def _add_train(sub) -> None:
         default=0.65,
         help="share of H&E crops per batch when both modalities are present (default 0.65)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--name", default=None, help="model name stored in its config")
+    p.add_argument(
+        "--type-names",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="names of nucleus classes 1, 2, ... in the data folders' types/ maps: adds a "
+        "type head (default: none, or the --init model's kept)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed of crops and weights (default: 0)"
+    )
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="model name stored in its config (default: the output folder's name)",
+    )
 
 
 def _add_demo(sub) -> None:
@@ -177,13 +202,23 @@ def _add_demo(sub) -> None:
         "demo", help="segment the bundled sample; open napari or render a screenshot"
     )
     p.add_argument("-o", "--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--sample", choices=["he", "fluorescence"], default="he")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default', 'classical' or a model folder (default: default)",
+    )
+    p.add_argument(
+        "--sample",
+        choices=["he", "fluorescence"],
+        default="he",
+        help="bundled sample image to segment (default: he)",
+    )
     p.add_argument(
         "--gui",
         choices=["auto", "open", "screenshot", "none"],
         default="auto",
-        help="open napari (needs a display), render a screenshot, or neither",
+        help="open napari (needs a display), render a screenshot, or neither (default: "
+        "auto, napari when a display is available, else neither)",
     )
 
 
@@ -222,7 +257,45 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import add_parser as add_convert
 
     add_convert(sub)
+    _finish_help(parser, sub)
     return parser
+
+
+class _PlainHelpFormatter(argparse.HelpFormatter):
+    """Help as plain text: reStructuredText roles and backticks from docstrings removed."""
+
+    @staticmethod
+    def _plain(text: str) -> str:
+        return re.sub(r":[\w:]+:`([^`]*)`", r"\1", text).replace("`", "")
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(self._plain(text))
+
+    def _expand_help(self, action) -> str:
+        return self._plain(super()._expand_help(action))
+
+
+def _finish_help(parser: argparse.ArgumentParser, sub) -> None:
+    """Every subcommand gets a description and every option with a default says it.
+
+    Subcommands added by other modules keep their own texts; a missing description is
+    the one-line help of the subcommand list, and an option whose help does not mention
+    its default gets ``(default: ...)`` appended.
+    """
+    parser.formatter_class = _PlainHelpFormatter
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, sp in sub.choices.items():
+        sp.formatter_class = _PlainHelpFormatter
+        if not sp.description and helps.get(name):
+            text = helps[name]
+            sp.description = text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+        for action in sp._actions:
+            if action.help is None and action.dest == "modality":
+                action.help = _MODALITY_HELP
+            shown = action.default not in (None, False, argparse.SUPPRESS)
+            says = re.search(r"\bdefault[:;\s)]", action.help or "")
+            if action.option_strings and action.help and shown and not says:
+                action.help += " (default: %(default)s)"
 
 
 def _planes(
@@ -266,6 +339,40 @@ SEGMENT_FORMATS = {
     "ome-zarr": ("ome-zarr", "{stem}_instances.ome.zarr"),
     "measurements": ("measurements", "{stem}_measurements.csv"),
 }
+
+
+def add_tta_args(p) -> None:
+    """``--tta [N]`` (mirror passes averaged: 1, 2 or 4) and ``--no-tta`` (= ``--tta 1``)."""
+    from .model.tta import DEFAULT_TTA
+
+    p.add_argument(
+        "--tta",
+        type=int,
+        nargs="?",
+        const=4,
+        choices=(1, 2, 4),
+        default=DEFAULT_TTA,
+        metavar="N",
+        help="average the model over N mirror images: 1 (none), 2 (the image and its half "
+        f"turn) or 4 (all mirrors; --tta alone) (default: {DEFAULT_TTA}); the model's time "
+        "grows with N",
+    )
+    p.add_argument(
+        "--no-tta", dest="tta", action="store_const", const=1, help="the same as --tta 1"
+    )
+
+
+def _score_rows(seg, offset: int, rows: list[str]) -> list[str]:
+    """``label,score`` rows of one plane (``,type`` too when the model gives types; the
+    header in ``rows[0]`` is widened on the first typed plane)."""
+    types = seg.result.types
+    if types is None:
+        return [f"{offset + i + 1},{s:.5f}" for i, s in enumerate(seg.scores)]
+    rows[0] = "label,score,type"
+    return [
+        f"{offset + i + 1},{s:.5f},{int(t)}"
+        for i, (s, t) in enumerate(zip(seg.scores, types, strict=True))
+    ]
 
 
 def _formats_arg(text: str) -> tuple[str, ...]:
@@ -376,15 +483,31 @@ def _write_with_zarr(targets: dict[str, Path], stack, pixel_size, write_rest, ov
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _measure(labels, rows: list[str], seg, image) -> tuple[dict, dict]:
+def _measure(labels, rows: list[str], seg, image, model=None) -> tuple[dict, dict]:
     """(scores by id, measurement columns) of one plane's nuclei; pixels when the pixel
     size was estimated, µm when it was given or read from the file."""
+    import numpy as np
+
     from .measure import measure_nuclei
 
     scores = {int(r.split(",")[0]): float(r.split(",")[1]) for r in rows[1:]}
     img = image if image.ndim == 2 or image.shape[-1] <= 4 else None
     px = None if seg.maps.pixel_size_estimated else seg.maps.pixel_size  # estimated: pixels
-    return scores, measure_nuclei(labels, img, pixel_size=px, scores=scores)
+    cols = measure_nuclei(labels, img, pixel_size=px, scores=scores)
+    types = _types_by_id(rows)
+    if types:
+        names = getattr(model, "type_classes", None) or {}
+        ids = np.asarray(cols["label"], np.int64)
+        cols["type"] = np.array([types.get(int(i), 0) for i in ids], np.int64)
+        cols["type_name"] = np.array([names.get(types.get(int(i), 0), ("",))[0] for i in ids])
+    return scores, cols
+
+
+def _types_by_id(rows: list[str]) -> dict[int, int]:
+    """label -> class from ``label,score,type`` rows (empty without a type column)."""
+    if not rows or rows[0] != "label,score,type":
+        return {}
+    return {int(r.split(",")[0]): int(r.split(",")[2]) for r in rows[1:]}
 
 
 def _measurements_item(target: Path, labels, measured, model, seg):
@@ -405,8 +528,14 @@ def _geojson_item(target: Path, labels, measured, model, seg):
     writer = geojson_writer(
         labels,
         status=dict.fromkeys(scores, "predicted"),
-        measurements=measurements_from_columns(cols),
+        measurements=measurements_from_columns(
+            {k: v for k, v in cols.items() if k not in ("type", "type_name")}
+        ),
         model={"name": seg.maps.model_name, "version": str(version)},
+        types={int(i): int(t) for i, t in zip(cols["label"], cols["type"], strict=True)}
+        if "type" in cols
+        else None,
+        type_names=getattr(model, "type_classes", None),
     )
     return target, writer
 
@@ -421,7 +550,7 @@ def _format_items(targets: dict[str, Path], labels, rows, model, seg, image) -> 
     """(path, writer) of each extra output asked for, for :func:`_write_outputs`."""
     import functools
 
-    measured = functools.cache(lambda: _measure(labels, rows, seg, image))
+    measured = functools.cache(lambda: _measure(labels, rows, seg, image, model))
     return [
         SEGMENT_WRITERS[key](targets[key], labels, measured, model, seg)
         for key in SEGMENT_WRITERS
@@ -581,7 +710,7 @@ def run_segment(args) -> int:
             _report_warnings(caught, path, said)
             offset = int(sum(int(lab.max()) for lab in labels))
             labels.append(seg.labels)
-            rows += [f"{offset + i + 1},{s:.5f}" for i, s in enumerate(seg.scores)]
+            rows += _score_rows(seg, offset, rows)
             maps.append(seg.maps)
             print(
                 f"{where}: {seg.result.n_instances} nuclei (modality {seg.maps.modality}, "
@@ -630,6 +759,8 @@ def run_train(args) -> int:
         net=_net_config(args),
         seed=args.seed,
         device=args.device,
+        threads=args.threads,
+        type_names=list(args.type_names or []),
         name=args.name or Path(args.out).name,
     )
     model_dir = train(cfg)

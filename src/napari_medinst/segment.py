@@ -25,7 +25,7 @@ from ._io import InputError
 from .classical import classical_labels, classical_maps
 from .model.data import median_diameter
 from .model.folder import LoadedModel, load_model, resolve_model_dir
-from .model.inference import DEFAULT_TTA, Maps, pick_device, predict_maps
+from .model.inference import DEFAULT_TTA, Maps, pick_device, predict_maps, tta_flips
 from .postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from .preprocess import (
     CANONICAL_DIAMETER,
@@ -114,12 +114,25 @@ def _rescale(x: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _run(
-    model, x_canon: np.ndarray, modality: Modality, device, progress, should_stop, tta=False
+    model,
+    x_canon: np.ndarray,
+    modality: Modality,
+    device,
+    progress,
+    should_stop,
+    tta=False,
+    tta_std=False,
 ) -> Maps:
     if model == CLASSICAL:
         return classical_maps(x_canon, modality)
     return predict_maps(
-        model.net, x_canon, device=device, progress=progress, should_stop=should_stop, tta=tta
+        model.net,
+        x_canon,
+        device=device,
+        progress=progress,
+        should_stop=should_stop,
+        tta=tta,
+        tta_std=tta_std,
     )
 
 
@@ -145,7 +158,7 @@ def maps_from_input(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    tta: bool = DEFAULT_TTA,
+    tta: bool | int = DEFAULT_TTA,
 ) -> Maps:
     """Maps, at the input's resolution, of a normalised network input at a known pixel size.
 
@@ -182,7 +195,8 @@ def compute_maps(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    tta: bool = DEFAULT_TTA,
+    tta: bool | int = DEFAULT_TTA,
+    tta_std: bool = False,
 ) -> MapResult:
     """Run the model (or the classical fallback) on a 2-D image.
 
@@ -196,9 +210,14 @@ def compute_maps(
         µm per pixel; estimated when omitted.
     modality : {'he', 'fluorescence'}, optional
         Detected from the image when omitted (colour: H&E, grey: fluorescence).
-    tta : bool
-        Average the model over the image's four mirror images (about 4x the model
-        time; ignored by the classical fallback). On by default (:data:`DEFAULT_TTA`).
+    tta : bool or {1, 2, 4}
+        Mirror passes averaged (True: 4, False: 1; see
+        :func:`~napari_medinst.model.inference.tta_flips`); the model's time grows with
+        them; ignored by the classical fallback. Default :data:`DEFAULT_TTA`.
+    tta_std : bool
+        With ``tta``, also keep how much the mirror passes disagree
+        (:attr:`~napari_medinst.model.inference.Maps.tta_std`, for the review queue);
+        the other maps are unchanged.
     """
     arr = prepare_image(image)
     if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
@@ -226,7 +245,7 @@ def compute_maps(
         labels, _, _ = classical_labels(x, modality, min_size=4)
         d = median_diameter(labels) if labels.max() >= 3 else 0.0
         scale = float(np.clip(CANONICAL_DIAMETER / d, 0.1, 4.0)) if d > 0 else 1.0
-    maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop, tta)
+    maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop, tta, tta_std)
     if estimated and model != CLASSICAL:
         # Nuclei far from the trained size mean a wrong guess (a 20x slide taken as 40x):
         # rescale. Sizes measured at a wrong scale are biased towards it, so iterate a
@@ -242,8 +261,10 @@ def compute_maps(
             scale = float(np.clip(scale / ratio, 0.05, 4.0))
             maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop)
             band, searched = _SCALE_CONVERGED, True
-        if searched and tta:
-            maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop, tta)
+        if searched and len(tta_flips(tta)) > 1:
+            maps = _run(
+                model, _rescale(x, scale), modality, dev, progress, should_stop, tta, tta_std
+            )
     return MapResult(
         maps=maps.resized(arr.shape[:2]),
         modality=modality,
@@ -276,7 +297,7 @@ def segment(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    tta: bool = DEFAULT_TTA,
+    tta: bool | int = DEFAULT_TTA,
 ) -> Segmentation:
     """Segment nuclei in a 2-D image; see :func:`compute_maps` for the arguments."""
     mr = compute_maps(

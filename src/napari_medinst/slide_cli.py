@@ -7,11 +7,10 @@ stderr; ``--resume`` does them again), 2 bad input (one line, before any work).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from .cli import number_arg
+from .cli import add_tta_args, number_arg
 
 __all__ = ["add_parser", "run"]
 
@@ -49,13 +48,12 @@ def add_parser(sub) -> None:
                    "0: segment every block)")  # fmt: skip
     p.add_argument("--workers", type=_positive, default=None,
                    help="local worker processes (default: half the cores, at most 4)")  # fmt: skip
-    p.add_argument("--threads-per-worker", type=_positive, default=1)
+    p.add_argument("--threads-per-worker", type=_positive, default=1,
+                   help="torch threads in each local worker (default: 1)")  # fmt: skip
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="use a running dask scheduler (e.g. tcp://host:8786) instead of local "
                    "workers; they must see the slide and the output at the same paths")  # fmt: skip
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="average the model over four mirror images (default; --no-tta is "
-                   "about 4x faster in the model)")  # fmt: skip
+    add_tta_args(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
                        help="finish an interrupted run: skip the blocks already done")  # fmt: skip
