@@ -17,6 +17,12 @@ key                   action
                       merge the nucleus under the cursor into the current label)
 ``K``                 split ("knife"): then click two seeds in one nucleus, or
                       drag a line across it; ``K`` again cancels
+``A``                 add the nucleus under the cursor, grown from the model maps
+                      (or the image)
+``O``                 refine the outline of the nucleus under the cursor
+``.`` / ``,``         grow / shrink the nucleus under the cursor by one pixel
+``Q``                 outline a new nucleus: click its corners, then ``Enter`` or a
+                      double-click (or drag a lasso); ``Escape`` or ``Q`` cancels
 ``H``                 fill the holes of every nucleus
 ``R``                 remove nuclei and fragments smaller than the minimum size
 ``Shift-R``           relabel sequentially (1..N)
@@ -30,6 +36,14 @@ by any edit (these actions or the brush) becomes ``edited``; ``W`` marks it
 ``verified``.  It is saved inside the labels TIFF and as CSV beside it
 (:func:`status_path`; see :mod:`napari_medinst.recovery` for why a stale CSV is never
 paired with newer labels).
+
+The model-aware tools (``A``, ``O``, and ``K``'s two-click split) use the model maps of
+the prediction the ground truth was copied from (``metadata["source"] == "copy of
+<name>"``): that layer's cached post-processor (:data:`._contract.POSTPROCESSOR_KEY`,
+read, never run) and its parameters.  Without maps, ``A`` and ``O`` read the image under
+the labels (the prediction's source image, else an image layer of the same size) and
+``K`` floods the distance transform (:mod:`napari_medinst.correct`).  A tool that
+cannot act leaves the labels unchanged and says why (a warning and the status bar).
 
 Each editor also remembers where its editing began (:meth:`GroundTruthEditor.rebase`):
 the source file (:func:`layer_origin`), the hash of the labels and their statuses then.
@@ -46,14 +60,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from napari.layers import Labels
+from napari.layers import Image, Labels
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QTimer
 
-from .. import editing, recovery
+from .. import correct, editing, recovery
 from .._io import InputError, check_labels, free_name
-from ._common import unwrap
+from ..postprocess import PostprocessParams
+from ._common import ROLE, unwrap
+from ._contract import PARAMS_KEY, POSTPROCESSOR_KEY, param_state
 
 __all__ = [
     "GT_KEY",
@@ -84,6 +100,11 @@ KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
     ("S", "toggle_select_at_cursor", "add/remove the nucleus under the cursor to the selection"),
     ("G", "merge_at_cursor", "merge the selected nuclei"),
     ("K", "toggle_split_mode", "split: two clicks (seeds) or a drag (cut line)"),
+    ("A", "add_nucleus_at_cursor", "add the nucleus under the cursor (from the model maps)"),
+    ("O", "refine_outline_at_cursor", "refine the outline of the nucleus under the cursor"),
+    (".", "grow_at_cursor", "grow the nucleus under the cursor by one pixel"),
+    (",", "shrink_at_cursor", "shrink the nucleus under the cursor by one pixel"),
+    ("Q", "toggle_polygon_mode", "outline a new nucleus: clicks + Enter, or drag (Esc cancels)"),
     ("H", "fill_holes", "fill holes in every nucleus"),
     ("R", "remove_small", "remove nuclei/fragments below the minimum size"),
     ("Shift-R", "relabel", "relabel sequentially"),
@@ -92,6 +113,8 @@ KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
 )
 
 _ATTR = "_napari_medinst_editor"  # the layer keeps its editor alive (not in metadata)
+#: Metadata key of the Segment panel's outputs naming the image they were made from.
+SOURCE_KEY = "napari_medinst_source"
 
 
 def status_path(labels_path: str | Path) -> Path:
@@ -201,6 +224,18 @@ def existing_editor(layer: Any) -> GroundTruthEditor | None:
     return getattr(unwrap(layer), _ATTR, None)
 
 
+def _layer_params(layer: Any) -> PostprocessParams | None:
+    """The post-processing parameters a prediction layer was made with, if recorded."""
+    state = param_state(layer)
+    if state is not None:
+        return state.params
+    text = layer.metadata.get(PARAMS_KEY)
+    try:
+        return PostprocessParams.from_json(text) if text else None
+    except ValueError:
+        return None
+
+
 def _atom_ids(atom: Any) -> np.ndarray:
     """Label ids touched by one napari history atom (old and new values)."""
     if hasattr(atom, "old_values"):  # _MaskedPaintAtom
@@ -244,6 +279,14 @@ class GroundTruthEditor:
         self.selection: set[int] = set()
         self.split_seeds: list[tuple[float, float]] = []
         self.split_mode = False
+        self.polygon_mode = False
+        self.polygon_points: list[tuple[float, float]] = []
+        #: Model maps for the correction tools (None: those of the source prediction).
+        self.maps: Any = None
+        #: Image for the correction tools without maps (None: the image under the labels).
+        self.image: Any = None
+        #: ``callback(text)`` for the message of every refused action (a panel's status).
+        self.on_message: list[Callable[[str], None]] = []
         self.dirty = False
         #: Counts the changes (every notification); a change of it means new edits.
         self.revision = 0
@@ -298,12 +341,22 @@ class GroundTruthEditor:
             layer.bind_key(key, run, overwrite=True)
 
     def _guarded(self, action: Callable[[], Any]) -> Any:
-        """Run a key action; problems become a warning instead of a traceback."""
+        """Run a key action; problems become a warning (and a message) instead of a traceback."""
         try:
             return action()
         except (ValueError, InputError) as exc:
+            self.tell(str(exc))
             show_warning(str(exc))
         return None
+
+    def tell(self, text: str) -> None:
+        """Show ``text`` in the status bar and pass it to the ``on_message`` callbacks."""
+        self._say(text)
+        for callback in list(self.on_message):
+            try:
+                callback(text)
+            except Exception:  # a broken listener must not break editing
+                logger.exception("ground-truth message listener failed")
 
     def cursor_point(self) -> tuple[float, float]:
         """Cursor position in the layer's data coordinates (row, col)."""
@@ -515,8 +568,14 @@ class GroundTruthEditor:
         return self.merge(ids)
 
     def split(self, seeds: Sequence[Sequence[float]]) -> bool:
-        """Split the nucleus containing ``seeds`` (data row, col) with a seeded watershed."""
-        return self.apply(editing.split_by_seeds(self._data(), seeds), "Split")
+        """Split the nucleus holding two ``seeds`` (data row, col) between them.
+
+        Floods the model's HV energy when maps are available, else the distance
+        transform, fairly from both seeds (:func:`napari_medinst.correct.split_two_seeds`).
+        """
+        maps, _, params = self.correction_inputs(need_image=False)
+        edit = correct.split_two_seeds(self._data(), seeds, maps, params=params)
+        return self.apply(edit, "Split")
 
     def split_along(self, line: Sequence[Sequence[float]]) -> bool:
         """Cut the nuclei a polyline (data row, col vertices) crosses."""
@@ -542,6 +601,7 @@ class GroundTruthEditor:
             self._leave_split_mode()
             self._say("Split cancelled.")
             return False
+        self._require_idle("Split")
         layer = self.layer
         self.split_mode = True
         self.split_seeds = []
@@ -578,6 +638,201 @@ class GroundTruthEditor:
             self._guarded(lambda: self.split_along(path))
         else:
             self._guarded(lambda: self.add_split_seed(path[0]))
+
+    # ------------------------------------------------------------ correction tools
+
+    def correction_inputs(self, need_image: bool = True) -> tuple[Any, Any, Any]:
+        """``(maps, image, params)`` the correction tools use; each may be None.
+
+        Maps: :attr:`maps` if set, else the cached post-processor of this layer or of
+        the prediction it was copied from, when its maps have the labels' shape; params:
+        that prediction's post-processing parameters.  Image (only without maps, when
+        ``need_image``): :attr:`image` if set, else the data of the prediction's source
+        image, or of the topmost (visible first) 2-D image layer of the labels' size.
+        """
+        shape = tuple(self._data().shape)
+        pred = self._source_prediction()
+        maps, params = self.maps, None
+        if maps is None:
+            for layer in (self.layer, pred):
+                pp = None if layer is None else layer.metadata.get(POSTPROCESSOR_KEY)
+                if pp is not None and tuple(np.shape(getattr(pp, "prob", None))) == shape:
+                    maps, params = pp, _layer_params(layer)
+                    break
+        image = self.image
+        if image is None and maps is None and need_image:
+            image = self._image_under(pred, shape)
+        return maps, image, params
+
+    def _source_prediction(self) -> Labels | None:
+        """The labels layer this ground truth was copied from, if it is still open."""
+        source = str(self.layer.metadata.get("source") or "")
+        viewer = self.viewer
+        if not source.startswith("copy of ") or viewer is None:
+            return None
+        name = source[len("copy of ") :]
+        layer = next((x for x in viewer.layers if x.name == name), None)
+        return layer if isinstance(layer, Labels) and layer is not self.layer else None
+
+    def _image_under(self, pred: Labels | None, shape: tuple[int, ...]) -> Any:
+        viewer = self.viewer
+        if viewer is None:
+            return None
+        wanted = pred.metadata.get(SOURCE_KEY) if pred is not None else None
+        images = [
+            x
+            for x in reversed(viewer.layers)
+            if isinstance(x, Image)
+            and x.metadata.get(ROLE) is None
+            and not x.multiscale
+            and x.ndim == 2
+            and tuple(x.data.shape[:2]) == shape
+        ]
+        images.sort(key=lambda x: (x.name != wanted, not x.visible))
+        return images[0].data if images else None
+
+    def _require_idle(self, what: str) -> None:
+        """Refuse an action while a split or an outline is in progress."""
+        if self.split_mode:
+            raise correct.CorrectionRefused(
+                f"{what}: finish the split first (two clicks), or press K to cancel it"
+            )
+        if self.polygon_mode:
+            raise correct.CorrectionRefused(
+                f"{what}: finish the outline first (Enter), or press Escape to cancel it"
+            )
+
+    def _nucleus_at(self, point: Sequence[float], what: str) -> int:
+        i = editing.label_at(self._data(), point)
+        if i == 0:
+            raise correct.CorrectionRefused(f"{what}: no nucleus under the cursor")
+        return i
+
+    def add_nucleus_at(self, point: Sequence[float]) -> bool:
+        """Add the missed nucleus at ``point`` (data row, col), grown from the maps or image."""
+        self._require_idle("Add nucleus")
+        maps, image, params = self.correction_inputs()
+        edit = correct.add_nucleus_at(self._data(), point, maps, image, params=params)
+        ok = self.apply(edit, "Add nucleus")
+        if ok:
+            what = "model maps" if maps is not None else "image"
+            self._say(f"Added nucleus {edit.new_ids[0]} ({edit.n_pixels} px, from the {what}).")
+        return ok
+
+    def add_nucleus_at_cursor(self) -> bool:
+        return self.add_nucleus_at(self.cursor_point())
+
+    def refine_outline_at(self, point: Sequence[float]) -> bool:
+        """Re-fit the outline of the nucleus at ``point`` to the maps (or the image)."""
+        self._require_idle("Refine outline")
+        i = self._nucleus_at(point, "Refine outline")
+        maps, image, params = self.correction_inputs()
+        edit = correct.refine_outline(self._data(), i, maps, image, near=point, params=params)
+        return self.apply(edit, f"Refine nucleus {i}")
+
+    def refine_outline_at_cursor(self) -> bool:
+        return self.refine_outline_at(self.cursor_point())
+
+    def grow_at(self, point: Sequence[float], px: int = 1) -> bool:
+        """Grow the nucleus at ``point`` by ``px`` pixels into the background."""
+        self._require_idle("Grow")
+        i = self._nucleus_at(point, "Grow")
+        return self.apply(correct.grow(self._data(), i, px, near=point), f"Grow nucleus {i}")
+
+    def grow_at_cursor(self) -> bool:
+        return self.grow_at(self.cursor_point())
+
+    def shrink_at(self, point: Sequence[float], px: int = 1) -> bool:
+        """Shrink the nucleus at ``point`` by ``px`` pixels."""
+        self._require_idle("Shrink")
+        i = self._nucleus_at(point, "Shrink")
+        return self.apply(correct.shrink(self._data(), i, px, near=point), f"Shrink nucleus {i}")
+
+    def shrink_at_cursor(self) -> bool:
+        return self.shrink_at(self.cursor_point())
+
+    def toggle_polygon_mode(self) -> bool:
+        """Start outlining a new nucleus (clicks are corners, a drag a lasso), or cancel."""
+        if self.polygon_mode:
+            return self.cancel_polygon()
+        self._require_idle("Outline")
+        layer = self.layer
+        self.polygon_mode = True
+        self.polygon_points = []
+        layer.mode = "pan_zoom"
+        viewer = self.viewer
+        if viewer is not None and layer in viewer.layers:
+            viewer.layers.selection.active = layer
+        self._saved_mouse_pan = layer.mouse_pan
+        layer.mouse_pan = False
+        layer.mouse_drag_callbacks.append(self._polygon_mouse)
+        layer.mouse_double_click_callbacks.append(self._polygon_double_click)
+        layer.bind_key("Enter", self._polygon_enter, overwrite=True)
+        layer.bind_key("Escape", self._polygon_escape, overwrite=True)
+        self._say("Outline: click the corners, then Enter or double-click; or drag a lasso.")
+        return True
+
+    def _polygon_enter(self, _layer=None) -> None:
+        self._guarded(self.finish_polygon)
+
+    def _polygon_escape(self, _layer=None) -> None:
+        self._guarded(self.cancel_polygon)
+
+    def add_polygon_point(self, point: Sequence[float]) -> int:
+        """Add a corner to the outline in progress; returns the number of corners."""
+        self.polygon_points.append((float(point[-2]), float(point[-1])))
+        n = len(self.polygon_points)
+        self._say(f"Outline: {n} point(s); Enter or double-click finishes, Escape cancels.")
+        return n
+
+    def finish_polygon(self, points: Sequence[Sequence[float]] | None = None) -> bool:
+        """Fill the outline (``points``, default: the corners clicked) as a new nucleus.
+
+        A refused outline (too few corners, no background inside) keeps the mode on.
+        """
+        pts = list(self.polygon_points if points is None else points)
+        edit = correct.polygon_nucleus(self._data(), pts)
+        self._leave_polygon_mode()
+        return self.apply(edit, "Outline")
+
+    def cancel_polygon(self) -> bool:
+        """Leave the outline mode without changing anything."""
+        self._leave_polygon_mode()
+        self._say("Outline cancelled.")
+        return False
+
+    def _leave_polygon_mode(self) -> None:
+        layer = self.layer
+        was = self.polygon_mode
+        self.polygon_mode = False
+        self.polygon_points = []
+        if layer is None or not was:
+            return
+        if self._polygon_mouse in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.remove(self._polygon_mouse)
+        if self._polygon_double_click in layer.mouse_double_click_callbacks:
+            layer.mouse_double_click_callbacks.remove(self._polygon_double_click)
+        for key in ("Enter", "Escape"):
+            layer.bind_key(key, None)
+        layer.mouse_pan = self._saved_mouse_pan
+
+    def _polygon_mouse(self, layer, event):
+        """Mouse callback in outline mode: a click adds a corner, a drag is a lasso."""
+        path = [tuple(layer.world_to_data(event.position)[-2:])]
+        yield
+        while event.type == "mouse_move":
+            path.append(tuple(layer.world_to_data(event.position)[-2:]))
+            yield
+        span = np.ptp(np.asarray(path, float), axis=0).max() if len(path) > 1 else 0.0
+        if span >= 3:
+            self._guarded(lambda: self.finish_polygon(self.polygon_points + path))
+        else:
+            self.add_polygon_point(path[0])
+
+    def _polygon_double_click(self, layer, event) -> None:
+        self._guarded(self.finish_polygon)
+
+    # ------------------------------------------------------------------ cleanup
 
     def fill_holes(self) -> bool:
         return self.apply(editing.fill_holes(self._data()), "Fill holes")
@@ -657,6 +912,7 @@ class GroundTruthEditor:
         if layer is None:
             return
         self._leave_split_mode()
+        self._leave_polygon_mode()
         for key, _, _ in KEY_BINDINGS:
             layer.bind_key(key, None)
         for emitter, cb in (

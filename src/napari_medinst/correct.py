@@ -1,0 +1,721 @@
+"""One-click, model-aware corrections of a nucleus label image.
+
+Each tool takes a 2-D instance label image (0 = background) and returns an
+:class:`~napari_medinst.editing.Edit` (the new image and exactly which pixels changed),
+so a GUI writes it as one undoable step:
+
+* :func:`add_nucleus_at` - one click on a missed nucleus grows it: from the model's maps
+  (the post-processing's foreground, HV energy and markers, computed on a window around
+  the click) or, without maps, from the image's stain / intensity (a threshold in the
+  window and a distance-transform watershed).  Only background pixels are filled.
+* :func:`refine_outline` - re-fits one nucleus' boundary to the maps (or the image),
+  never touching its neighbours; :func:`grow` / :func:`shrink` move it by whole pixels.
+* :func:`split_two_seeds` - splits one nucleus between two seed points, flooding the HV
+  energy (or, without maps, the distance transform) from both seeds *fairly*: each seed
+  first climbs to the centre of its own part, and everything deeper than the shallower
+  of the two starts as one level, so one seed cannot flood the whole nucleus first.
+* :func:`polygon_nucleus` - a new nucleus from an outline (clicked vertices or a lasso).
+
+Every tool works on a window around the click or the nucleus (a few nucleus diameters,
+enlarged only when the nucleus reaches its border), so a click costs milliseconds on a
+large image; only the copy of the label image that an :class:`Edit` carries is whole.
+A tool that cannot act raises :class:`CorrectionRefused` (a ``ValueError``) with a
+one-line message for the user, and the labels are never modified.
+
+*Maps* are any object (or mapping) with ``prob`` (H, W), ``hv`` (2, H, W) and optionally
+``contour`` (H, W) and ``pixel_size`` (µm/px) at the label image's pixels: a
+:class:`~napari_medinst.model.inference.Maps` or the Segment panel's
+:class:`~napari_medinst.postprocess.Postprocessor`.  An *image* is (H, W) grey, (H, W, 3|4)
+RGB(A) or (3, H, W); it is only read in the window, so a lazy array is fine.
+
+numpy / scipy / scikit-image only: nothing here imports napari, Qt or torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.color import rgb2hed
+from skimage.draw import polygon as draw_polygon
+from skimage.filters import threshold_otsu
+from skimage.morphology import h_maxima
+
+from ._flood import flood
+from ._io import check_labels
+from .editing import Edit, _make_edit, _rasterise, next_free_id
+from .postprocess import Postprocessor, PostprocessParams
+
+__all__ = [
+    "STAINS",
+    "CorrectionRefused",
+    "add_nucleus_at",
+    "grow",
+    "polygon_nucleus",
+    "refine_outline",
+    "shrink",
+    "split_two_seeds",
+]
+
+#: How the image fallback reads nuclei: ``auto`` = haematoxylin for RGB, intensity for grey.
+STAINS: tuple[str, ...] = ("auto", "haematoxylin", "darkness", "intensity")
+
+#: Half-size (px) of the first window around a click; doubled while the nucleus reaches
+#: the window's border, up to :data:`MAX_HALF_WINDOW`.
+HALF_WINDOW = 48
+MAX_HALF_WINDOW = 384
+#: Smallest nucleus (px) a tool creates or leaves behind.
+MIN_AREA = 4
+#: Image fallback: the stain must split the window into two classes at least this well
+#: (Otsu's between-class / total variance; a click must also lie in the brighter class).
+MIN_SEPARABILITY = 0.6
+#: Image fallback: distance-transform maxima shallower than this (px) are not separate nuclei.
+MIN_DEPTH = 2.0
+
+
+class CorrectionRefused(ValueError):
+    """A correction tool cannot act here; the message (one line) says why."""
+
+
+Box = tuple[slice, slice]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class _Maps:
+    prob: np.ndarray
+    hv: np.ndarray
+    contour: np.ndarray | None
+    pixel_size: float | None
+
+
+def _get(maps: Any, name: str) -> Any:
+    if isinstance(maps, Mapping):
+        return maps.get(name)
+    return getattr(maps, name, None)
+
+
+def _read_maps(maps: Any, shape: tuple[int, int]) -> _Maps | None:
+    """The maps' arrays (not copied), their shapes checked against the labels'."""
+    if maps is None:
+        return None
+    prob, hv, contour = (_get(maps, k) for k in ("prob", "hv", "contour"))
+    if prob is None or hv is None:
+        raise CorrectionRefused("the model maps lack 'prob' or 'hv'")
+    prob, hv = np.asarray(prob), np.asarray(hv)
+    if prob.shape != shape or hv.shape != (2, *shape):
+        raise CorrectionRefused(
+            f"the model maps are {prob.shape[-2:]} but the labels are {shape}: run the "
+            "model on this image again"
+        )
+    if contour is not None:
+        contour = np.asarray(contour)
+        if contour.shape != shape:
+            contour = None
+    px = _get(maps, "pixel_size")
+    px = float(px) if isinstance(px, int | float) and math.isfinite(px) and px > 0 else None
+    return _Maps(prob, hv, contour, px)
+
+
+def _params(maps: _Maps, params: PostprocessParams | None) -> PostprocessParams:
+    """``params`` (default: the defaults) at the maps' pixel size."""
+    return (params or PostprocessParams()).scaled_to(maps.pixel_size or 0.5)
+
+
+def _image_shape(image: Any) -> tuple[tuple[int, int], str]:
+    """Spatial shape of an image and its layout (``grey``, ``last`` or ``first``)."""
+    shape = tuple(int(n) for n in getattr(image, "shape", ()))
+    if len(shape) == 2:
+        return (shape[0], shape[1]), "grey"
+    if len(shape) == 3 and shape[2] in (3, 4):
+        return (shape[0], shape[1]), "last"
+    if len(shape) == 3 and shape[0] in (3, 4):
+        return (shape[1], shape[2]), "first"
+    raise CorrectionRefused(f"the image has shape {shape}: expected grey (H, W) or RGB (H, W, 3)")
+
+
+def _check_image(image: Any, shape: tuple[int, int]) -> str:
+    got, layout = _image_shape(image)
+    if got != shape:
+        raise CorrectionRefused(f"the image is {got} but the labels are {shape}")
+    return layout
+
+
+def _signal(image: Any, layout: str, box: Box, stain: str) -> np.ndarray:
+    """Nuclear signal (high = nucleus) of the image in ``box``, float64."""
+    if layout == "grey":
+        win = np.asarray(image[box], np.float64)
+        return -win if stain == "darkness" else win
+    win = np.asarray(image[box] if layout == "last" else image[(slice(None), *box)])
+    if layout == "first":
+        win = np.moveaxis(win, 0, -1)
+    rgb = win[..., :3].astype(np.float64)
+    if not np.issubdtype(win.dtype, np.integer) and rgb.size and rgb.max() > 1.0:
+        rgb = rgb / 255.0
+    elif np.issubdtype(win.dtype, np.integer):
+        rgb = rgb / float(np.iinfo(win.dtype).max)
+    rgb = np.clip(rgb, 0.0, 1.0)
+    if stain == "intensity":
+        return rgb.mean(-1)
+    if stain == "darkness":
+        return -rgb.mean(-1)
+    return rgb2hed(rgb)[..., 0]
+
+
+def _point(labels: np.ndarray, point: Sequence[float], what: str = "the click") -> tuple[int, int]:
+    p = np.asarray(point, np.float64).reshape(-1)
+    if p.size < 2 or not np.isfinite(p[-2:]).all():
+        raise CorrectionRefused(f"{what} is not a point in the image")
+    r, c = (int(v) for v in np.round(p[-2:]))
+    if not (0 <= r < labels.shape[0] and 0 <= c < labels.shape[1]):
+        raise CorrectionRefused(f"{what} ({r}, {c}) lies outside the image {labels.shape}")
+    return r, c
+
+
+def _free_id(labels: np.ndarray) -> int:
+    new_id = next_free_id(labels)
+    if new_id > np.iinfo(labels.dtype).max:
+        raise CorrectionRefused(f"no free id left in a {labels.dtype} label image")
+    return new_id
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def _window(shape: tuple[int, int], centre: tuple[int, int], half: int) -> Box:
+    r, c = centre
+    return (
+        slice(max(r - half, 0), min(r + half + 1, shape[0])),
+        slice(max(c - half, 0), min(c + half + 1, shape[1])),
+    )
+
+
+def _grow_box(box: Box, pad: int, shape: tuple[int, int]) -> Box:
+    return (
+        slice(max(box[0].start - pad, 0), min(box[0].stop + pad, shape[0])),
+        slice(max(box[1].start - pad, 0), min(box[1].stop + pad, shape[1])),
+    )
+
+
+def _at_inner_edge(mask: np.ndarray, box: Box, shape: tuple[int, int]) -> bool:
+    """Whether ``mask`` (of window ``box``) reaches a window side inside the image."""
+    return bool(
+        (box[0].start > 0 and mask[0].any())
+        or (box[0].stop < shape[0] and mask[-1].any())
+        or (box[1].start > 0 and mask[:, 0].any())
+        or (box[1].stop < shape[1] and mask[:, -1].any())
+    )
+
+
+def _local(point: tuple[int, int], box: Box) -> tuple[int, int]:
+    return point[0] - box[0].start, point[1] - box[1].start
+
+
+def _mask_box(mask: np.ndarray, offset: Box) -> Box | None:
+    rows = np.flatnonzero(mask.any(1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(0))
+    r0, c0 = offset[0].start, offset[1].start
+    return (
+        slice(r0 + int(rows[0]), r0 + int(rows[-1]) + 1),
+        slice(c0 + int(cols[0]), c0 + int(cols[-1]) + 1),
+    )
+
+
+def _nucleus_box(labels: np.ndarray, nucleus_id: int, near: tuple[int, int] | None) -> Box:
+    """Bounding box of nucleus ``nucleus_id``: searched around ``near`` when given."""
+    if near is not None and labels[near] == nucleus_id:
+        half = HALF_WINDOW
+        while True:
+            box = _window(labels.shape, near, half)
+            mask = labels[box] == nucleus_id
+            whole = box == (slice(0, labels.shape[0]), slice(0, labels.shape[1]))
+            if whole or not _at_inner_edge(mask, box, labels.shape):
+                found = _mask_box(mask, box)
+                assert found is not None  # near is in it
+                return found
+            half *= 2
+    whole = (slice(0, labels.shape[0]), slice(0, labels.shape[1]))
+    found = _mask_box(labels == nucleus_id, whole)
+    if found is None:
+        raise CorrectionRefused(f"there is no nucleus {nucleus_id} in the labels")
+    return found
+
+
+# ------------------------------------------------------------------------ local stages
+
+
+@dataclass
+class _Stages:
+    """Foreground, flooding energy and markers of one window."""
+
+    foreground: np.ndarray  # bool
+    energy: np.ndarray  # float
+    markers: np.ndarray  # int32, 0 = none
+    source: str  # "maps" or "image"
+
+
+def _map_stages(maps: _Maps, box: Box, params: PostprocessParams | None) -> _Stages:
+    """The Segment panel's own post-processing stages, on the window only."""
+    contour = None if maps.contour is None else maps.contour[box]
+    pp = Postprocessor(
+        maps.prob[box], maps.hv[(slice(None), *box)], contour, pixel_size=maps.pixel_size or 0.5
+    )
+    res = pp.run(params or PostprocessParams())
+    return _Stages(ndi.binary_fill_holes(res.foreground), res.energy, res.markers, "maps")
+
+
+def _image_foreground(signal: np.ndarray) -> np.ndarray:
+    """Otsu foreground of the (smoothed) signal; refuses a window without two classes."""
+    s = ndi.gaussian_filter(signal, 1.0, mode="nearest")
+    if not float(s.var()) > 1e-12 * max(1.0, float(np.abs(s).max())) ** 2:
+        raise CorrectionRefused("the image is flat here: nothing nucleus-like to grow")
+    t = threshold_otsu(s)
+    fg = s > t
+    w1 = float(fg.mean())
+    if w1 in (0.0, 1.0):
+        raise CorrectionRefused("the image shows no nucleus-like contrast here")
+    between = w1 * (1 - w1) * (float(s[fg].mean()) - float(s[~fg].mean())) ** 2
+    if between < MIN_SEPARABILITY * float(s.var()):
+        raise CorrectionRefused("the image shows no nucleus-like contrast here")
+    return ndi.binary_fill_holes(fg)
+
+
+def _distance_markers(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Negated distance transform of ``mask`` and its maxima deeper than MIN_DEPTH."""
+    dist = ndi.distance_transform_edt(mask)
+    peaks = h_maxima(dist, MIN_DEPTH) > 0 if dist.max() > MIN_DEPTH else dist == dist.max()
+    markers, _ = ndi.label(peaks & mask, np.ones((3, 3), bool))
+    return -dist, markers.astype(np.int32)
+
+
+def _image_stages(image: Any, layout: str, box: Box, stain: str, free: np.ndarray) -> _Stages:
+    fg = _image_foreground(_signal(image, layout, box, stain))
+    energy, markers = _distance_markers(fg & free)
+    return _Stages(fg, energy, markers, "image")
+
+
+def _stages(
+    maps: _Maps | None, image: Any, layout: str, box: Box, free: np.ndarray, **kw: Any
+) -> _Stages:
+    if maps is not None:
+        return _map_stages(maps, box, kw.get("params"))
+    return _image_stages(image, layout, box, kw.get("stain", "auto"), free)
+
+
+def _component(mask: np.ndarray, at: tuple[int, int]) -> np.ndarray:
+    comps, _ = ndi.label(mask)
+    return comps == comps[at] if comps[at] else np.zeros(mask.shape, bool)
+
+
+def _flood(energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.array(flood(np.asarray(energy, np.float64), seeds.astype(np.int32), mask))
+
+
+def _basin_at(st: _Stages, free: np.ndarray, at: tuple[int, int]) -> np.ndarray:
+    """The nucleus under ``at``: its basin of the markers' flood inside free foreground."""
+    comp = _component(st.foreground & free, at)
+    seeds = np.where(comp, st.markers, 0)
+    if not seeds.any():
+        return comp
+    basins = _flood(st.energy, seeds, comp)
+    return basins == basins[at] if basins[at] else comp
+
+
+def _refuse_empty(st: _Stages, maps: _Maps | None, box: Box, at: tuple[int, int]) -> None:
+    if maps is not None:
+        p = float(maps.prob[box][at])
+        raise CorrectionRefused(
+            f"no nucleus under the click: the model's nuclear probability there is {p:.2f}"
+        )
+    raise CorrectionRefused("no nucleus under the click: the image is not stained like one there")
+
+
+# ------------------------------------------------------------------------------ tools
+
+
+def add_nucleus_at(
+    labels: np.ndarray,
+    point: Sequence[float],
+    maps: Any = None,
+    image: Any = None,
+    *,
+    params: PostprocessParams | None = None,
+    stain: str = "auto",
+) -> Edit:
+    """Add the nucleus under ``point`` (row, col) as a new id, grown on background only.
+
+    With ``maps`` the window's foreground, HV energy and markers are those of the
+    post-processing (:class:`~napari_medinst.postprocess.Postprocessor` with ``params``,
+    by default its defaults at the maps' pixel size); the nucleus is the basin of the
+    markers' watershed that holds the click, inside the foreground not yet labelled (a
+    foreground blob without a marker is taken whole).  Without maps, ``image`` is read
+    as a nuclear signal (``stain``, see :data:`STAINS`), thresholded with Otsu's method
+    in the window, and the blob under the click is cut from its neighbours by a watershed
+    of its distance transform.
+
+    Raises
+    ------
+    CorrectionRefused
+        If the point is outside the image or on a nucleus, neither maps nor an image are
+        given, nothing nucleus-like is under the click, or the region grown runs beyond
+        :data:`MAX_HALF_WINDOW` px (not one nucleus).
+    """
+    old = check_labels(labels)
+    at = _point(old, point)
+    if old[at]:
+        raise CorrectionRefused(
+            f"nucleus {int(old[at])} is already here: use refine, grow or shrink to change it"
+        )
+    m = _read_maps(maps, old.shape)
+    layout = ""
+    if m is None:
+        if image is None:
+            raise CorrectionRefused("no model maps and no image to grow a nucleus from")
+        _check_stain(stain)
+        layout = _check_image(image, old.shape)
+    region, box = _grow_region(old, at, m, image, layout, params=params, stain=stain)
+    if region.sum() < MIN_AREA:
+        raise CorrectionRefused(f"only {int(region.sum())} px grow from the click: too small")
+    new = old.copy()
+    new[box][region] = _free_id(old)
+    return _make_edit(old, new, box)
+
+
+def _check_stain(stain: str) -> None:
+    if stain not in STAINS:
+        raise CorrectionRefused(f"unknown stain {stain!r}; expected one of {', '.join(STAINS)}")
+
+
+def _grow_region(
+    old: np.ndarray, at: tuple[int, int], m: _Maps | None, image: Any, layout: str, **kw: Any
+) -> tuple[np.ndarray, Box]:
+    half = HALF_WINDOW
+    while True:
+        box = _window(old.shape, at, half)
+        free = old[box] == 0
+        here = _local(at, box)
+        st = _stages(m, image, layout, box, free, **kw)
+        region = _basin_at(st, free, here)
+        if not region.any():
+            _refuse_empty(st, m, box, here)
+        if not _at_inner_edge(region, box, old.shape):
+            return ndi.binary_fill_holes(region) & free, box
+        if half >= MAX_HALF_WINDOW:
+            raise CorrectionRefused(
+                f"the region under the click runs beyond {2 * half + 1} px: not one nucleus"
+            )
+        half *= 2
+
+
+def refine_outline(
+    labels: np.ndarray,
+    nucleus_id: int,
+    maps: Any = None,
+    image: Any = None,
+    *,
+    near: Sequence[float] | None = None,
+    reach: int | None = None,
+    params: PostprocessParams | None = None,
+    stain: str = "auto",
+) -> Edit:
+    """Re-fit the outline of nucleus ``nucleus_id`` to the maps (or the image).
+
+    The new outline is the part of the foreground (as in :func:`add_nucleus_at`) that
+    the nucleus' own markers (those lying mostly inside its current outline) win in
+    the watershed against the other markers, within ``reach`` px of the current outline
+    (default: half its equivalent radius, at least 3) and on its own or background
+    pixels only: neighbours are never changed.  ``near`` (a pixel of the nucleus) lets
+    it be found without scanning the whole image.
+
+    Raises
+    ------
+    CorrectionRefused
+        If the nucleus does not exist, neither maps nor an image are given, or the
+        maps / image keep less than a fifth of it (the outline is left as it is).
+    """
+    old = check_labels(labels)
+    nid = int(nucleus_id)
+    hint = None if near is None else _point(old, near, "the point")
+    if nid <= 0:
+        raise CorrectionRefused("choose a nucleus to refine, not the background")
+    m = _read_maps(maps, old.shape)
+    layout = ""
+    if m is None:
+        if image is None:
+            raise CorrectionRefused("no model maps and no image to refine the outline with")
+        _check_stain(stain)
+        layout = _check_image(image, old.shape)
+    nbox = _nucleus_box(old, nid, hint)
+    area = _box_area(old, nbox, nid)
+    radius = math.sqrt(area / math.pi)
+    reach = max(3, round(radius / 2)) if reach is None else max(int(reach), 0)
+    box = _grow_box(nbox, reach + max(8, round(2 * radius)), old.shape)
+    win = old[box]
+    own = win == nid
+    near_own = ndi.distance_transform_edt(~own) <= reach
+    allowed = near_own & ((win == 0) | own)
+    st = _stages(m, image, layout, box, allowed, params=params, stain=stain)
+    region = _own_basins(st, own, allowed)
+    kept = int(region.sum())
+    if kept < max(MIN_AREA, area // 5):
+        what = "model maps" if m is not None else "image"
+        raise CorrectionRefused(
+            f"the {what} keep only {kept} of the {area} px of nucleus {nid}; outline unchanged"
+        )
+    new = old.copy()
+    nwin = new[box]
+    nwin[own & ~region] = 0
+    nwin[region] = nid
+    return _make_edit(old, new, box)
+
+
+def _box_area(labels: np.ndarray, box: Box, nid: int) -> int:
+    return int(np.count_nonzero(labels[box] == nid))
+
+
+def _own_basins(st: _Stages, own: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Pixels won by the nucleus' own markers (relabelled 1) in the allowed foreground."""
+    mask = st.foreground & allowed
+    markers = np.where(mask, st.markers, 0)
+    ids = np.unique(markers[markers > 0])
+    inside = ndi.sum_labels(own, markers, ids) if ids.size else np.zeros(0)
+    sizes = ndi.sum_labels(np.ones_like(own), markers, ids) if ids.size else np.zeros(0)
+    mine = ids[inside * 2 >= sizes]
+    core = np.isin(markers, mine) if mine.size else ndi.binary_erosion(own & mask)
+    if not core.any():
+        core = own & mask
+    if not core.any():
+        return core
+    seeds = np.where(markers > 0, markers + 1, 0).astype(np.int32)
+    seeds[core] = 1
+    region = _largest(_flood(st.energy, seeds, mask) == 1)
+    return ndi.binary_fill_holes(region) & allowed
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    comps, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(comps.ravel())
+    sizes[0] = 0
+    return comps == int(np.argmax(sizes))
+
+
+def _check_px(px: int) -> int:
+    if isinstance(px, bool) or not isinstance(px, int | np.integer) or px < 1:
+        raise CorrectionRefused(f"grow / shrink by a whole number of pixels >= 1, got {px!r}")
+    return int(px)
+
+
+def grow(
+    labels: np.ndarray, nucleus_id: int, px: int = 1, *, near: Sequence[float] | None = None
+) -> Edit:
+    """Grow nucleus ``nucleus_id`` by ``px`` pixels (Euclidean) into the background only.
+
+    Raises
+    ------
+    CorrectionRefused
+        If the nucleus does not exist, ``px`` is not a positive whole number, or no
+        background pixel lies within ``px`` of it.
+    """
+    old = check_labels(labels)
+    px, nid = _check_px(px), int(nucleus_id)
+    if nid <= 0:
+        raise CorrectionRefused("choose a nucleus to grow, not the background")
+    hint = None if near is None else _point(old, near, "the point")
+    box = _grow_box(_nucleus_box(old, nid, hint), px + 1, old.shape)
+    win = old[box]
+    ring = (ndi.distance_transform_edt(win != nid) <= px) & (win == 0)
+    if not ring.any():
+        raise CorrectionRefused(f"nucleus {nid} has no background around it to grow into")
+    new = old.copy()
+    new[box][ring] = nid
+    return _make_edit(old, new, box)
+
+
+def shrink(
+    labels: np.ndarray, nucleus_id: int, px: int = 1, *, near: Sequence[float] | None = None
+) -> Edit:
+    """Shrink nucleus ``nucleus_id`` by ``px`` pixels: its pixels that near anything else.
+
+    A pixel of the nucleus within ``px`` (Euclidean) of a pixel that is not the nucleus,
+    or of the image border, becomes background.
+
+    Raises
+    ------
+    CorrectionRefused
+        If the nucleus does not exist, ``px`` is not a positive whole number, or fewer
+        than :data:`MIN_AREA` pixels would be left.
+    """
+    old = check_labels(labels)
+    px, nid = _check_px(px), int(nucleus_id)
+    if nid <= 0:
+        raise CorrectionRefused("choose a nucleus to shrink, not the background")
+    hint = None if near is None else _point(old, near, "the point")
+    box = _grow_box(_nucleus_box(old, nid, hint), 1, old.shape)
+    own = np.pad(old[box] == nid, 1)  # the image border counts as outside
+    rim = (ndi.distance_transform_edt(own) <= px)[1:-1, 1:-1] & own[1:-1, 1:-1]
+    left = int(own.sum()) - int(rim.sum())
+    if left < MIN_AREA:
+        raise CorrectionRefused(f"nucleus {nid} is too small to shrink ({left} px would be left)")
+    new = old.copy()
+    new[box][rim] = 0
+    return _make_edit(old, new, box)
+
+
+def split_two_seeds(
+    labels: np.ndarray,
+    seeds: Sequence[Sequence[float]],
+    maps: Any = None,
+    *,
+    params: PostprocessParams | None = None,
+    min_piece: int = MIN_AREA,
+) -> Edit:
+    """Split the nucleus holding two seed points (row, col) into two nuclei.
+
+    The nucleus is flooded from both seeds: over the HV energy of ``maps`` (high where
+    two nuclei touch), or without maps over its negated distance transform, each seed
+    first extended along the steepest ascent of the distance to the centre of its part.
+    Energies below the shallower seed's level are raised to it, so both parts grow at
+    the same pace until they meet where the energy rises (at the contact, or the
+    narrowest part).  The first seed's part keeps the id; the second gets a new id.
+
+    Raises
+    ------
+    CorrectionRefused
+        If a seed is outside the image or on the background, the seeds lie in
+        different nuclei or on the same pixel, the nucleus has fewer than
+        ``2 * min_piece`` pixels, or a part would be smaller than ``min_piece``.
+    """
+    old = check_labels(labels)
+    pts = [_point(old, s, "a seed") for s in seeds]
+    if len(pts) != 2:
+        raise CorrectionRefused(f"place exactly two seeds to split a nucleus (got {len(pts)})")
+    ids = {int(old[p]) for p in pts}
+    if 0 in ids:
+        raise CorrectionRefused("a seed lies on the background; place both inside the nucleus")
+    if len(ids) > 1:
+        raise CorrectionRefused(
+            f"the seeds lie in different nuclei ({', '.join(map(str, sorted(ids)))})"
+        )
+    nid = ids.pop()
+    nbox = _nucleus_box(old, nid, pts[0])
+    area = _box_area(old, nbox, nid)
+    if area < 2 * max(min_piece, 1):
+        raise CorrectionRefused(f"nucleus {nid} has {area} px: too small to split")
+    if pts[0] == pts[1]:
+        raise CorrectionRefused("place the two seeds on different pixels of the nucleus")
+    m = _read_maps(maps, old.shape)
+    pad = 8 if m is None else 8 + _params(m, params).sobel_size
+    box = _grow_box(nbox, pad, old.shape)
+    mask = old[box] == nid
+    local = [_local(p, box) for p in pts]
+    energy, markers = _split_energy(mask, local, m, box, params)
+    pieces = _flood(_fair(energy, markers), markers, mask)
+    sizes = [int((pieces == k).sum()) for k in (1, 2)]
+    if min(sizes) < max(min_piece, 1):
+        raise CorrectionRefused(
+            f"the seeds cut nucleus {nid} into parts of {sizes[0]} and {sizes[1]} px; "
+            f"each needs at least {max(min_piece, 1)}"
+        )
+    new = old.copy()
+    new[box][pieces == 2] = _free_id(old)
+    return _make_edit(old, new, box)
+
+
+def _split_energy(
+    mask: np.ndarray,
+    local: list[tuple[int, int]],
+    m: _Maps | None,
+    box: Box,
+    params: PostprocessParams | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Energy to flood and the two markers (1, 2) of a split."""
+    markers = np.zeros(mask.shape, np.int32)
+    if m is not None:
+        energy = _map_stages(m, box, params).energy.astype(np.float64)
+        for k, p in enumerate(local, start=1):
+            markers[p] = k
+        return energy, markers
+    dist = ndi.distance_transform_edt(mask)
+    paths = [_ascent(dist, p) for p in local]
+    if set(paths[0]) & set(paths[1]):  # both climb to the same centre: use the seeds
+        paths = [[p] for p in local]
+    for k, path in enumerate(paths, start=1):
+        markers[tuple(np.array(path).T)] = k
+    return -dist, markers
+
+
+def _ascent(dist: np.ndarray, start: tuple[int, int]) -> list[tuple[int, int]]:
+    """Pixels of the steepest-ascent path of ``dist`` from ``start`` to a maximum."""
+    path = [start]
+    r, c = start
+    while True:
+        r0, c0 = max(r - 1, 0), max(c - 1, 0)
+        nb = dist[r0 : r + 2, c0 : c + 2]
+        k = int(np.argmax(nb))
+        rr, cc = r0 + k // nb.shape[1], c0 + k % nb.shape[1]
+        if dist[rr, cc] <= dist[r, c]:
+            return path
+        r, c = rr, cc
+        path.append((r, c))
+
+
+def _fair(energy: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """``energy`` raised to the level of the shallower marker's lowest point."""
+    level = max(float(energy[markers == k].min()) for k in (1, 2))
+    return np.maximum(energy, level)
+
+
+def polygon_nucleus(
+    labels: np.ndarray, points: Sequence[Sequence[float]], *, overwrite: bool = False
+) -> Edit:
+    """A new nucleus from an outline: the polygon through ``points`` (row, col), filled.
+
+    The polygon (its inside and its outline) gets the next free id on background pixels
+    only, or on every pixel with ``overwrite``.  A nucleus must be one piece: when other
+    nuclei cut the fill apart, only its largest piece is kept.  The part of the polygon
+    outside the image is ignored.
+
+    Raises
+    ------
+    CorrectionRefused
+        If fewer than three distinct vertices are given, the polygon covers no pixel of
+        the image, or no pixel it may fill (without ``overwrite``: no background).
+    """
+    old = check_labels(labels)
+    pts = np.asarray(points, np.float64).reshape(-1, 2) if len(points) else np.zeros((0, 2))
+    if not np.isfinite(pts).all():
+        raise CorrectionRefused("the outline has a point that is not in the image")
+    if len(np.unique(np.round(pts), axis=0)) < 3:
+        raise CorrectionRefused("draw an outline with at least three points")
+    lo = np.maximum(np.floor(pts.min(0)).astype(np.int64) - 1, 0)
+    hi = np.minimum(np.ceil(pts.max(0)).astype(np.int64) + 2, old.shape)
+    if (hi <= lo).any():
+        raise CorrectionRefused("the outline lies outside the image")
+    box = (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])))
+    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+    rel = pts - lo
+    inside = np.zeros(shape, bool)
+    rr, cc = draw_polygon(rel[:, 0], rel[:, 1], shape)
+    inside[rr, cc] = True
+    inside |= _rasterise(np.vstack([rel, rel[:1]]), shape)
+    win = old[box]
+    fill = _largest(inside if overwrite else inside & (win == 0))
+    if not fill.any():
+        raise CorrectionRefused(
+            "the outline covers no pixel of the image"
+            if not inside.any()
+            else "the outline covers only existing nuclei (no background to fill)"
+        )
+    new = old.copy()
+    new[box][fill] = _free_id(old)
+    return _make_edit(old, new, box)

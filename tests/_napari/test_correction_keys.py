@@ -1,0 +1,237 @@
+"""The model-aware correction keys of the ground-truth editor, on a real viewer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from napari.utils.key_bindings import coerce_keybinding
+from scipy import ndimage as ndi
+
+from napari_medinst._napari import _editing as editing_glue
+from napari_medinst._napari._contract import POSTPROCESSOR_KEY
+from napari_medinst._napari._editing import KEY_BINDINGS, editor_for, start_from_prediction
+from napari_medinst._napari._evaluate_widget import RECOVERY_ENV, EvaluateWidget
+from napari_medinst.postprocess import Postprocessor
+from napari_medinst.targets import make_targets
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(autouse=True)
+def recovery(tmp_path, monkeypatch):
+    """Never touch the user's real recovery folder."""
+    monkeypatch.setenv(RECOVERY_ENV, str(tmp_path / "recovery"))
+
+
+@pytest.fixture
+def warnings(monkeypatch):
+    got: list[str] = []
+    monkeypatch.setattr(editing_glue, "show_warning", got.append)
+    return got
+
+
+def discs(shape=(120, 120), centres=((40, 40), (40, 64), (80, 60)), radius=11) -> np.ndarray:
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    d = np.stack([(rr - r) ** 2 + (cc - c) ** 2 for r, c in centres])
+    return np.where(d.min(0) <= radius**2, d.argmin(0) + 1, 0).astype(np.int32)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def setup(make_napari_viewer, pred_data, truth, *, with_maps=True, with_image=False):
+    """A viewer with a prediction (with or without cached maps) and its ground-truth copy."""
+    viewer = make_napari_viewer()
+    if with_image:
+        rng = np.random.default_rng(0)
+        img = np.where(truth > 0, 0.8, 0.2) + rng.normal(0, 0.08, truth.shape)
+        viewer.add_image(img.astype(np.float32), name="image")
+    pred = viewer.add_labels(pred_data, name="instances")
+    if with_maps:
+        t = make_targets(truth)
+        pred.metadata[POSTPROCESSOR_KEY] = Postprocessor(
+            t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32)
+        )
+    gt = start_from_prediction(viewer, pred)
+    gt.visible = True
+    return viewer, gt, editor_for(viewer, gt)
+
+
+def press(viewer, gt, key: str, at=None) -> None:
+    if at is not None:
+        viewer.cursor.position = tuple(gt.data_to_world(at))
+    gt.keymap[coerce_keybinding(key)](gt)
+
+
+def click(gt, at, callback) -> None:
+    """A mouse press and release at ``at`` (data row, col) through a drag callback."""
+    event = SimpleNamespace(position=gt.data_to_world(at), type="mouse_press")
+    gen = callback(gt, event)
+    next(gen)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_new_keys_are_bound_and_documented(make_napari_viewer):
+    truth = discs()
+    _, gt, _ = setup(make_napari_viewer, truth, truth)
+    for key in ("A", "O", ".", ",", "Q"):
+        assert coerce_keybinding(key) in gt.keymap
+    described = {k for k, _, _ in KEY_BINDINGS}
+    assert {"A", "O", ".", ",", "Q"} <= described
+    assert len(described) == len(KEY_BINDINGS)
+
+
+@pytest.mark.parametrize("source", ["maps", "image"])
+def test_add_key_grows_the_missed_nucleus_in_one_undo_step(make_napari_viewer, source):
+    truth = discs()
+    pred = truth.copy()
+    pred[pred == 2] = 0
+    viewer, gt, editor = setup(
+        make_napari_viewer, pred, truth, with_maps=source == "maps", with_image=source == "image"
+    )
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "A", at=(45, 60))
+    assert iou(np.asarray(gt.data) == 4, truth == 2) >= 0.8
+    assert editor.status[4] == "edited" and editor.status[1] == "predicted"
+    assert "from the " + ("model maps" if source == "maps" else "image") in viewer.status
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, before)
+    assert 4 not in editor.status
+
+
+def test_refine_grow_shrink_keys_are_one_undo_step_each(make_napari_viewer):
+    truth = discs()
+    loose = truth.copy()
+    loose[(ndi.distance_transform_edt(truth != 1) <= 3) & (truth == 0)] = 1
+    viewer, gt, editor = setup(make_napari_viewer, loose, truth)
+    start = np.array(gt.data, copy=True)
+    press(viewer, gt, "O", at=(40, 40))
+    refined = np.array(gt.data, copy=True)
+    assert iou(refined == 1, truth == 1) > iou(start == 1, truth == 1) + 0.2
+    np.testing.assert_array_equal(refined == 2, start == 2)
+    assert editor.status[1] == "edited" and editor.status[3] == "predicted"
+    press(viewer, gt, ".", at=(80, 60))
+    grown = np.array(gt.data, copy=True)
+    assert (grown == 3).sum() > (refined == 3).sum() and editor.status[3] == "edited"
+    press(viewer, gt, ",", at=(80, 60))
+    press(viewer, gt, ",", at=(80, 60))
+    assert (np.asarray(gt.data) == 3).sum() < (refined == 3).sum()
+    gt.undo()  # each key is one step: two undos take back the two shrinks
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, grown)
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, refined)
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, start)
+
+
+def test_split_key_with_two_clicks_uses_the_maps(make_napari_viewer):
+    truth = discs((60, 80), ((30, 28), (30, 50)), 13)
+    merged = np.where(truth > 0, 3, 0).astype(np.int32)
+    viewer, gt, editor = setup(make_napari_viewer, merged, truth)
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "K")
+    callback = gt.mouse_drag_callbacks[-1]
+    for seed in ((30, 28), (30, 60)):  # the second seed near the far edge
+        click(gt, seed, callback)
+    data = np.asarray(gt.data)
+    area = (merged > 0).sum()
+    assert (data == 3).sum() >= 0.35 * area and (data == 4).sum() >= 0.35 * area
+    assert iou(data == 3, truth == 1) >= 0.9
+    assert editor.status[3] == "edited" and editor.status[4] == "edited"
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, before)
+
+
+def test_outline_mode_clicks_enter_and_escape(make_napari_viewer):
+    truth = discs()
+    viewer, gt, editor = setup(make_napari_viewer, truth, truth, with_maps=False)
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "Q")
+    assert editor.polygon_mode and gt.mouse_pan is False
+    callback = gt.mouse_drag_callbacks[-1]
+    for corner in ((95, 5), (95, 30), (115, 30), (115, 5)):
+        click(gt, corner, callback)
+    assert len(editor.polygon_points) == 4
+    press(viewer, gt, "Enter")
+    assert not editor.polygon_mode and coerce_keybinding("Enter") not in gt.keymap
+    assert callback not in gt.mouse_drag_callbacks and gt.mouse_pan is True
+    new = np.asarray(gt.data) == 4
+    assert new[95:116, 5:31].all() and new.sum() == 21 * 26
+    assert editor.status[4] == "edited"
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, before)
+    # Escape cancels without a change; a lasso (drag) finishes at once
+    press(viewer, gt, "Q")
+    click(gt, (100, 100), gt.mouse_drag_callbacks[-1])
+    press(viewer, gt, "Escape")
+    assert not editor.polygon_mode and coerce_keybinding("Escape") not in gt.keymap
+    np.testing.assert_array_equal(gt.data, before)
+    press(viewer, gt, "Q")
+    lasso = gt.mouse_drag_callbacks[-1]
+    event = SimpleNamespace(position=gt.data_to_world((100, 90)), type="mouse_press")
+    gen = lasso(gt, event)
+    next(gen)
+    for point in ((100, 110), (115, 110), (115, 90)):
+        event.type, event.position = "mouse_move", gt.data_to_world(point)
+        next(gen)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert not editor.polygon_mode and (np.asarray(gt.data)[101:115, 91:110] == 4).all()
+
+
+def test_refusals_change_nothing_and_say_why(make_napari_viewer, warnings):
+    truth = discs()
+    pred = truth.copy()
+    pred[pred == 2] = 0
+    pred[110, 110] = 9  # a one-pixel nucleus
+    viewer, gt, editor = setup(make_napari_viewer, pred, truth)
+    widget = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Evaluate")
+    widget._gt.value = gt
+    widget._attach_ground_truths()
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "A", at=(5, 5))  # background
+    assert "no nucleus under the click" in warnings[-1]
+    assert warnings[-1] in viewer.status and widget._status.value == warnings[-1]
+    press(viewer, gt, "O", at=(5, 5))
+    assert "no nucleus under the cursor" in warnings[-1]
+    press(viewer, gt, ",", at=(110, 110))
+    assert "too small to shrink" in warnings[-1]
+    press(viewer, gt, "K")  # a split of the one-pixel nucleus
+    for seed in ((110, 110), (110, 110)):
+        click(gt, seed, gt.mouse_drag_callbacks[-1])
+    assert "too small to split" in warnings[-1]
+    press(viewer, gt, "K")  # re-running a tool while an edit is in progress
+    press(viewer, gt, "A", at=(45, 60))
+    assert "finish the split first" in warnings[-1]
+    press(viewer, gt, "Q")
+    assert "finish the split first" in warnings[-1] and not editor.polygon_mode
+    press(viewer, gt, "K")
+    press(viewer, gt, "Q")
+    press(viewer, gt, "K")
+    assert "finish the outline first" in warnings[-1] and not editor.split_mode
+    press(viewer, gt, "Enter")  # no corners yet: refused, still outlining
+    assert "three points" in warnings[-1] and editor.polygon_mode
+    press(viewer, gt, "Escape")
+    np.testing.assert_array_equal(gt.data, before)
+    assert set(editor.status.values()) == {"predicted"}
+
+
+def test_tools_without_maps_or_image_refuse(make_napari_viewer, warnings):
+    truth = discs()
+    pred = truth.copy()
+    pred[pred == 2] = 0
+    viewer, gt, _ = setup(make_napari_viewer, pred, truth, with_maps=False)
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "A", at=(40, 64))
+    assert "no model maps and no image" in warnings[-1]
+    press(viewer, gt, "O", at=(40, 40))
+    assert "no model maps and no image" in warnings[-1]
+    np.testing.assert_array_equal(gt.data, before)
