@@ -5,7 +5,12 @@ import pytest
 
 from conftest import disk_labels
 from napari_medinst.metrics import evaluate
-from napari_medinst.postprocess import Postprocessor, PostprocessParams, postprocess
+from napari_medinst.postprocess import (
+    Postprocessor,
+    PostprocessParams,
+    marker_points,
+    postprocess,
+)
 from napari_medinst.targets import make_targets
 
 
@@ -182,3 +187,65 @@ def test_watershed_shortcuts_equal_one_plain_flood(monuseg_train_labels, seed_mo
     # either (skimage's order among equal energies depends on what else is queued)
     assert (raw != ref).sum() <= 1e-3 * raw.size
     np.testing.assert_array_equal(np.unique(raw), np.unique(ref))
+
+
+# ----------------------------------------------------- issue 17, bug 5: markers, user seeds
+
+
+def test_a_seed_near_the_edge_never_punches_a_background_hole():
+    """A user seed that would cut a sliver below the minimum area off a nucleus leaves
+    the nucleus whole (before: the sliver was removed, leaving a hole in the nucleus)."""
+    lab = disk_labels(shape=(60, 60), centres=((30, 30),), radius=12)
+    t = make_targets(lab)
+    pp = Postprocessor(t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32))
+    params = PostprocessParams(min_nucleus_size=30)
+    alone = pp.run(params, seed_points=np.array([[30.0, 30.0]]), seed_mode="replace")
+    edge = pp.run(params, seed_points=np.array([[30.0, 30.0], [19.0, 30.0]]), seed_mode="replace")
+    assert not (edge.foreground & (edge.labels == 0)).any()
+    np.testing.assert_array_equal(edge.labels, alone.labels)
+    assert edge.scores == pytest.approx(alone.scores)
+    # a seed far enough inside still splits
+    inside = pp.run(params, seed_points=np.array([[30.0, 30.0], [22.0, 30.0]]), seed_mode="replace")
+    assert inside.n_instances == 2 and not (inside.foreground & (inside.labels == 0)).any()
+
+
+def test_small_isolated_instances_are_still_removed():
+    lab = disk_labels(centres=((30, 30),), radius=10)
+    lab[80:83, 80:83] = 2  # an isolated 9-pixel speck touches nothing
+    prob, hv, _ = ideal_maps(lab)
+    res = postprocess(prob, hv, params=PostprocessParams(min_nucleus_size=20, smoothing=0))
+    assert res.n_instances == 1 and res.labels[81, 81] == 0
+
+
+def test_marker_points_lie_on_their_marker_and_skip_removed_nuclei():
+    markers = np.zeros((30, 30), np.int32)
+    markers[5:25, 5] = 1  # an L-shaped marker: its centre of mass is off the marker
+    markers[24, 5:25] = 1
+    markers[10:13, 15:18] = 2
+    markers[2, 27] = 3  # its nucleus was removed
+    labels = np.where(markers > 0, 1, 0)
+    labels[2, 27] = 0
+    pts = marker_points(markers, labels)
+    assert len(pts) == 2
+    rc = np.round(pts).astype(int)
+    np.testing.assert_array_equal(markers[rc[:, 0], rc[:, 1]], [1, 2])
+    np.testing.assert_allclose(pts[1], [11, 16])
+    assert len(marker_points(markers)) == 3
+    assert marker_points(np.zeros((4, 4), np.int32)).shape == (0, 2)
+
+
+def test_no_marker_is_drawn_on_background_on_the_he_sample():
+    """With the default model, 4 of the 94 automatic markers of the H&E sample belonged
+    to nuclei removed as too small and were drawn on background."""
+    from napari_medinst.samples import load_sample
+    from napari_medinst.segment import compute_maps
+
+    image, _, sample = load_sample("he")
+    mr = compute_maps(image, "default", pixel_size=sample.pixel_size, modality="he")
+    m = mr.maps
+    res = Postprocessor(m.prob, m.hv, m.contour, m.type_prob, mr.pixel_size).run(mr.default_params)
+    pts = marker_points(res.markers, res.labels)
+    rc = np.round(pts).astype(int)
+    assert len(pts) > 50
+    assert (res.labels[rc[:, 0], rc[:, 1]] > 0).all()
+    assert (res.foreground[rc[:, 0], rc[:, 1]]).all()

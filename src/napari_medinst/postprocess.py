@@ -12,9 +12,11 @@ Pipeline (every constant is a field of :class:`PostprocessParams`):
    to them; a foreground component that received no marker becomes its own marker, so
    small isolated nuclei are never dropped.
 4. **watershed** - markers flood the energy inside the foreground.
-5. **filter** - instances below ``min_nucleus_size`` pixels are removed; ids are made
-   sequential; each instance gets a confidence (mean foreground probability) and, with
-   type probabilities, a class.
+5. **filter** - an instance below ``min_nucleus_size`` pixels that touches a larger one
+   (a sliver cut off a nucleus by a marker near its edge) joins the larger one it shares
+   the longest border with, so a nucleus never gets a background hole; other instances
+   below the size are removed. Ids are made sequential; each instance gets a confidence
+   (mean foreground probability) and, with type probabilities, a class.
 
 Sizes are given at ``params.pixel_size`` µm/px and rescaled to the maps' pixel size;
 a rescaled size that would leave its parameter's range is clipped to the range, so a
@@ -44,6 +46,7 @@ __all__ = [
     "PostprocessParams",
     "PostprocessResult",
     "Postprocessor",
+    "marker_points",
     "postprocess",
 ]
 
@@ -304,6 +307,108 @@ def _points_to_markers(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray
     return out
 
 
+def _contacts(raw: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Touching instance pairs ``(a, b, border length)``, each pair in both orders.
+
+    Two instances touch where they are 4-neighbours; ``n`` is one more than the largest id.
+    """
+    a_parts, b_parts = [], []
+    for x, y in ((raw[1:], raw[:-1]), (raw[:, 1:], raw[:, :-1])):
+        at = x != y
+        at &= x > 0
+        at &= y > 0
+        a_parts.append(x[at])
+        b_parts.append(y[at])
+    a = np.concatenate(a_parts).astype(np.int64)
+    b = np.concatenate(b_parts).astype(np.int64)
+    keys, counts = np.unique(np.concatenate([a * n + b, b * n + a]), return_counts=True)
+    return keys // n, keys % n, counts
+
+
+def _absorb_slivers(keep: np.ndarray, sizes: np.ndarray, contacts) -> np.ndarray | None:
+    """Owner id of every raw instance: a dropped one touching a kept one joins it.
+
+    A dropped instance (below the minimum size) joins the kept (or already joined)
+    neighbour it shares the longest border with; chains of slivers are followed a few
+    steps. Returns None when no instance joins another.
+    """
+    a, b, counts = contacts
+    dropped = ~keep & (sizes > 0)
+    dropped[0] = False
+    if not a.size or not dropped[a].any():
+        return None
+    owner = np.arange(keep.size)
+    placed = keep.copy()
+    for _ in range(4):
+        sel = dropped[a] & ~placed[a] & placed[b]
+        if not sel.any():
+            break
+        sa, sb, sc = a[sel], b[sel], counts[sel]
+        order = np.lexsort((-sc, sa))  # per sliver, its longest border first
+        sa, sb = sa[order], sb[order]
+        first = np.concatenate([[True], sa[1:] != sa[:-1]])
+        owner[sa[first]] = owner[sb[first]]
+        placed[sa[first]] = True
+    if (owner == np.arange(keep.size)).all():
+        return None
+    return owner
+
+
+def marker_points(markers: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """One ``(row, col)`` point per marker, on a pixel of that marker.
+
+    The point is the marker's centre of mass, or, when that falls off the marker (a
+    bent marker), the marker pixel nearest to it. With ``labels``, markers whose nucleus
+    was removed (every marker pixel is background in ``labels``) get no point, so no
+    point is ever drawn on background.
+
+    Parameters
+    ----------
+    markers : (H, W) int array
+        Marker labels (0: none), as in :attr:`PostprocessResult.markers`.
+    labels : (H, W) int array, optional
+        The instances the markers produced.
+
+    Returns
+    -------
+    (N, 2) float64 array, in increasing marker id.
+    """
+    flat = np.asarray(markers).ravel()
+    at = np.flatnonzero(flat)
+    if at.size == 0:
+        return np.zeros((0, 2))
+    ids = flat[at].astype(np.int64)
+    n = int(ids.max()) + 1
+    rows, cols = np.divmod(at, markers.shape[1])
+    counts = np.bincount(ids, minlength=n)
+    present = counts > 0
+    if labels is not None:
+        on_nucleus = np.bincount(ids, weights=np.asarray(labels).ravel()[at] > 0, minlength=n)
+        present &= on_nucleus > 0
+    present[0] = False
+    safe = np.maximum(counts, 1)
+    centre = (
+        np.stack(
+            [
+                np.bincount(ids, weights=rows, minlength=n),
+                np.bincount(ids, weights=cols, minlength=n),
+            ],
+            axis=1,
+        )
+        / safe[:, None]
+    )
+    wanted = np.flatnonzero(present)
+    pts = centre[wanted]
+    rc = np.round(pts).astype(np.int64)
+    off = markers[rc[:, 0], rc[:, 1]] != wanted
+    for k in np.flatnonzero(off):  # rare: a marker whose centre is not on it
+        mine = ids == wanted[k]
+        d = (rows[mine] - pts[k, 0]) ** 2 + (cols[mine] - pts[k, 1]) ** 2
+        j = int(np.argmin(d))
+        pts[k] = rows[mine][j], cols[mine][j]
+    return pts
+
+
 class Postprocessor:
     """Post-processing of one set of maps, caching every stage.
 
@@ -441,7 +546,7 @@ class Postprocessor:
         return out
 
     def _stats(self, raw: np.ndarray):
-        """Per raw-instance area, summed probability and summed type probabilities."""
+        """Per raw-instance area, summed probability, summed type probabilities and contacts."""
         flat = raw.ravel()
         at = np.flatnonzero(flat != 0)
         ids = flat[at]
@@ -453,15 +558,24 @@ class Postprocessor:
             votes = np.stack(
                 [np.bincount(ids, weights=t.ravel()[at], minlength=n) for t in self.type_prob]
             )
-        return sizes, prob_sum, votes
+        return sizes, prob_sum, votes, _contacts(raw, n)
 
     def _filter(self, p: PostprocessParams, raw: np.ndarray, stats):
-        sizes, prob_sum, votes = stats
+        sizes, prob_sum, votes, contacts = stats
         keep = sizes >= max(p.min_nucleus_size, 1)
         keep[0] = False
+        owner = _absorb_slivers(keep, sizes, contacts)
+        if owner is not None:  # slivers join the nucleus they were cut from
+            n = keep.size
+            sizes = np.bincount(owner, weights=sizes, minlength=n)
+            prob_sum = np.bincount(owner, weights=prob_sum, minlength=n)
+            if votes is not None:
+                votes = np.stack([np.bincount(owner, weights=v, minlength=n) for v in votes])
         m = int(keep.sum())
         lut = np.zeros(keep.size, np.uint32)
         lut[keep] = np.arange(1, m + 1, dtype=np.uint32)
+        if owner is not None:
+            lut = lut[owner]
         labels = lut[raw]
         scores = (prob_sum[keep] / sizes[keep]).astype(np.float32)
         types = None

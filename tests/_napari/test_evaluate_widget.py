@@ -831,3 +831,21 @@ def test_live_refresh_without_edits_keeps_the_result(make_napari_viewer, qtbot, 
     assert widget.result is not None and widget.result.scores.aji == first
     assert widget.evaluations >= before
     assert not notes["error"]
+
+
+def test_switching_the_ground_truth_removes_the_old_error_overlay(make_napari_viewer):
+    """Issue 17, bug 6: the old '<gt> errors' layer stayed on top of the new one."""
+    viewer, gt = open_he(make_napari_viewer)
+    pred = add_prediction(viewer, perturbed(np.asarray(gt.data)))
+    other = viewer.add_labels(
+        np.roll(np.asarray(gt.data), 2, axis=0), name="other gt", metadata={"ground_truth": True}
+    )
+    widget = make_widget(viewer, pred, gt)
+    widget.evaluate_now()
+    assert f"{GT_NAME} errors" in viewer.layers
+    widget._gt.value = other
+    widget.evaluate_now()
+    overlays = [x.name for x in viewer.layers if x.metadata.get("napari_medinst_role") == "errors"]
+    assert overlays == ["other gt errors"]
+    widget._gt.value = None
+    assert not [x for x in viewer.layers if x.metadata.get("napari_medinst_role") == "errors"]

@@ -128,6 +128,8 @@ def test_finetune_run_registers_model_and_compares(
     assert (model_dir / "config.json").exists()
     assert str(model_dir.resolve()) in registry.registered_models()
     assert str(model_dir.resolve()) in widget._base.choices
+    shown = [widget._base.native.itemText(i) for i in range(widget._base.native.count())]
+    assert "model" in shown and str(model_dir.resolve()) not in shown  # by name, not path
     assert len(widget._history) == 1 and "Done" in widget._status.value
     assert widget._progress.value == widget._progress.max
     assert list(widget._loss_line.get_xdata()) == [1]
@@ -146,6 +148,11 @@ def test_finetune_run_registers_model_and_compares(
     table = widget._table.value
     assert len(table["columns"]) == 2 and "AJI" in table["index"]
     assert widget._verdict.value
+    # compared on the very image it was trained on: a warning, never "keep it" (bug 10)
+    assert "trained on this image" in widget._verdict.value
+    assert "keep it" not in widget._verdict.value and notes.warnings
+    # the verdict sits above the table, where a tall table cannot hide it
+    assert widget.index(widget._verdict) < widget.index(widget._table)
     widget._forget_button.native.click()
     assert str(model_dir.resolve()) not in registry.registered_models()
 
@@ -160,6 +167,8 @@ def test_segment_widget_lists_registered_models(make_napari_viewer, tiny_model, 
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert str(tiny_model.resolve()) in widget._model.choices
+    shown = [widget._model.native.itemText(i) for i in range(widget._model.native.count())]
+    assert "tiny" in shown and str(tiny_model.resolve()) not in shown  # by name (bug 10)
     later = save_model_folder(tmp_path / "later", NucleusNet(NetConfig(widths=(8, 16, 16))))
     registry.register_model(later)  # e.g. a fine-tuning run finishing: the list follows
     assert str(later.resolve()) in widget._model.choices

@@ -9,6 +9,7 @@ import pytest
 
 from napari_medinst._napari import _segment_widget as sw
 from napari_medinst._napari._segment_widget import SegmentWidget
+from napari_medinst.model.inference import DEFAULT_TTA
 from napari_medinst.postprocess import PostprocessParams
 from napari_medinst.targets import hv_gradient_magnitude
 
@@ -260,7 +261,7 @@ def test_mirror_averaging_is_a_setting_of_its_own(
     widget._tta.value = False
     run(qtbot, widget, sw.CHOOSE_FOLDER)
     run(qtbot, widget, sw.CHOOSE_FOLDER)
-    assert [c[3] for c in maps_calls] == [True, False], "TTA maps are computed once, apart"
+    assert [c[3] for c in maps_calls] == [DEFAULT_TTA, 1], "TTA maps are computed once, apart"
     assert not notes.errors
 
 
@@ -709,3 +710,170 @@ def test_sliders_show_the_chosen_models_defaults_before_the_first_run(make_napar
     assert widget._read_params().fg_threshold == pytest.approx(fluo.fg_threshold)
     widget._model.value = "classical"
     assert widget._read_params().fg_threshold == pytest.approx(PostprocessParams().fg_threshold)
+
+
+# ------------------------------------------------------------- issue 17: panels, markers, status
+
+
+def test_autotune_apply_is_followed_by_the_sliders(make_napari_viewer, qtbot, notes, monkeypatch):
+    """One parameter state per prediction: after auto-tune's Apply the sliders show the
+    tuned values, and the next slider move tunes from them in the same layer (before: the
+    sliders kept the old values, the layer counted as hand-edited and a slider move made
+    '<name> (2)' with the old values)."""
+    from napari_medinst._napari import _evaluate_widget as EW
+
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    widget._min_nucleus_size.value = 400  # far too large: removes every nucleus
+    settle(qtbot, widget)
+    pred = instances(viewer)
+    monkeypatch.setattr(EW, "TUNE_GRID", {"min_nucleus_size": (10, 400)})
+    monkeypatch.setattr(EW, "show_info", lambda *_: None)
+    evaluate = EW.EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(evaluate, name="Evaluate")
+    evaluate._pred.value = pred
+    evaluate._gt.value = viewer.layers[f"{IMAGE} ground truth"]
+    evaluate.start_autotune()
+    qtbot.waitUntil(lambda: evaluate._tune_worker is None, timeout=RUN_TIMEOUT)
+    tuned = evaluate._tuned[0]
+    assert tuned.min_nucleus_size == 10
+    assert evaluate.apply_tuned()
+    assert widget._min_nucleus_size.value == 10  # the sliders follow Apply at once
+    settle(qtbot, widget)
+    widget._fg_threshold.value = round(widget._fg_threshold.value + 0.05, 2)
+    settle(qtbot, widget)
+    assert f"{IMAGE} instances (2)" not in viewer.layers
+    assert not any("edited by hand" in m for m in notes.infos)
+    got = PostprocessParams.from_json(pred.metadata["postprocess_params"])
+    assert got.min_nucleus_size == 10 and got.fg_threshold == widget._fg_threshold.value
+    assert pred.data.max() > 20
+    # auto-tune starts from the live parameters the sliders show
+    assert evaluate._tune_inputs()[2] == widget._read_params()
+
+
+def test_status_and_pixel_size_field_after_an_estimating_run(
+    make_napari_viewer, qtbot, notes, maps_calls
+):
+    """The status line keeps model, modality and pixel size after a slider move, and the
+    pixel-size field shows the estimate instead of 0.0000 (issue 17, bug 10); running
+    again with the estimate shown reuses the maps."""
+    viewer, widget = make_widget(make_napari_viewer)
+    widget._pixel_size.value = 0.0  # estimate
+    run(qtbot, widget)
+    first = widget._session.maps[()]
+    assert first.pixel_size_estimated
+    assert first.pixel_size > 0
+    assert widget._pixel_size.value == pytest.approx(first.pixel_size, abs=1e-4)
+    status = widget._status.value
+    assert "model classical" in status and "µm/px (estimated)" in status and "he" in status
+    widget._fg_threshold.value = round(widget._fg_threshold.value + 0.05, 2)
+    settle(qtbot, widget)
+    n = int(instances(viewer).data.max())
+    assert widget._status.value.startswith(f"{n} nuclei")
+    assert status.split("·", 1)[1] == widget._status.value.split("·", 1)[1]
+    run(qtbot, widget)
+    assert len(maps_calls) == 1  # the shown estimate is not a new pixel size
+    widget._pixel_size.value = 0.3  # a value the user typed is used
+    run(qtbot, widget)
+    assert len(maps_calls) == 2 and maps_calls[-1][2] == pytest.approx(0.3)
+
+
+def test_markers_on_their_nuclei_and_an_edge_seed_never_punches_a_hole(
+    make_napari_viewer, qtbot, notes
+):
+    """Issue 17, bug 5 and the usability note: no marker is drawn on background; a seed
+    at the very edge of a nucleus splits it or leaves it whole with a message (before: a
+    background hole); a seed on background is explained too."""
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    labels = instances(viewer).data.copy()
+    markers = viewer.layers[f"{IMAGE} markers"]
+    rc = np.round(markers.data).astype(int)
+    assert len(rc) and (labels[rc[:, 0], rc[:, 1]] > 0).all()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    big = int(sizes.argmax())
+    rr, cc = np.nonzero(labels == big)
+    centre = np.array([rr.mean(), cc.mean()])
+    far = int(((rr - centre[0]) ** 2 + (cc - centre[1]) ** 2).argmax())
+    markers.add(np.array([rr[far], cc[far]], float))  # the nucleus' outermost pixel
+    settle(qtbot, widget)
+    after = instances(viewer).data
+    assert (after[labels == big] > 0).all()  # no background hole
+    if len(np.unique(after[labels == big])) == 1:  # not split: the user is told why
+        assert "min nucleus area" in notes.infos[-1]
+    n_notes = len(notes.infos)
+    bg = np.argwhere(widget._session.results[()].foreground == 0)[0]
+    markers.add(bg.astype(float))
+    settle(qtbot, widget)
+    assert len(notes.infos) == n_notes + 1 and "on background" in notes.infos[-1]
+    assert not notes.errors
+
+
+# --------------------------------------------------------------------- review queue
+
+
+def _box_centre_world(layer, box) -> np.ndarray:
+    r0, r1, c0, c1 = (float(v) for v in box)
+    return np.asarray(layer.data_to_world(((r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2)))[-2:]
+
+
+def _reviewed_percent(panel) -> int:
+    return int(panel._reviewed.value.split("reviewed: ")[1].split(" %")[0])
+
+
+def test_review_queue_click_zooms_next_key_advances_coverage_grows(
+    make_napari_viewer, qtbot, notes
+):
+    from qtpy.QtCore import Qt
+
+    viewer, widget = make_widget(make_napari_viewer, show=True)
+    panel = widget._review
+    panel._build.native.click()  # before any run: a message, nothing else
+    assert "Run the segmentation first" in panel._status.value and panel.queue is None
+    run(qtbot, widget)
+    labels = instances(viewer)
+    panel._build.native.click()
+    q = panel.queue
+    assert q is not None and panel.list.count() == len(q) > 5
+    assert panel.list.item(0).text().startswith(f"id {int(q.ids[0])} · ")
+    assert f"{labels.name} reviewed" in viewer.layers and _reviewed_percent(panel) == 0
+    # click the third row: the camera centres on that nucleus, which is selected
+    rect = panel.list.visualItemRect(panel.list.item(2))
+    qtbot.mouseClick(panel.list.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    cam = sw._camera(viewer)
+    np.testing.assert_allclose(cam.center[-2:], _box_centre_world(labels, q.boxes[2]), atol=1e-6)
+    assert labels.selected_label == int(q.ids[2])
+    first = _reviewed_percent(panel)
+    assert first > 0 and int(q.ids[2]) in panel.coverage.seen_ids()
+    # Page Down on the canvas: the next nucleus
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
+    assert panel.list.currentRow() == 3
+    np.testing.assert_allclose(cam.center[-2:], _box_centre_world(labels, q.boxes[3]), atol=1e-6)
+    assert labels.selected_label == int(q.ids[3])
+    qtbot.keyClick(canvas, Qt.Key.Key_PageUp)
+    assert panel.list.currentRow() == 2
+    # moving on through the queue covers more and more of the tile
+    for _ in range(10):
+        qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
+    assert panel.list.currentRow() == 12
+    assert _reviewed_percent(panel) > first
+    assert _reviewed_percent(panel) == int(100 * panel.coverage.nucleus_fraction)
+    overlay = viewer.layers[f"{labels.name} reviewed"].data
+    np.testing.assert_array_equal(overlay > 0, panel.coverage.viewed)
+    assert not notes.errors
+
+
+def test_review_queue_on_an_empty_prediction_is_a_message(make_napari_viewer, qtbot, notes):
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    labels = instances(viewer)
+    labels.data = np.zeros_like(labels.data)  # every nucleus deleted
+    names = [layer.name for layer in viewer.layers]
+    widget._review._build.native.click()
+    assert widget._review._status.value == "No predicted nuclei: nothing to review."
+    assert widget._review.queue is None and widget._review.list.count() == 0
+    assert [layer.name for layer in viewer.layers] == names  # no layer added or changed
+    assert not labels.data.any() and not notes.errors

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from magicgui.widgets import FloatSpinBox
@@ -76,3 +78,33 @@ def clear_path(edit) -> None:
     """
     with edit.changed.blocked():
         edit.line_edit.value = ""
+
+
+def model_choices(values: Iterable[str]) -> list[tuple[str, str]]:
+    """(shown name, value) of each model choice: a model folder is shown by its name.
+
+    Registered (fine-tuned) models are listed as absolute paths; the list shows the
+    folder's name instead, with its parent folder's name when two share a name. The
+    values stay the paths the core takes.
+    """
+    values = list(dict.fromkeys(values))
+    names = [Path(v).name if Path(v).is_absolute() else v for v in values]
+    shown = []
+    for value, name in zip(values, names, strict=True):
+        if name != value and names.count(name) > 1:
+            name = f"{name} ({Path(value).parent.name})"
+        shown.append((name, value))
+    return shown
+
+
+def _camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+def _canvas_size(viewer) -> tuple[float, float]:
+    """(height, width) of the canvas in screen pixels."""
+    canvas = getattr(viewer, "canvas", None)
+    size = getattr(canvas, "size", None)
+    return tuple(size) if size is not None else tuple(viewer._canvas_size)  # napari < 0.9

@@ -71,7 +71,8 @@ from qtpy.QtWidgets import (
 from .. import editing, metrics, recovery
 from .._io import InputError, check_labels, write_bytes
 from ..postprocess import Postprocessor, PostprocessParams
-from ._common import ROLE, qt_alive, unwrap
+from ._common import ROLE, _camera, qt_alive, unwrap
+from ._contract import PARAMS_KEY, POSTPROCESSOR_KEY, param_state, publish
 from ._editing import (
     GT_KEY,
     KEY_BINDINGS,
@@ -102,8 +103,6 @@ LIVE_MAX_PIXELS = 16_000_000
 MAX_PIXELS = 150_000_000
 
 SOURCE = "napari_medinst_source"
-POSTPROCESSOR_KEY = "napari_medinst_postprocessor"
-PARAMS_KEY = "postprocess_params"
 RECOVERY_ENV = "NAPARI_MEDINST_RECOVERY_DIR"
 
 #: Colour (RGBA) of each outcome in the error overlay and its legend.
@@ -233,6 +232,22 @@ def _unlink(path: Path) -> None:
 
 def _hex(rgba: tuple[float, ...]) -> str:
     return "#" + "".join(f"{round(255 * c):02x}" for c in rgba[:3])
+
+
+def layer_types(layer: Labels, ids: np.ndarray) -> dict[int, int] | None:
+    """Nucleus class of every id in ``ids`` from ``features["type"]`` (rows named by the
+    ``label`` or ``index`` column), or None when the layer has no class for one of them
+    (an edited nucleus, a layer without types)."""
+    feats = layer.features
+    if not isinstance(feats, pd.DataFrame) or "type" not in feats or not len(feats):
+        return None
+    ids_col = next((c for c in ("label", "index") if c in feats), None)
+    keys = feats[ids_col] if ids_col else np.arange(1, len(feats) + 1)
+    try:
+        table = {int(i): int(t) for i, t in zip(keys, feats["type"], strict=True)}
+    except (TypeError, ValueError):
+        return None
+    return table if all(int(i) in table for i in ids) else None
 
 
 def prediction_scores(layer: Labels, pred_ids: np.ndarray) -> tuple[dict[int, float] | None, str]:
@@ -687,6 +702,13 @@ class EvaluateWidget(Container):
             callback = weakref.WeakMethod(self._on_gt_edited)
             if not any(getattr(c, "__self__", None) is self for c in editor.on_change):
                 editor.on_change.append(_WeakCall(callback))
+            if not any(getattr(c, "__self__", None) is self for c in editor.on_message):
+                editor.on_message.append(_WeakCall(weakref.WeakMethod(self._on_editor_message)))
+
+    def _on_editor_message(self, text: str) -> None:
+        """Show why a ground-truth tool refused in the panel's status line."""
+        if not self._closed and qt_alive(self):
+            self._status.value = text
 
     def _on_min_size(self, value: int) -> None:
         for _, layer in self._label_choices():
@@ -696,6 +718,7 @@ class EvaluateWidget(Container):
 
     def _on_inputs_changed(self, *_: Any) -> None:
         self._last_problem = None
+        self._drop_stale_overlays()
         gt = self._gt.value
         if gt is not None and gt.metadata.get(ROLE) and id(gt) not in self._warned_outputs:
             self._warned_outputs.add(id(gt))
@@ -882,7 +905,15 @@ class EvaluateWidget(Container):
     def _compute(self, gt_layer, pred_layer, gt, pred, mask, rank, t0) -> EvaluationResult:
         table = metrics.overlap_table(gt, pred, ignore_mask=mask)
         scores, note = prediction_scores(pred_layer, table.pred_ids)
-        image_scores = metrics.evaluate_table(table, scores=scores)
+        gt_types = layer_types(gt_layer, table.gt_ids)
+        pred_types = layer_types(pred_layer, table.pred_ids)
+        typed = gt_types is not None and pred_types is not None
+        image_scores = metrics.evaluate_table(
+            table,
+            scores=scores,
+            gt_types=gt_types if typed else None,
+            pred_types=pred_types if typed else None,
+        )
         tau = round(float(self._tau.value), 2)
         outcomes = metrics.instance_outcomes(table, tau)
         errors = editing.rank_errors(table, outcomes, metric=rank)
@@ -908,9 +939,14 @@ class EvaluateWidget(Container):
         self._fill_tables(result)
         self.evaluations += 1
         s = result.scores
+        types = ""
+        if s.types is not None:  # both layers carry nucleus types: mAP is over classes
+            t = s.types.to_dict()
+            per = ", ".join(f"{name} {v['f1']:.2f}" for name, v in t["classes"].items())
+            types = f"; types: detection F1 {t['f1_d']:.3f}, mPQ {t['mpq']:.3f}, F1 by class {per}"
         self._status.value = (
             f"{s.n_gt} gt, {s.n_pred} predicted nuclei - AJI {s.aji:.3f}, PQ {s.pq:.3f}, "
-            f"mAP {s.map:.3f} ({1000 * result.seconds:.0f} ms)"
+            f"mAP {s.map:.3f}{types} ({1000 * result.seconds:.0f} ms)"
         )
         self._fill_review(result)
         if self._show_overlay.isChecked():
@@ -1010,6 +1046,18 @@ class EvaluateWidget(Container):
             ):
                 return layer
         return None
+
+    def _drop_stale_overlays(self) -> None:
+        """Remove the error overlays of ground truths other than the chosen one.
+
+        An overlay shows one ground truth's outcomes; once another is chosen, the old
+        one would be drawn over (and mistaken for) the new one's.
+        """
+        gt = self._gt.value
+        name = None if gt is None else gt.name
+        for layer in [x for x in self._viewer.layers if self._is_overlay(x)]:
+            if layer.metadata.get(SOURCE) != name:
+                self._viewer.layers.remove(layer)
 
     def _write_overlay(self, gt_layer, image: np.ndarray) -> None:
         layer = self._overlay_layer(gt_layer)
@@ -1636,8 +1684,11 @@ class EvaluateWidget(Container):
                 f"'{pred_layer.name}' has no post-processor: auto-tune needs a prediction made "
                 "by the Segment widget (metadata 'napari_medinst_postprocessor')."
             )
-        text = pred_layer.metadata.get(PARAMS_KEY)
-        params = PostprocessParams.from_json(text) if text else PostprocessParams()
+        state, text = param_state(pred_layer), pred_layer.metadata.get(PARAMS_KEY)
+        if state is not None:  # the live parameters the Segment panel's sliders show
+            params = state.params
+        else:
+            params = PostprocessParams.from_json(text) if text else PostprocessParams()
         _, _, gt, _, mask = self._inputs(live=False)
         if pp.prob.shape != gt.shape:
             raise _Problem(
@@ -1722,20 +1773,14 @@ class EvaluateWidget(Container):
                 "Run auto-tune again to tune the current labels."
             )
         layer.data = result.labels
-        layer.metadata[PARAMS_KEY] = params.to_json()
         layer.metadata["scores"] = np.asarray(result.scores)
         ids = np.arange(1, result.n_instances + 1)
         layer.features = pd.DataFrame({"index": ids, "label": ids, "score": result.scores})
+        publish(layer, params, "autotune")  # the Segment panel's sliders follow
         self.tune_apply.setEnabled(False)
         show_info(f"Applied the tuned parameters to '{layer.name}'.")
         self._schedule()
         return True
-
-
-def _camera(viewer):
-    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, else ``viewer.camera``)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None else viewer.camera
 
 
 class _WeakCall:
@@ -1749,10 +1794,10 @@ class _WeakCall:
         method = self._ref()
         return None if method is None else method.__self__
 
-    def __call__(self) -> None:
+    def __call__(self, *args: Any) -> None:
         method = self._ref()
         if method is not None:
-            method()
+            method(*args)
 
 
 def _autotune(

@@ -57,7 +57,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from .. import finetune as ft
-from .._io import InputError
+from .._io import InputError, read_image
 from ..model import registry
 from ..model.augment import AugmentConfig
 from ..model.folder import BUNDLED_MODELS, list_models, load_model
@@ -67,6 +67,7 @@ from ._common import (
     ROLE,
     clear_path,
     input_images,
+    model_choices,
     pixel_size_box,
     qt_alive,
     show_pixel_size,
@@ -210,6 +211,29 @@ def _finetune_job(job: _Job, cancel: threading.Event) -> Generator[dict, None, t
         return ("error", f"fine-tuning failed: {type(exc).__name__}: {exc}")
 
 
+def _training_image_name(model: Path, image: np.ndarray) -> str | None:
+    """The name of the training image of ``model`` with exactly ``image``'s pixels, if any.
+
+    Looks in the training sets a fine-tuning run recorded (``config["finetune"]["sets"]``,
+    folders with ``images/``); unreadable sets or files are skipped.
+    """
+    try:
+        sets = load_model(model).config.get("finetune", {}).get("sets", [])
+    except Exception:  # no readable record: nothing to warn about
+        return None
+    arr = np.asarray(image)
+    for spec in sets if isinstance(sets, list) else []:
+        folder = Path(str(spec).rsplit("@", 1)[0]) / "images"
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            try:
+                seen = read_image(path)
+            except (InputError, OSError):
+                continue
+            if seen.shape == arr.shape and np.array_equal(seen, arr):
+                return path.name
+    return None
+
+
 def _compare_job(models: dict[str, str], image, gt, px, modality, device, cancel):
     try:
         scores = ft.compare_models(
@@ -236,6 +260,7 @@ class FinetuneWidget(Container):
         self._compare_cancel = threading.Event()
         self._worker = None
         self._compare_worker = None
+        self._seen: str | None = None  # training image the comparison runs on, if any
         self._job: _Job | None = None
         self._history: list[dict[str, Any]] = []
         self._last_model: Path | None = None
@@ -488,8 +513,8 @@ class FinetuneWidget(Container):
                 self._title("4. Compare"),
                 self._form([self._cmp_image, self._cmp_gt]),
                 self._compare_button,
+                self._verdict,  # above the table: a tall table must not push it out of view
                 self._table,
-                self._verdict,
                 self._forget_button,
             ]
         )
@@ -537,9 +562,9 @@ class FinetuneWidget(Container):
     def _exclude_choices(self, _w=None) -> list[tuple[str, Any]]:
         return [(NO_LAYER, None), *self._labels_choices()]
 
-    def _model_choices(self, _w=None) -> list[str]:
-        # list_models() may include the registered models itself: no duplicates
-        return list(dict.fromkeys([*list_models(), *registry.registered_models(), CHOOSE_FOLDER]))
+    def _model_choices(self, _w=None) -> list[tuple[str, str]]:
+        # list_models() may include the registered models itself: model_choices dedupes
+        return model_choices([*list_models(), *registry.registered_models(), CHOOSE_FOLDER])
 
     def _set_choices(self, _w=None) -> list[str]:
         return list(self._set_paths)
@@ -978,6 +1003,7 @@ class FinetuneWidget(Container):
             f"fine-tuned ({config.get('name', model.name)})": str(model),
         }
         px = _pixel_size_from_layer(image)
+        self._seen = _training_image_name(model, img)
         self._compare_cancel.clear()
         self._verdict.value = "Segmenting with both models…"
         worker = create_worker(
@@ -1033,6 +1059,13 @@ class FinetuneWidget(Container):
             )
         else:
             text = f"Both models score alike here (AJI {gain:+.4f})."
+        if self._seen is not None:  # scores on its own training image say little
+            text = (
+                f"⚠ The fine-tuned model was trained on this image ('{self._seen}'): the "
+                f"comparison overstates it (AJI {gain:+.4f}). Compare on an annotated image "
+                "it has not seen before deciding."
+            )
+            show_warning(text)
         self._verdict.value = text
 
     def _on_compare_finished(self) -> None:

@@ -68,19 +68,24 @@ from ..measure import as_features, measure_nuclei
 from ..model import registry
 from ..model.folder import ModelError, list_models, model_defaults
 from ..model.inference import DEFAULT_TTA, CancelledError
-from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult
+from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult, marker_points
 from ..preprocess import prepare_image
 from ..segment import CLASSICAL, MapResult, compute_maps
 from ..targets import hv_gradient_magnitude
 from ._common import (
     ROLE,
+    _camera,
+    _canvas_size,
     clear_path,
     input_images,
+    model_choices,
     pixel_size_box,
     qt_alive,
     show_pixel_size,
     unwrap,
 )
+from ._contract import POSTPROCESSOR_KEY, publish
+from ._review import ReviewPanel, session_source
 
 __all__ = ["SegmentWidget"]
 
@@ -96,6 +101,8 @@ CROP_MARGIN = 32
 MAX_SESSIONS = 3
 CACHE_PIXELS = 60_000_000
 _SOURCE = "napari_medinst_source"
+#: Who this panel is when it publishes a prediction's parameters (see ._contract).
+_ORIGIN = "segment"
 
 # (field, label, widget class, options, tooltip); sizes are at the model's reference pixel size
 _PARAMS: tuple[tuple[str, str, type, dict[str, Any], str], ...] = (
@@ -216,20 +223,6 @@ def _type_image(r: PostprocessResult) -> np.ndarray:
     return lut[r.labels]
 
 
-def _centroids(markers: np.ndarray) -> np.ndarray:
-    """(N, 2) centre of mass of every marker id of an int label image."""
-    rows, cols = np.nonzero(markers)
-    if rows.size == 0:
-        return np.zeros((0, 2))
-    ids = markers[rows, cols]
-    n = int(ids.max())
-    counts = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
-    r = np.bincount(ids, weights=rows, minlength=n + 1)[1:]
-    c = np.bincount(ids, weights=cols, minlength=n + 1)[1:]
-    keep = counts > 0
-    return np.stack([r[keep] / counts[keep], c[keep] / counts[keep]], axis=1)
-
-
 def _pixel_size_from_layer(layer: Layer) -> float | None:
     """µm/px from the layer's metadata, else from a non-unit scale (in µm unless units say)."""
     value = layer.metadata.get("pixel_size_um") if isinstance(layer.metadata, dict) else None
@@ -245,19 +238,6 @@ def _pixel_size_from_layer(layer: Layer) -> float | None:
     except (AttributeError, IndexError, TypeError, ValueError):
         pass
     return scale
-
-
-def _camera(viewer):
-    """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None else viewer.camera
-
-
-def _canvas_size(viewer) -> tuple[float, float]:
-    """(height, width) of the canvas in screen pixels."""
-    canvas = getattr(viewer, "canvas", None)
-    size = getattr(canvas, "size", None)
-    return tuple(size) if size is not None else tuple(viewer._canvas_size)  # napari < 0.9
 
 
 class _Relay(QObject):
@@ -358,6 +338,7 @@ def _run_steps(job: _RunJob, relay: _Relay, cancel: threading.Event) -> Iterator
             progress=progress,
             should_stop=cancel.is_set,
             tta=s.settings.tta,
+            tta_std=True,  # for the review queue: the mirror passes' disagreement
         )
         if cancel.is_set():
             raise CancelledError("segmentation cancelled")
@@ -421,6 +402,8 @@ class SegmentWidget(Container):
         self._params_model: str | None = None  # model whose defaults fill the widgets
         self._defaults = PostprocessParams()
         self._ref_pixel_size = self._defaults.pixel_size
+        self._estimate: tuple[Image, float] | None = None  # (layer, µm/px) shown in the field
+        self._seed_check: tuple | None = None  # (session, state before a marker edit)
         self._cancel = threading.Event()
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
@@ -435,6 +418,8 @@ class SegmentWidget(Container):
         self._build_run_widgets()
         self._build_param_widgets()
         self._build_file_widgets()
+        self._review = ReviewPanel(self._viewer, lambda: session_source(self._session))
+        self.append(self._review)
         self._connect_viewer()
         registry.add_listener(self._on_models_changed)
         self.native.destroyed.connect(self._on_destroyed)
@@ -451,7 +436,7 @@ class SegmentWidget(Container):
         self._image_layer.changed.connect(self._on_image_changed)
         self._no_image = Label(value="Open an image (File ▸ Open, or a sample) to segment it.")
         models = self._model_choices()
-        self._model = ComboBox(label="model", choices=self._model_choices, value=models[0])
+        self._model = ComboBox(label="model", choices=self._model_choices, value=models[0][1])
         self._model.changed.connect(self._on_model_changed)
         self._model_folder = FileEdit(label="model folder", mode="d", visible=False)
         self._model_note = Label(
@@ -616,8 +601,8 @@ class SegmentWidget(Container):
         self._channel.visible = n > 1
 
     @staticmethod
-    def _model_choices(_widget=None) -> list[str]:
-        return [*list_models(), CLASSICAL, CHOOSE_FOLDER]
+    def _model_choices(_widget=None) -> list[tuple[str, str]]:
+        return model_choices([*list_models(), CLASSICAL, CHOOSE_FOLDER])
 
     def _on_models_changed(self) -> None:
         """A model was registered or unregistered (e.g. by the Fine-tune widget)."""
@@ -678,14 +663,17 @@ class SegmentWidget(Container):
                 return None
             model = folder
         px = float(self._pixel_size.value or 0.0)
+        layer = self._image_layer.value
+        if self._estimate is not None and self._estimate == (layer, round(px, 4)):
+            px = 0.0  # the field shows the last run's estimate: still "estimate"
         modality = self._modality.value
         return _Settings(
             model=model,
             pixel_size=px if px > 0 else None,
             modality=None if modality == "auto" else modality,
             device=self._device.value,
-            tta=bool(self._tta.value),
-            channel=self._layer_channel(self._image_layer.value),
+            tta=DEFAULT_TTA if self._tta.value else 1,
+            channel=self._layer_channel(layer),
         )
 
     def _current_plane(self, layer: Image, lead: tuple[int, ...]) -> Plane:
@@ -810,8 +798,10 @@ class SegmentWidget(Container):
         worker.start()
 
     def _on_progress(self, fraction: float) -> None:
+        """Move the bar forward only (a pixel-size search runs the model again)."""
         if self._alive():
-            self._progress.value = int(1000 * min(max(fraction, 0.0), 1.0))
+            value = int(1000 * min(max(fraction, 0.0), 1.0))
+            self._progress.value = max(value, self._progress.value)
 
     def _on_worker_finished(self) -> None:
         kind, self._job, self._worker = self._job, None, None
@@ -859,12 +849,11 @@ class SegmentWidget(Container):
         if self._tune_visible.value:  # refresh the preview from the new maps
             s.crop = None
             self._schedule_tuning()
-        est = " (estimated)" if first.pixel_size_estimated else ""
-        n = sum(r.n_instances for r in results.values())
-        self._status.value = (
-            f"{n} nuclei in '{s.image.name}' · model {first.model_name} · "
-            f"{first.modality} · {first.pixel_size:.3g} µm/px{est}"
-        )
+        if first.pixel_size_estimated:  # show the estimate, not 0 (issue 17, bug 10)
+            self._estimate = (s.image, round(first.pixel_size, 4))
+            with self._pixel_size.changed.blocked():
+                show_pixel_size(self._pixel_size, first.pixel_size)
+        self._show_count(s)
         self._progress.value = 1000
 
     def _on_run_error(self, job: _RunJob, exc: BaseException) -> None:
@@ -930,6 +919,24 @@ class SegmentWidget(Container):
             return
         self._params_touched = True
         self._schedule_tuning(now=True)
+
+    def _on_params_published(self, layer: Layer, params: PostprocessParams, origin: str) -> None:
+        """Another panel (auto-tune's Apply) rewrote one of our predictions: follow it.
+
+        The layer now holds the labels of ``params``, so it is not a hand edit; when it is
+        the prediction on show, the sliders take ``params`` and the other output layers
+        are brought up to date, so the next slider move starts from the applied values.
+        """
+        if origin == _ORIGIN or not self._alive():
+            return
+        self._hashes[id(layer)] = _digest(layer.data)
+        self._edited.discard(id(layer))
+        s = self._session
+        if s is None or s.layers.get("instances") is not layer:
+            return
+        self._set_params(params)
+        self._params_touched = True
+        self._schedule_tuning()
 
     def _on_reset_params(self, *_: Any) -> None:
         self._set_params(self._defaults)
@@ -1013,6 +1020,8 @@ class SegmentWidget(Container):
     def _on_tuned(self, s: _Session, results, preview: bool) -> None:
         if not self._alive() or s is not self._session or s.image not in self._viewer.layers:
             return
+        if isinstance(results, _Failed) or preview:
+            self._seed_check = None  # only a whole-image result is compared
         if isinstance(results, _Failed):
             self._on_tune_error(results.error)
             return
@@ -1022,8 +1031,20 @@ class SegmentWidget(Container):
             return
         s.results.update(results)
         self._write_outputs(s)
-        n = sum(r.n_instances for r in s.results.values() if r is not None)
-        self._status.value = f"{n} nuclei in '{s.image.name}'"
+        self._show_count(s)
+        check, self._seed_check = self._seed_check, None
+        if check is not None and check[0] is s:
+            self._explain_marker_edit(s, check[1])
+
+    def _show_count(self, s: _Session) -> None:
+        """The status line: the count and what made it (model, modality, pixel size)."""
+        first = s.maps[s.active[0]]
+        est = " (estimated)" if first.pixel_size_estimated else ""
+        n = sum(s.results[p].n_instances for p in s.active if p in s.results)
+        self._status.value = (
+            f"{n} nuclei in '{s.image.name}' · model {first.model_name} · "
+            f"{first.modality} · {first.pixel_size:.3g} µm/px{est}"
+        )
 
     def _on_tune_error(self, exc: BaseException) -> None:
         if not self._alive():
@@ -1116,6 +1137,8 @@ class SegmentWidget(Container):
             return
         pts = np.asarray(layer.data, float).reshape(-1, layer.ndim)
         nl = len(s.lead)
+        if self._seed_check is None:  # the state before this edit (merged edits: the first)
+            self._seed_check = (s, self._marker_baseline(s))
         for plane in s.active:
             if nl:
                 sel = np.all(np.round(pts[:, :nl]).astype(int) == np.array(plane), axis=1)
@@ -1124,6 +1147,46 @@ class SegmentWidget(Container):
                 s.seeds[plane] = pts
         self._status.value = "Markers edited: the watershed uses your markers."
         self._schedule_tuning()
+
+    def _marker_baseline(self, s: _Session) -> dict[Plane, np.ndarray]:
+        """Per active plane, the markers (points) in use before an edit."""
+        out = {}
+        for p in s.active:
+            r = s.results.get(p)
+            if r is not None:
+                seeds = s.seeds.get(p)
+                out[p] = marker_points(r.markers, r.labels) if seeds is None else seeds
+        return out
+
+    def _explain_marker_edit(self, s: _Session, before: dict[Plane, np.ndarray]) -> None:
+        """Tell the user about every added marker that made no nucleus of its own, and why."""
+        notes = []
+        for p, old in before.items():
+            r, seeds = s.results.get(p), s.seeds.get(p)
+            if r is None or seeds is None or not len(seeds):
+                continue
+            px = np.round(seeds).astype(int)
+            h, w = r.labels.shape
+            inside = (px[:, 0] >= 0) & (px[:, 0] < h) & (px[:, 1] >= 0) & (px[:, 1] < w)
+            hit = np.zeros(len(px), np.int64)
+            hit[inside] = r.labels[px[inside, 0], px[inside, 1]]
+            per_nucleus = np.bincount(hit, minlength=int(r.labels.max()) + 1)
+            old_px = {tuple(x) for x in np.round(old).astype(int)}
+            for (row, col), ok, lab in zip(px, inside, hit, strict=True):
+                if (row, col) in old_px or (lab and per_nucleus[lab] == 1):
+                    continue  # not new, or it seeds a nucleus of its own
+                where = f"the marker at ({row}, {col})"
+                if not ok or not r.foreground[row, col]:
+                    notes.append(f"{where} is on background, where no nucleus can grow")
+                else:
+                    notes.append(
+                        f"{where} would make a piece smaller than 'min nucleus area', so it "
+                        "changes nothing (move it further in, or lower the area)"
+                    )
+        if notes:
+            text = "Marker edit: " + "; ".join(notes) + "."
+            self._status.value = text
+            show_info(text)
 
     def _on_reset_markers(self, *_: Any) -> None:
         s = self._session
@@ -1345,7 +1408,7 @@ class SegmentWidget(Container):
     def _marker_points(self, s: _Session) -> np.ndarray:
         pts = []
         for p, r in sorted(s.results.items()) if s.lead else [((), s.results[()])]:
-            c = _centroids(r.markers)
+            c = marker_points(r.markers, r.labels)  # on their nucleus, never background
             if s.lead:
                 c = np.concatenate([np.tile(np.array(p, float), (len(c), 1)), c], axis=1)
             pts.append(c)
@@ -1372,7 +1435,6 @@ class SegmentWidget(Container):
         results = [s.results[p] for p in sorted(s.results)]
         first = next(iter(s.maps.values()))
         meta = {
-            "postprocess_params": results[0].params.to_json(),
             "scores": np.concatenate([r.scores for r in results]),
             "model": first.model_name,
             "modality": first.modality,
@@ -1380,7 +1442,7 @@ class SegmentWidget(Container):
             "pixel_size_estimated": first.pixel_size_estimated,
         }
         if len(s.post) == 1:  # 2-D: the Evaluate widget's auto-tune reuses the cached maps
-            meta["napari_medinst_postprocessor"] = next(iter(s.post.values()))
+            meta[POSTPROCESSOR_KEY] = next(iter(s.post.values()))
         self._writing = True
         try:
             if layer is None:
@@ -1391,6 +1453,7 @@ class SegmentWidget(Container):
                 layer.data = labels
             layer.metadata.update(meta)
             layer.features = features
+            publish(layer, results[0].params, _ORIGIN).connect(self._on_params_published)
         finally:
             self._writing = False
         s.layers["instances"] = layer
