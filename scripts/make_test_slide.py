@@ -66,9 +66,13 @@ class Mosaic:
         (H, W, 3) uint8 tiles; cropped to their common square size.
     seed : int
         Chooses the tissue pieces and the tile order.
+    tissue : float, optional
+        Share of the slide the tissue pieces cover (their areas summed; overlaps make
+        it a little less); default: as drawn (about 40 %).
     """
 
-    def __init__(self, size: int, tiles: list[np.ndarray], seed: int = 0) -> None:
+    def __init__(self, size: int, tiles: list[np.ndarray], seed: int = 0,
+                 tissue: float | None = None) -> None:  # fmt: skip
         cell = min(min(t.shape[:2]) for t in tiles)
         self.size, self.cell = int(size), cell
         self.tiles = [np.ascontiguousarray(t[:cell, :cell, :3]) for t in tiles]
@@ -76,6 +80,11 @@ class Mosaic:
         n = 3
         self.centres = rng.uniform(0.3, 0.7, (n, 2)) * size
         self.radii = rng.uniform(0.18, 0.3, (n, 2)) * size
+        if tissue is not None:
+            if not 0 < tissue <= 1:
+                raise ValueError(f"--tissue must be a share above 0 and at most 1, got {tissue}")
+            drawn = np.pi * np.prod(self.radii, axis=1).sum() / size**2
+            self.radii *= np.sqrt(tissue / drawn)
 
     def _cell(self, i: int, j: int) -> np.ndarray:
         tile = self.tiles[(i * 7 + j * 3) % len(self.tiles)]
@@ -107,14 +116,23 @@ class Mosaic:
         return out
 
 
-def downsample(arr: np.ndarray, factor: int) -> np.ndarray:
-    """Area average over ``factor`` × ``factor`` blocks (edges padded with background)."""
+def downsample(arr: np.ndarray, factor: int, rows: int = 256) -> np.ndarray:
+    """Area average over ``factor`` × ``factor`` blocks (edges padded with background).
+
+    Done ``rows`` output rows at a time, so that a large level needs little more memory
+    than its result.
+    """
     ny, nx = -(-arr.shape[0] // factor), -(-arr.shape[1] // factor)
-    pad = np.empty((ny * factor, nx * factor, 3), np.uint8)
-    pad[:] = BACKGROUND
-    pad[: arr.shape[0], : arr.shape[1]] = arr
-    blocks = pad.reshape(ny, factor, nx, factor, 3).astype(np.uint32)
-    return ((blocks.sum(axis=(1, 3)) + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+    out = np.empty((ny, nx, 3), np.uint8)
+    for y in range(0, ny, rows):
+        n = min(rows, ny - y)
+        part = arr[y * factor : (y + n) * factor]
+        pad = np.empty((n * factor, nx * factor, 3), np.uint8)
+        pad[:] = BACKGROUND
+        pad[: part.shape[0], : part.shape[1]] = part
+        blocks = pad.reshape(n, factor, nx, factor, 3).astype(np.uint32)
+        out[y : y + n] = (blocks.sum(axis=(1, 3)) + factor * factor // 2) // (factor * factor)
+    return out
 
 
 def _level0_tiles(mosaic: Mosaic, tile: int, factor: int, level1: np.ndarray) -> Iterator:
@@ -252,12 +270,14 @@ def make_slide(
     mpp: float | None = 0.25,
     seed: int = 0,
     overwrite: bool = False,
+    tissue: float | None = None,
 ) -> tuple[Path, Mosaic]:
     """Write a ``size`` × ``size`` pyramidal slide to ``out``; return it and its mosaic.
 
     ``compression`` is ``"jpeg"`` (``quality``) or ``"zlib"`` (lossless: every level
     equals the mosaic and its area averages exactly). ``mpp=None`` writes no pixel size
-    (``svs`` and ``tiff`` only).
+    (``svs`` and ``tiff`` only). ``tissue``: share of the slide covered by tissue
+    (see :class:`Mosaic`).
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -265,7 +285,7 @@ def make_slide(
         raise ValueError(
             f"--size must be at least 64 and --tile a multiple of 16 (got {size}, {tile})"
         )
-    mosaic = Mosaic(size, tiles or training_tiles(), seed)
+    mosaic = Mosaic(size, tiles or training_tiles(), seed, tissue)
     dest = Path(out)
     if fmt == "ome-zarr":
         return _write_zarr(dest, mosaic, tile, mpp or 1.0, overwrite), mosaic
@@ -291,12 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpp", type=float, default=0.25, help="µm/px of level 0")
     parser.add_argument("--tiles", type=Path, default=DEFAULT_TILES,
                         help="MoNuSeg folder (index.csv, images/); training split only")  # fmt: skip
+    parser.add_argument("--tissue", type=float, default=None, metavar="SHARE",
+                        help="share of the slide covered by tissue (default: about 0.4)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         path, _ = make_slide(args.out, args.size, args.format, tiles=training_tiles(args.tiles),
                              tile=args.tile, compression=args.compression,
-                             quality=args.quality, mpp=args.mpp, overwrite=args.overwrite)  # fmt: skip
+                             quality=args.quality, mpp=args.mpp, overwrite=args.overwrite,
+                             tissue=args.tissue)  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"make_test_slide: {exc}", file=sys.stderr)
         return 2

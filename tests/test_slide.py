@@ -218,3 +218,14 @@ def test_generator_cli_refuses_bad_arguments_and_keeps_existing_files(tmp_path, 
     assert "already exists" in capsys.readouterr().err
     assert mts.main(["--size", "10", "--out", str(tmp_path / "t.svs")]) == 2
     assert not (tmp_path / "t.svs").exists()
+
+
+def test_generator_tissue_share(tmp_path, tiles, capsys):
+    for share in (0.05, 0.1):
+        mosaic = mts.Mosaic(4000, tiles, tissue=share)
+        assert mosaic._tissue(0, 4000, 0, 4000).mean() == pytest.approx(share, rel=0.02)
+    drawn = mts.Mosaic(4000, tiles)._tissue(0, 4000, 0, 4000).mean()
+    assert 0.3 < drawn < 0.6  # the default layout is unchanged by the option
+    out = tmp_path / "t.svs"
+    assert mts.main(["--size", "512", "--out", str(out), "--tissue", "0"]) == 2
+    assert "--tissue must be a share" in capsys.readouterr().err and not out.exists()

@@ -59,8 +59,8 @@ def full_run(tmp_path_factory, slide_path, client):
     return plan, out, run
 
 
-def _labels(out: Path) -> np.ndarray:
-    return zarr.open_array(str(out / "labels"), mode="r")[:]
+def _labels(out: Path, level: int = 0) -> np.ndarray:
+    return zarr.open_array(str(se.labels_path(out) / str(level)), mode="r")[:]
 
 
 def _table(out: Path) -> dict[str, np.ndarray]:
@@ -133,15 +133,18 @@ def test_resume_redoes_only_what_is_missing(tmp_path, full_run, client):
     out = tmp_path / "r.zarr"
     shutil.copytree(done, out)
     before = _labels(out)
-    arr = zarr.open_array(str(out / "labels"), mode="r+")
+    coarse = _labels(out, 2)
+    levels = [zarr.open_array(str(se.labels_path(out) / str(i)), mode="r+") for i in (0, 2)]
     for k in (0, 4):  # two chunks lose their marker and their labels
         (out / "chunks" / f"{k:06d}.npy").unlink()
         r0, r1, c0, c1 = se.chunk_box(plan, k)
-        arr[r0:r1, c0:c1] = 0
+        levels[0][r0:r1, c0:c1] = 0
+        levels[1][r0 // 4 : -(-r1 // 4), c0 // 4 : -(-c1 // 4)] = 0
     (out / "nuclei.csv").unlink()
     run = se.run_slide(plan, out, client, resume=True)
     assert run.complete and run.segmented == 0 and run.painted == 2
     np.testing.assert_array_equal(_labels(out), before)
+    np.testing.assert_array_equal(_labels(out, 2), coarse)
     assert (out / "nuclei.csv").read_bytes() == (done / "nuclei.csv").read_bytes()
     # a block's record lost: that block again, and the chunks it feeds
     (out / "records" / "000000.json").unlink()
@@ -318,3 +321,107 @@ def test_command_line_defaults_are_the_engines():
 
     assert slide_cli.DEFAULT_BLOCK == blockwise.DEFAULT_BLOCK
     assert slide_cli.MIN_TISSUE == se.MIN_TISSUE
+
+
+# ------------------------------------------------------------- OME-NGFF label image
+
+
+def test_labels_are_an_ome_ngff_label_image_with_a_pyramid(full_run):
+    from napari_medinst.omezarr import read_labels_zarr_table
+
+    plan, out, _ = full_run
+    assert json.loads((out / "labels" / ".zattrs").read_text()) == {"labels": ["nuclei"]}
+    attrs = json.loads((se.labels_path(out) / ".zattrs").read_text())
+    ms = attrs["multiscales"][0]
+    assert ms["version"] == "0.4" and attrs["image-label"]["version"] == "0.4"
+    assert ms["axes"] == [{"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
+    n = se.label_levels(plan.shape, plan.chunk)
+    assert n == 4  # 1500 px: 750, 375, 188 (< 256 stops); 512 px chunks halve to 64
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2", "3"]
+    for i, d in enumerate(ms["datasets"]):
+        assert d["coordinateTransformations"] == [{"type": "scale", "scale": [0.5 * 2**i] * 2}]
+    level0 = _labels(out)
+    for i in range(n):  # nearest neighbour: ids are never blended
+        meta = json.loads((se.labels_path(out) / str(i) / ".zarray").read_text())
+        assert meta["chunks"] == [BLOCK >> i] * 2 and meta["dimension_separator"] == "/"
+        np.testing.assert_array_equal(_labels(out, i), level0[:: 2**i, :: 2**i])
+    # the package's own OME-Zarr labels reader finds it through the store's root
+    back = read_labels_zarr_table(out)
+    assert back.pixel_size == 0.5 and back.offset == (0, 0)
+    np.testing.assert_array_equal(back.labels, level0)
+
+
+def test_ome_zarr_reads_the_label_image(full_run):
+    ome_reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    plan, out, _ = full_run
+    nodes = list(ome_reader.Reader(parse_url(str(out / "labels")))())
+    label = next(n for n in nodes if n.load(ome_reader.Label) is not None)
+    assert len(label.data) == se.label_levels(plan.shape, plan.chunk)
+    assert tuple(label.data[0].shape) == plan.shape
+    assert [a["name"] for a in label.metadata["axes"]] == ["y", "x"]
+    np.testing.assert_array_equal(np.asarray(label.data[1]), _labels(out, 1))
+
+
+@pytest.mark.parametrize(("shape", "chunk", "levels"), [
+    ((1500, 1500), 512, 4), ((20000, 20000), 2048, 6), ((5000, 5000), 2048, 6),
+    ((300, 300), 512, 2), ((1500, 1500), 100, 1), ((1500, 1500), 200, 2),
+    ((200, 200), 2048, 1)])  # fmt: skip
+def test_label_levels_halve_whole_chunks(shape, chunk, levels):
+    assert se.label_levels(shape, chunk) == levels
+
+
+def test_resume_refuses_a_store_of_the_older_layout(tmp_path, full_run, client):
+    plan, done, _ = full_run
+    out = tmp_path / "old.zarr"
+    shutil.copytree(done, out)
+    attrs = json.loads((out / ".zattrs").read_text())
+    attrs[se.STORE_KEY]["format"] = 1
+    (out / ".zattrs").write_text(json.dumps(attrs))
+    with pytest.raises(se.InputError, match=r"old\.zarr: written by another version"):
+        se.run_slide(plan, out, client, resume=True)
+
+
+def _table_store(tmp_path, n_rows: int):
+    """A store whose single chunk holds ``n_rows`` table rows (ids shuffled)."""
+    from napari_medinst.blockwise import plan_blocks, prepare_setup
+
+    setup = prepare_setup(np.zeros((64, 64, 3), np.uint8), "classical", pixel_size=0.5)
+    plan = se.SlidePlan(path="synthetic", stamp=(0, 0), level=0, downsample=1.0,
+                        shape=(200, 200), setup=setup, model="classical",
+                        specs=tuple(plan_blocks((200, 200), 200, 16)), background=frozenset(),
+                        chunk=200, stride=2**16, dtype="uint32")  # fmt: skip
+    out = tmp_path / "t.zarr"
+    (out / "chunks").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    table = np.zeros(n_rows, dtype=se._TABLE)
+    table["id"] = rng.permutation(n_rows) + 1
+    for name in ("centroid_y_um", "centroid_x_um", "area_um2"):
+        table[name] = rng.uniform(0, 5000, n_rows)
+    table["type"] = -1
+    np.save(out / "chunks" / "000000.npy", table)
+    return out, plan, table
+
+
+def test_nuclei_table_is_written_in_batches(tmp_path, monkeypatch):
+    import tracemalloc
+
+    out, plan, table = _table_store(tmp_path, 100_000)
+    monkeypatch.setattr(se, "_CSV_BATCH", 4096)  # a small share of the rows, as on a slide
+    tracemalloc.start()
+    try:
+        assert se._write_table(out, plan) == table.size
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    text = (out / "nuclei.csv").read_bytes()
+    # the rows' text (~7 MB here) is never held whole: the loaded and sorted table, and
+    # one batch
+    assert peak < 2 * table.nbytes + len(text) // 2
+    lines = text.decode().splitlines()
+    assert lines[0].startswith("id,centroid_y_um") and "type" not in lines[0]
+    assert len(lines) == table.size + 1 and lines[1].startswith("1,")
+    monkeypatch.setattr(se, "_CSV_BATCH", 7)  # batch borders change nothing
+    se._write_table(out, plan)
+    assert (out / "nuclei.csv").read_bytes() == text

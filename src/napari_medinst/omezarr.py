@@ -359,9 +359,35 @@ def _label_content(lab, name, pixel_size, extra, inside: bool):
     if inside:
         image_label["source"] = {"image": "../../"}
     n = level_count(lab.shape, levels)
-    attrs = {"multiscales": _multiscales(name, n, pixel_size, offset),
-             "image-label": image_label, MARKER: {"kind": "label-image"}}  # fmt: skip
-    return pyramid(lab, n), attrs
+    return pyramid(lab, n), label_image_attrs(name, n, pixel_size, image_label, offset)
+
+
+def label_image_attrs(name: str, levels: int, pixel_size: float | None,
+                      image_label: dict | None = None, offset=(0, 0)) -> dict:  # fmt: skip
+    """The ``.zattrs`` of a label image whose levels are those of :func:`pyramid`.
+
+    Parameters
+    ----------
+    name : str
+        Name of the label image.
+    levels : int
+        Number of levels (level ``i`` takes every ``2**i``-th pixel of level 0).
+    pixel_size : float or None
+        µm per pixel of level 0 (a checked value); None: scales in pixels.
+    image_label : dict, optional
+        Entries of ``image-label`` (``colors``, ``properties``, ``source``); its
+        ``version`` is the one written here.
+    offset : (int, int)
+        (row, col) of level 0's top-left pixel, a ``translation`` when not (0, 0).
+
+    Returns
+    -------
+    dict
+        ``multiscales``, ``image-label`` and this package's marker.
+    """
+    label = {"version": NGFF_VERSION, **(image_label or {})}
+    return {"multiscales": _multiscales(name, levels, pixel_size, offset),
+            "image-label": label, MARKER: {"kind": "label-image"}}  # fmt: skip
 
 
 def _write_inside(image, lab, name, pixel_size, extra, overwrite) -> Path:
@@ -544,5 +570,5 @@ def read_labels_zarr(path: str | os.PathLike, name: str | None = None) -> np.nda
     return read_labels_zarr_table(path, name).labels
 
 
-__all__ = ["ZarrLabels", "default_colours", "level_count", "pyramid", "read_labels_zarr",
-           "read_labels_zarr_table", "write_labels_zarr"]  # fmt: skip
+__all__ = ["ZarrLabels", "default_colours", "label_image_attrs", "level_count", "pyramid",
+           "read_labels_zarr", "read_labels_zarr_table", "write_labels_zarr"]  # fmt: skip

@@ -25,8 +25,17 @@ Run (:func:`run_slide`), two phases, both on the workers, which read the slide b
    keeps its largest piece (the rules of :func:`~.blockwise.paste_block`). Each decision
    looks only at the nucleus and the ones overlapping it, so every chunk computes the
    same outline for a nucleus it shares with a neighbour: tasks write disjoint chunks
-   and need no locks. The chunk's table rows (nuclei whose centroid lies in it) go into
-   ``chunks/<chunk>.npy``, the chunk's completion marker, written last.
+   and need no locks. The task also writes the chunk's part of every pyramid level
+   (every ``2**i``-th pixel; level ``i``'s chunks are ``chunk / 2**i`` px, so each
+   paint task owns exactly one chunk per level). The chunk's table rows (nuclei whose
+   centroid lies in it) go into ``chunks/<chunk>.npy``, the chunk's completion marker,
+   written last.
+
+Every write is atomic (zarr's local store renames each chunk into place; records and
+markers go through :func:`~._io._atomic_write`) and every task can run twice with the
+same result, so a worker process that dies mid-task is harmless: ``distributed`` runs
+its tasks again elsewhere. An interrupted client leaves the store ``incomplete``;
+``--resume`` redoes what has no marker.
 
 Labels are unique without coordination: block ``k``'s nucleus ``i`` gets the id
 ``k * stride + i``, ``stride`` the power of two above the largest window's pixel count (a
@@ -35,11 +44,15 @@ block cannot own more nuclei than it has pixels). ``uint32`` when every id fits,
 far beyond any slide). The table of nuclei gives each id its centroid and bounding box in
 slide µm (level-0 origin), area in µm², score and type.
 
-Store (zarr format 2, readable by zarr-python 2 and 3)::
+Store (zarr format 2, readable by zarr-python 2 and 3; the labels are an OME-NGFF 0.4
+label image, written with :func:`~.omezarr.label_image_attrs`)::
 
     OUT.zarr/
       .zattrs          napari_medinst_slide: plan, settings, status running|incomplete|complete
-      labels/          (H, W) uint32|uint64 at the working level, chunks of ``block`` px
+      labels/          .zattrs {"labels": ["nuclei"]}
+        nuclei/        .zattrs multiscales (y, x in micrometer, working level's µm/px) +
+                       image-label; 0/ (H, W) uint32|uint64 at the working level, chunks of
+                       ``block`` px; 1/, 2/, ...: every 2**i-th pixel, chunks ``block/2**i``
       records/         per block: <k>.npz (owned nuclei), <k>.json (marker, written last)
       chunks/          per chunk: <k>.npy (table rows; marker, written last)
       nuclei.csv       written at the end, when every chunk is complete
@@ -48,7 +61,6 @@ Store (zarr format 2, readable by zarr-python 2 and 3)::
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -63,7 +75,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._io import InputError, _atomic_write, bytes_writer, check_free_space
+from ._io import InputError, _atomic_write, bytes_writer, check_free_space, remove_stale_parts
 from .blockwise import (
     DEFAULT_BLOCK,
     HALO_UM,
@@ -75,11 +87,13 @@ from .blockwise import (
     prepare_setup,
     segment_block,
 )
+from .omezarr import label_image_attrs, level_count, pyramid
 from .preprocess import CANONICAL_PIXEL_SIZE, Modality, check_pixel_size, detect_modality
 from .segment import get_model
 from .slide import _LEVEL_SLACK, _zarr, open_slide, read_region
 
-__all__ = ["MIN_TISSUE", "SlidePlan", "SlideRun", "connect", "plan_slide", "run_slide"]
+__all__ = ["LABELS", "MIN_TISSUE", "SlidePlan", "SlideRun", "connect", "label_levels",
+           "plan_slide", "run_slide"]  # fmt: skip
 
 #: A block whose core holds less tissue than this share is background (not segmented).
 MIN_TISSUE = 0.01
@@ -88,6 +102,15 @@ ESTIMATE_CROP = 2048
 #: The coarsest level is read whole for the tissue mask only up to this many pixels.
 MAX_MASK_PIXELS = 25_000_000
 STORE_KEY = "napari_medinst_slide"
+#: Layout of the store (1: labels as a plain array; 2: an OME-NGFF label image).
+STORE_FORMAT = 2
+#: The label image inside the store (its ``labels/`` group lists it).
+LABEL_NAME = "nuclei"
+LABELS = f"labels/{LABEL_NAME}"
+#: Pyramid levels stop before their chunks would be smaller than this (px).
+MIN_LEVEL_CHUNK = 64
+#: Rows of nuclei.csv formatted at a time.
+_CSV_BATCH = 16384
 _TABLE = [("id", "u8"), ("centroid_y_um", "f8"), ("centroid_x_um", "f8"), ("bbox_y0_um", "f8"),
           ("bbox_x0_um", "f8"), ("bbox_y1_um", "f8"), ("bbox_x1_um", "f8"),
           ("area_um2", "f8"), ("score", "f4"), ("type", "i2")]  # fmt: skip
@@ -228,7 +251,7 @@ def plan_slide(
     modality: Modality | None = None,
     block: int = DEFAULT_BLOCK,
     device: str = "auto",
-    tta: bool = True,
+    tta: bool | int = True,
     min_tissue: float = MIN_TISSUE,
 ) -> SlidePlan:
     """Choose the working level, decide the setup once, cut blocks and find background.
@@ -322,10 +345,40 @@ def _set_status(out: Path, meta: dict, status: str) -> None:
 
 def _store_meta(plan: SlidePlan) -> dict:
     s = plan.setup
-    return {"format": 1, "plan": plan.fingerprint(),
+    return {"format": STORE_FORMAT, "plan": plan.fingerprint(),
             "scale_um": [s.pixel_size, s.pixel_size], "level": plan.level,
             "downsample": plan.downsample, "pixel_size_estimated": s.pixel_size_estimated,
+            "labels": LABELS, "label_levels": label_levels(plan.shape, plan.chunk),
             "ids": f"block * {plan.stride} + local id"}  # fmt: skip
+
+
+def label_levels(shape: tuple[int, int], chunk: int) -> int:
+    """Levels of the labels' pyramid: halving while the larger side is at least 256 px
+    (:func:`~.omezarr.level_count`) and ``chunk`` splits into whole chunks of at least
+    :data:`MIN_LEVEL_CHUNK` px (so that a paint task owns one chunk of every level)."""
+    n, most = 1, level_count(shape)
+    while n < most and chunk % 2**n == 0 and chunk >> n >= MIN_LEVEL_CHUNK:
+        n += 1
+    return n
+
+
+def labels_path(out: str | os.PathLike) -> Path:
+    """The OME-NGFF label image (``multiscales`` levels ``0``, ``1``, ...) of a store."""
+    return Path(out) / LABELS
+
+
+def _create_labels(group, plan: SlidePlan) -> None:
+    """The ``labels/`` group and its label image: empty pyramid levels and metadata."""
+    labels = group.create_group("labels")
+    image = labels.create_group(LABEL_NAME)
+    n = label_levels(plan.shape, plan.chunk)
+    for i in range(n):
+        f = 2**i
+        image.create_array(str(i), shape=(-(-plan.shape[0] // f), -(-plan.shape[1] // f)),
+                           chunks=(plan.chunk // f, plan.chunk // f), dtype=plan.dtype,
+                           fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})  # fmt: skip
+    image.attrs.update(label_image_attrs(LABEL_NAME, n, plan.setup.pixel_size))
+    labels.attrs["labels"] = [LABEL_NAME]
 
 
 def _create_store(out: Path, plan: SlidePlan, overwrite: bool) -> None:
@@ -333,8 +386,7 @@ def _create_store(out: Path, plan: SlidePlan, overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)  # check_store made sure it is a store of ours
     group = zarr.open_group(str(out), mode="w-", zarr_format=2)
-    group.create_array("labels", shape=plan.shape, chunks=(plan.chunk, plan.chunk),
-                       dtype=plan.dtype, fill_value=0)  # fmt: skip
+    _create_labels(group, plan)
     (out / "records").mkdir()
     (out / "chunks").mkdir()
     _set_status(out, _store_meta(plan), "running")
@@ -342,6 +394,10 @@ def _create_store(out: Path, plan: SlidePlan, overwrite: bool) -> None:
 
 def _open_for_resume(out: Path, plan: SlidePlan) -> None:
     attrs = json.loads((out / ".zattrs").read_text())[STORE_KEY]
+    if attrs.get("format") != STORE_FORMAT:
+        raise InputError(f"{out}: written by another version of segment-slide (store format "
+                         f"{attrs.get('format')}, this one writes {STORE_FORMAT}); use "
+                         "--overwrite")  # fmt: skip
     if attrs.get("plan") != json.loads(json.dumps(plan.fingerprint())):
         raise InputError(f"{out}: was made from another slide or with other settings "
                          "(model, pixel size, block size, ...); use --overwrite")  # fmt: skip
@@ -542,7 +598,6 @@ def feeders(plan: SlidePlan, k: int, reach: int) -> list[int]:
 
 def paint_task(plan: SlidePlan, k: int, out: str, blocks: list[int], reach: int) -> int:
     """Phase 2 on a worker: paint chunk ``k`` from the records of ``blocks``; table rows."""
-    zarr = _zarr()
     out_p = Path(out)
     box = chunk_box(plan, k)
     region = _grow(box, reach, plan.shape)
@@ -562,10 +617,20 @@ def paint_task(plan: SlidePlan, k: int, out: str, blocks: list[int], reach: int)
             rows.append(_row(nuc, final, (where[0].start + region[0], where[1].start + region[2]),
                              px))  # fmt: skip
     inner = canvas[box[0] - region[0] : box[1] - region[0], box[2] - region[2] : box[3] - region[2]]
-    zarr.open_array(str(out_p / "labels"), mode="r+")[box[0] : box[1], box[2] : box[3]] = inner
+    _write_levels(out_p, plan, box, inner)
     table = np.array(rows, dtype=_TABLE)
     _save(out_p / "chunks" / f"{k:06d}.npy", lambda fh: np.save(fh, table))
     return len(rows)
+
+
+def _write_levels(out: Path, plan: SlidePlan, box, inner: np.ndarray) -> None:
+    """Chunk ``box``'s labels into every pyramid level (one whole chunk of each)."""
+    zarr = _zarr()
+    image = labels_path(out)
+    for i, level in enumerate(pyramid(inner, label_levels(plan.shape, plan.chunk))):
+        r0, c0 = box[0] >> i, box[2] >> i  # chunk corners are multiples of 2**i
+        arr = zarr.open_array(str(image / str(i)), mode="r+")
+        arr[r0 : r0 + level.shape[0], c0 : c0 + level.shape[1]] = level
 
 
 # --------------------------------------------------------------------- the client
@@ -628,17 +693,21 @@ def _gather(client, futures: dict, what: str, progress) -> tuple[dict, dict]:
     as_completed = _distributed().as_completed
     results, failed, t0 = {}, {}, time.perf_counter()
     total = len(futures)
-    for done, fut in enumerate(as_completed(list(futures)), start=1):
-        key = futures[fut]
-        if fut.status == "error":
-            exc = fut.exception()
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            failed[key] = f"{type(exc).__name__}: {text}"[:300]
-        else:
-            results[key] = fut.result()
-        fut.release()
-        if progress is not None:
-            progress(what, done, total, time.perf_counter() - t0)
+    try:
+        for done, fut in enumerate(as_completed(list(futures)), start=1):
+            key = futures[fut]
+            if fut.status == "error":
+                exc = fut.exception()
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                failed[key] = f"{type(exc).__name__}: {text}"[:300]
+            else:
+                results[key] = fut.result()
+            fut.release()
+            if progress is not None:
+                progress(what, done, total, time.perf_counter() - t0)
+    except BaseException:  # interrupted (Ctrl-C, Cancel): start no further task
+        client.cancel(list(futures))
+        raise
     return results, failed
 
 
@@ -696,11 +765,15 @@ def _write_table(out: Path, plan: SlidePlan) -> int:
     table = table[np.argsort(table["id"], kind="stable")]
     has_types = bool(table.size) and bool((table["type"] >= 0).any())
     names = [name for name, _ in _TABLE if name != "type" or has_types]
-    text = io.StringIO()
-    text.write(",".join(names) + "\n")
-    for row in table:
-        text.write(",".join(_fmt(row[name]) for name in names) + "\n")
-    _atomic_write(out / "nuclei.csv", bytes_writer(text.getvalue().encode()), True)
+
+    def write(tmp: Path) -> None:  # in batches: the text of every row is never held at once
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(",".join(names) + "\n")
+            for start in range(0, table.size, _CSV_BATCH):
+                fh.write("".join(",".join(_fmt(row[name]) for name in names) + "\n"
+                                 for row in table[start : start + _CSV_BATCH]))  # fmt: skip
+
+    _atomic_write(out / "nuclei.csv", write, True)
     return int(table.size)
 
 
@@ -734,9 +807,16 @@ def run_slide(
         _open_for_resume(out, plan)
     else:
         _create_store(out, plan, overwrite)
-    metas, redone, failed_blocks = _segment_phase(client, plan, out, device, threads, progress)
-    painted, failed_chunks = _paint_phase(client, plan, out, metas, redone, failed_blocks,
-                                          progress)  # fmt: skip
+    try:
+        metas, redone, failed_blocks = _segment_phase(client, plan, out, device, threads,
+                                                      progress)  # fmt: skip
+        painted, failed_chunks = _paint_phase(client, plan, out, metas, redone, failed_blocks,
+                                              progress)  # fmt: skip
+    except BaseException:  # interrupted: what has no marker is done again by --resume
+        _set_status(out, _store_meta(plan), "incomplete")
+        raise
+    for sub in ("records", "chunks"):  # temporary files of a worker that died mid-write
+        remove_stale_parts(out / sub)
     failed = {**failed_blocks, **{f"chunk {k}": v for k, v in failed_chunks.items()}}
     complete = not failed
     n_nuclei = _write_table(out, plan) if complete else 0
