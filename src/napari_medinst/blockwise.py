@@ -133,7 +133,7 @@ class BlockSetup:
     params: PostprocessParams
     norm: Normalisation
     model_name: str
-    tta: bool = DEFAULT_TTA
+    tta: bool | int = DEFAULT_TTA
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def prepare_setup(
     modality: Modality | None = None,
     params: PostprocessParams | None = None,
     device: str = "auto",
-    tta: bool = DEFAULT_TTA,
+    tta: bool | int = DEFAULT_TTA,
 ) -> BlockSetup:
     """Decide modality, pixel size, parameters and normalisation once for the whole image.
 
@@ -437,7 +437,7 @@ def segment_blockwise(
     modality: Modality | None = None,
     params: PostprocessParams | None = None,
     device: str = "auto",
-    tta: bool = DEFAULT_TTA,
+    tta: bool | int = DEFAULT_TTA,
     block: int = DEFAULT_BLOCK,
     halo: float = HALO_UM,
     progress: Callable[[int, int], None] | None = None,
