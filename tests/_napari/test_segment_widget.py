@@ -532,7 +532,14 @@ def test_model_with_types_writes_types(make_napari_viewer, qtbot, notes, tmp_pat
 
     torch.manual_seed(0)
     folder = save_model_folder(
-        tmp_path / "typed", NucleusNet(NetConfig(widths=(8, 16, 16), n_types=3))
+        tmp_path / "typed",
+        NucleusNet(NetConfig(widths=(8, 16, 16), n_types=3)),
+        extra_config={
+            "types": [
+                {"id": 1, "name": "tumour", "color": "#ff0000"},
+                {"id": 2, "name": "immune", "color": "#0000ff"},
+            ]
+        },
     )
     viewer, widget = make_widget(make_napari_viewer)
     widget._device.value = "cpu"
@@ -554,6 +561,8 @@ def test_model_with_types_writes_types(make_napari_viewer, qtbot, notes, tmp_pat
     for row in feats.head(5).itertuples():
         assert set(np.unique(types.data[labels.data == row.label])) == {row.type}
     assert labels.metadata["model"] == "typed"
+    # each class in the colour the model's config gives it
+    np.testing.assert_allclose(types.colormap.map(np.array([1, 2]))[:, :3], [[1, 0, 0], [0, 0, 1]])
 
 
 # ----------------------------------------------------------------------------- threads

@@ -216,6 +216,21 @@ def _same(written: tuple | None, layer: Layer, sources: tuple) -> bool:
     return all(a is b for a, b in zip(written[1], sources, strict=True))
 
 
+def _type_colours(model: str) -> dict[str, Any]:
+    """``colormap`` of the types layer: each class in its colour from the model's config
+    (empty when the model names no classes, e.g. the classical fallback)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from ..model.folder import model_type_classes
+
+    classes = model_type_classes(model)
+    if not classes:
+        return {}
+    colours = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+    colours |= {i: (*(c / 255 for c in rgb), 1.0) for i, (_, rgb) in classes.items()}
+    return {"colormap": DirectLabelColormap(color_dict=colours)}
+
+
 def _type_image(r: PostprocessResult) -> np.ndarray:
     """Per-pixel class of each instance (0: background)."""
     types = r.types if r.types is not None else np.zeros(r.n_instances, np.int16)
@@ -1393,6 +1408,7 @@ class SegmentWidget(Container):
                 "types",
                 lambda: stack(s, lambda p: _type_image(s.results[p]), np.uint32),
                 label_src,
+                **_type_colours(s.settings.model),
             )
 
     @staticmethod

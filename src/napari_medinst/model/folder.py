@@ -100,6 +100,19 @@ def type_classes(
     return out
 
 
+def model_type_classes(
+    name_or_dir: str | os.PathLike,
+) -> dict[int, tuple[str, tuple[int, int, int]]]:
+    """:func:`type_classes` of a model folder, read from its config without loading the
+    weights (empty for the classical fallback or an unreadable folder)."""
+    try:
+        config = _read_json(resolve_model_dir(name_or_dir) / "config.json")
+        n_types = int(config["net"].get("n_types", 0))
+    except (ModelError, OSError, KeyError, TypeError, ValueError, AttributeError):
+        return {}
+    return type_classes(config, n_types)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
