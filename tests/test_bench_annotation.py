@@ -1,0 +1,134 @@
+"""The annotation-effort benchmark's scripted annotator on a tile with known errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+
+from napari_medinst.metrics import evaluate
+from napari_medinst.postprocess import Postprocessor
+from napari_medinst.targets import make_targets
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_annotation.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_annotation", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+R = 11
+#: gt disks: 1-2 touch (merged in the prediction), 3 is missed, 4 has a loose outline,
+#: 5-6 are right; the prediction adds a false positive at FP.
+CENTRES = ((30, 30), (30, 50), (30, 110), (90, 30), (90, 80), (90, 130))
+FP = (60, 140)
+
+
+def disks(shape, centres, radius=R) -> np.ndarray:
+    """Disks (ids 1..n); where two overlap, each pixel goes to the nearer centre."""
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    d = np.stack([(rr - r) ** 2 + (cc - c) ** 2 for r, c in centres])
+    return np.where(d.min(0) <= radius**2, d.argmin(0) + 1, 0).astype(np.int32)
+
+
+def known_errors():
+    """gt, the prediction with one error of each kind, perfect maps of gt."""
+    gt = disks((120, 160), CENTRES)
+    pred = gt.copy()
+    pred[(ndi.distance_transform_edt(~np.isin(gt, [1, 2])) <= 1) & (gt == 0)] = 1
+    pred[pred == 2] = 1  # merge (a pixel wider, so that it matches neither)
+    pred[pred == 3] = 0  # miss
+    pred[(ndi.distance_transform_edt(gt != 4) <= 3) & (gt == 0)] = 4  # loose outline
+    pred[disks(gt.shape, [FP], 7) > 0] = 9  # false positive
+    t = make_targets(gt)
+    maps = Postprocessor(t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32))
+    return gt, pred, maps
+
+
+def run(bench, gt, pred, maps, *, policy, outline):
+    truth = bench.truth_nuclei(gt)
+    return bench.fix_prediction(pred, gt, truth, maps, None, policy=policy, outline=outline)
+
+
+def test_new_tools_tried_first_fix_each_error_in_one_step(bench):
+    gt, pred, maps = known_errors()
+    ann = run(bench, gt, pred, maps, policy=bench.TOOLS_FIRST, outline=True)
+    # D; K + two seeds; A; O
+    assert dict(ann.tally.errors) == {"fp": 1, "merge": 1, "miss": 1, "outline": 1}
+    assert dict(ann.tally.actions) == {"fp": 1, "merge": 3, "miss": 1, "outline": 1}
+    assert ann.tally.events["A accepted"] == 1 and ann.tally.events["O accepted"] == 1
+    assert ann.tally.events["merge cut (seeds)"] == 1
+    assert evaluate(gt, ann.labels).aji >= 0.9
+    np.testing.assert_array_equal(pred, known_errors()[1])  # the prediction is not modified
+
+
+def test_without_outline_fixes_the_loose_nucleus_is_left(bench):
+    gt, pred, maps = known_errors()
+    ann = run(bench, gt, pred, maps, policy=bench.TOOLS_FIRST, outline=False)
+    assert dict(ann.tally.actions) == {"fp": 1, "merge": 3, "miss": 1}
+    np.testing.assert_array_equal(ann.labels == 4, pred == 4)
+    assert evaluate(gt, ann.labels).aji >= 0.85
+
+
+def test_old_tools_follow_the_issue_cost_model(bench):
+    gt, pred, maps = known_errors()
+    ann = run(bench, gt, pred, maps, policy=None, outline=True)
+    paint = 1 + 3  # a 22 px wide disk: 1 + ceil(22 / 10) strokes
+    assert bench.truth_nuclei(gt)[3].paint == paint
+    # D; K + one line; N + paint; erase the 3 px ring: L + click + P + E + one stroke
+    assert dict(ann.tally.actions) == {"fp": 1, "merge": 2, "miss": 1 + paint, "outline": 5}
+    assert evaluate(gt, ann.labels).aji >= 0.9
+    scratch = sum(1 + g.paint for g in bench.truth_nuclei(gt).values())
+    assert scratch == 6 * (1 + paint)
+
+
+def test_a_refused_add_is_paid_for_and_falls_back_to_painting(bench):
+    gt, pred, _ = known_errors()
+    t = make_targets(np.where(gt == 3, 0, gt))  # the model sees nothing at nucleus 3
+    blind = Postprocessor(t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32))
+    ann = run(bench, gt, pred, blind, policy=bench.TOOLS_FIRST, outline=True)
+    assert ann.tally.events["A refused"] == 1 and ann.tally.events["paint"] == 1
+    assert ann.tally.actions["miss"] == 1 + 1 + bench.truth_nuclei(gt)[3].paint
+    assert evaluate(gt, ann.labels).aji >= 0.9
+
+
+def test_trained_order_cuts_lines_presses_keys_and_lassos(bench):
+    gt, pred, maps = known_errors()
+    paint = bench.truth_nuclei(gt)[3].paint
+    ann = run(bench, gt, pred, maps, policy=bench.TRAINED, outline=True)
+    # D; K + a line; N + paint (A is not tried on a miss); one press of "," (shrink)
+    assert dict(ann.tally.actions) == {"fp": 1, "merge": 2, "miss": 1 + paint, "outline": 1}
+    assert ann.tally.events["merge cut (line)"] == 1 and ann.tally.events["grow/shrink x1"] == 1
+    # the annotator stops pressing at IoU 0.7 (the 3 px ring shrunk by one: IoU 0.72)
+    assert evaluate(gt, ann.labels).aji >= 0.85
+    lasso = run(bench, gt, pred, maps, policy=bench.LASSO, outline=True)
+    assert lasso.tally.actions["miss"] == 2 and lasso.tally.events["lasso"] == 1  # Q + drag
+    assert evaluate(gt, lasso.labels).aji >= 0.85
+
+
+def test_main_reports_a_tile_from_cached_maps(bench, tmp_path, capsys):
+    gt, _, maps = known_errors()
+    folder = tmp_path / "monuseg"
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    (folder / "index.csv").write_text("id,split\ntile,MoNuSeg2018-train\nother,MoNuSeg2018-test\n")
+    tifffile.imwrite(folder / "images" / "tile.tif", np.zeros((*gt.shape, 3), np.uint8))
+    tifffile.imwrite(folder / "labels" / "tile.tif", gt.astype(np.uint16))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.savez(cache / "tile.npz", prob=maps.prob, hv=maps.hv, contour=maps.contour, px=0.5)
+    bench.main(["--data", str(tmp_path), "--split", "train", "--cache", str(cache)])
+    out = capsys.readouterr().out
+    assert "MoNuSeg train" in out and "6 gt nuclei" in out
+    assert "from prediction, with outlines" in out and "AJI" in out
