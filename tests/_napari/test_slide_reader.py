@@ -78,3 +78,43 @@ def test_slide_without_pixel_size_opens_unscaled(make_napari_viewer, tmp_path):
     assert "pixel_size_um" not in layer.metadata
     assert "estimated" in layer.metadata["pixel_size_source"]
     assert sw._pixel_size_from_layer(layer) is None
+
+
+def _slide_store(root: Path, status: str) -> np.ndarray:
+    """A segment-slide output store as the engine lays it out (two label levels)."""
+    import json
+
+    import zarr
+
+    from napari_medinst.omezarr import label_image_attrs
+    from napari_medinst.slide_engine import STORE_KEY
+
+    lab = np.zeros((64, 96), np.uint32)
+    lab[10:20, 10:20], lab[40:50, 60:80] = 7, 300001
+    group = zarr.open_group(str(root), mode="w", zarr_format=2)
+    group.attrs[STORE_KEY] = {"status": status}
+    nuclei = group.create_group("labels").create_group("nuclei")
+    for i in range(2):
+        level = lab[:: 2**i, :: 2**i]
+        nuclei.create_array(str(i), shape=level.shape, dtype=level.dtype, chunks=(32, 32))
+        nuclei[str(i)][...] = level
+    (root / "labels" / "nuclei" / ".zattrs").write_text(
+        json.dumps(label_image_attrs("nuclei", 2, 0.5))
+    )
+    return lab
+
+
+@pytest.mark.parametrize("status", ["complete", "incomplete"])
+def test_a_slide_result_opens_as_lazy_multiscale_labels_in_micrometres(
+    make_napari_viewer, tmp_path, status
+):
+    lab = _slide_store(tmp_path / "out.zarr", status)
+    reader = get_slide_reader(str(tmp_path / "out.zarr"))
+    assert reader is not None
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "out.zarr"), plugin=PLUGIN)
+    assert layer.multiscale and len(layer.data) == 2
+    assert type(layer.data[0]).__name__ == "Array"  # dask: nothing read up front
+    np.testing.assert_array_equal(np.asarray(layer.data[0]), lab)
+    np.testing.assert_allclose(layer.scale, (0.5, 0.5))
+    assert ("incomplete" in layer.name) == (status != "complete")
