@@ -8,6 +8,29 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def load_script(name: str):
+    """A module of the repository's ``scripts/`` folder (e.g. ``make_test_slide``)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A dask.distributed client of a local cluster of two one-thread worker processes."""
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
 def disk_labels(shape=(96, 96), centres=((30, 30), (30, 52), (70, 60)), radius=10) -> np.ndarray:
     """Small label image of (possibly touching) disks."""
     rr, cc = np.mgrid[: shape[0], : shape[1]]

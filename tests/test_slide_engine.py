@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import time
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from conftest import load_script
 from napari_medinst import slide as sl
 from napari_medinst import slide_engine as se
 from napari_medinst.blockwise import segment_blockwise
@@ -20,10 +20,7 @@ from napari_medinst.cli import main
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("imagecodecs")
 distributed = pytest.importorskip("distributed")
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_test_slide.py"
-_spec = importlib.util.spec_from_file_location("make_test_slide", _SCRIPT)
-mts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mts)
+mts = load_script("make_test_slide")
 
 SIZE = 3000  # level 0 at 0.25 µm/px; level 1 (1500 px, 0.5 µm/px) is the working level
 BLOCK = 512
@@ -32,15 +29,6 @@ BLOCK = 512
 @pytest.fixture(scope="module")
 def tiles():
     return [mts.read_image(mts.BUNDLED_TILE)[..., :3]]
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)  # fmt: skip
-    with distributed.Client(cluster) as c:
-        yield c
-    cluster.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ raises KeyboardInterrupt as Ctrl-C would, after which ``--resume`` finishes the 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -21,29 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script
 from napari_medinst import slide_engine as se
 from napari_medinst.cli import main
 
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("imagecodecs")
 distributed = pytest.importorskip("distributed")
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_test_slide.py"
-_spec = importlib.util.spec_from_file_location("make_test_slide", _SCRIPT)
-mts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mts)
+mts = load_script("make_test_slide")
 
 SIZE = 3000  # working level 1: 1500 px, 9 blocks of 512 px
 BLOCK = 512
 DELAY_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)  # fmt: skip
-    with distributed.Client(cluster) as c:
-        yield c
-    cluster.close()
 
 
 @pytest.fixture(scope="module")
