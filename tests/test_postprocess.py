@@ -249,3 +249,127 @@ def test_no_marker_is_drawn_on_background_on_the_he_sample():
     assert len(pts) > 50
     assert (res.labels[rc[:, 0], rc[:, 1]] > 0).all()
     assert (res.foreground[rc[:, 0], rc[:, 1]]).all()
+
+
+# ------------------------------------------------------- re-run keeping corrected nuclei
+
+
+def _crowd(seed: int = 3):
+    """Noisy maps of a crowd of touching disks (a real-looking, imperfect prediction)."""
+    rng = np.random.default_rng(seed)
+    centres = [(r, c) for r in range(18, 150, 22) for c in range(18, 190, 22)]
+    centres = [(r + rng.integers(-4, 5), c + rng.integers(-4, 5)) for r, c in centres]
+    lab = disk_labels(shape=(160, 200), centres=centres, radius=11)
+    prob, hv, contour = ideal_maps(lab)
+    prob = np.clip(prob * 0.8 + rng.normal(0, 0.15, prob.shape), 0, 1).astype(np.float32)
+    hv = (hv + rng.normal(0, 0.2, hv.shape)).astype(np.float32)
+    return lab, Postprocessor(prob, hv, contour, pixel_size=0.5)
+
+
+def _corrections(labels):
+    """A user's corrections of ``labels``: a re-drawn nucleus with a new id, a painted
+    one on background, an untouched kept one with a huge id; one nucleus deleted."""
+    rr, cc = np.mgrid[: labels.shape[0], : labels.shape[1]]
+    fixed = np.zeros(labels.shape, np.uint32)
+    a, b, gone = labels[40, 40], labels[84, 106], labels[106, 150]
+    assert 0 not in (a, b, gone) and len({a, b, gone}) == 3
+    fixed[(rr - 41) ** 2 + (cc - 43) ** 2 <= 90] = 5  # re-drawn, shifted
+    fixed[labels == b] = 4_000_000_000
+    fixed[2:8, 2:12] = 77  # painted where nothing was found
+    return fixed, labels == gone
+
+
+_VERY_DIFFERENT = [
+    PostprocessParams(),
+    PostprocessParams(fg_threshold=0.3, marker_threshold=0.7, min_nucleus_size=2, smoothing=0),
+    PostprocessParams(fg_threshold=0.7, marker_threshold=0.15, sobel_size=11, smoothing=2.5),
+    PostprocessParams(marker_opening=4, min_marker_size=60, min_nucleus_size=300),
+]
+
+
+@pytest.mark.parametrize("params", _VERY_DIFFERENT)
+def test_kept_nuclei_are_identical_and_new_ones_never_overlap_them(params):
+    _lab, pp = _crowd()
+    fixed, cleared = _corrections(pp.run().labels)
+    res = pp.run(params, fixed=fixed, cleared=cleared)
+    for i in (5, 77, 4_000_000_000):  # pixel for pixel, same id, nowhere else
+        np.testing.assert_array_equal(res.labels == i, fixed == i)
+    assert not res.labels[cleared].any(), "a deleted nucleus stays deleted"
+    present = np.unique(res.labels[res.labels > 0])
+    np.testing.assert_array_equal(res.instance_ids, present)  # ids unique, one per nucleus
+    np.testing.assert_array_equal(res.instance_ids[res.kept], [5, 77, 4_000_000_000])
+    assert res.n_kept == 3 and res.scores.shape == res.kept.shape
+    new = res.instance_ids[~res.kept]
+    assert new.size > 10 and not np.isin(new, [5, 77, 4_000_000_000]).any()
+    assert set(new.tolist()) == set(range(1, new.size + 2)) - {5}  # smallest free ids
+    assert res.scores_by_id[77] == pytest.approx(float(pp.prob[2:8, 2:12].mean()), abs=1e-5)
+
+
+def test_without_fixed_nuclei_the_result_is_unchanged():
+    _lab, pp = _crowd()
+    plain = pp.run(PostprocessParams(fg_threshold=0.4))
+    again = pp.run(
+        PostprocessParams(fg_threshold=0.4),
+        fixed=np.zeros(pp.prob.shape, np.int32),
+        cleared=np.zeros(pp.prob.shape, bool),
+    )
+    assert again.ids is None and again.kept is None
+    np.testing.assert_array_equal(again.labels, plain.labels)
+
+
+def test_a_new_nucleus_mostly_under_a_kept_one_is_dropped():
+    lab = disk_labels(shape=(100, 120), centres=((30, 30), (30, 50), (70, 60), (70, 90)))
+    prob, hv, contour = ideal_maps(lab)
+    pp = Postprocessor(prob, hv, contour, pixel_size=0.5)
+    rr, cc = np.mgrid[:100, :120]
+    fixed = np.zeros(lab.shape, np.uint32)
+    fixed[(rr - 70) ** 2 + (cc - 67) ** 2 <= 100] = 9  # nucleus 3 redrawn 7 px to the right
+    assert 2 * np.count_nonzero(fixed[lab == 3]) > np.count_nonzero(lab == 3)
+    res = pp.run(fixed=fixed)
+    # nucleus 3's crescent outside the redrawn one is not a nucleus of its own
+    assert res.n_instances == 4
+    assert not (res.labels[(lab == 3) & (fixed == 0)] > 0).any()
+    assert res.n_kept == 1
+
+
+def test_slivers_beside_a_kept_nucleus_are_dropped_not_added_to_it():
+    lab = disk_labels(shape=(80, 80), centres=((40, 40),), radius=14)
+    prob, hv, contour = ideal_maps(lab)
+    pp = Postprocessor(prob, hv, contour, pixel_size=0.5)
+    inner = ndi_erode(lab == 1, 2)  # the user shrank the nucleus by two pixels
+    res = pp.run(PostprocessParams(min_nucleus_size=10), fixed=inner.astype(np.uint8) * 3)
+    np.testing.assert_array_equal(res.labels, inner * 3)  # the ring is no new nucleus
+
+
+def ndi_erode(mask, iterations):
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=iterations)
+
+
+def test_fixed_nuclei_rerun_only_their_stages():
+    _lab, pp = _crowd()
+    fixed, cleared = _corrections(pp.run().labels)
+    pp.run(fixed=fixed, cleared=cleared)
+    runs = dict(pp.stage_runs)
+    pp.run(PostprocessParams(min_nucleus_size=40), fixed=fixed, cleared=cleared)
+    assert pp.stage_runs["held filter"] == runs["held filter"] + 1
+    assert pp.stage_runs["held watershed"] == runs["held watershed"]
+    assert pp.stage_runs["watershed"] == runs["watershed"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fixed": np.zeros((5, 5), np.int32)}, "fixed labels shape"),
+        ({"fixed": np.zeros((160, 200), np.float32)}, "integer label image"),
+        ({"fixed": np.full((160, 200), -1, np.int64)}, r"ids in \[0"),
+        ({"cleared": np.zeros((160, 200), np.uint8)}, "must be boolean"),
+        ({"cleared": np.zeros((4, 4), bool)}, "cleared mask shape"),
+    ],
+)
+def test_bad_fixed_input_is_a_one_line_error(kwargs, match):
+    _lab, pp = _crowd()
+    with pytest.raises(ValueError, match=match) as info:
+        pp.run(**kwargs)
+    assert "\n" not in str(info.value)

@@ -18,6 +18,18 @@ Pipeline (every constant is a field of :class:`PostprocessParams`):
    below the size are removed. Ids are made sequential; each instance gets a confidence
    (mean foreground probability) and, with type probabilities, a class.
 
+**Fixed instances** (``Postprocessor.run(..., fixed=..., cleared=...)``, a re-run that keeps
+the nuclei a user corrected): every connected region of one kept nucleus, and of the
+``cleared`` pixels (nuclei the user deleted), becomes a marker of its own that holds its
+pixels; automatic or user markers on those pixels are removed. The markers flood the
+foreground plus the held pixels; what a held region floods beyond its own pixels stays
+background, so a kept nucleus is never extended, cut or duplicated. A new nucleus whose
+marker would, without the held regions, have grown mostly over held pixels is dropped
+(the nucleus the user already corrected or deleted). The rest is filtered as in step 5:
+a sliver left beside a kept nucleus joins a touching new nucleus or is removed. Kept
+nuclei keep exactly their pixels and ids; new nuclei take the smallest ids no kept
+nucleus uses.
+
 Sizes are given at ``params.pixel_size`` µm/px and rescaled to the maps' pixel size;
 a rescaled size that would leave its parameter's range is clipped to the range, so a
 value the user set never fails because of the image's pixel size.
@@ -37,6 +49,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.measure import label as label_regions
 
 from ._flood import flood
 from .targets import hv_energy
@@ -236,22 +249,38 @@ class PostprocessParams:
 class PostprocessResult:
     """Instances and the intermediate stages that produced them."""
 
-    labels: np.ndarray  # (H, W) uint32, sequential ids
-    scores: np.ndarray  # (n,) float32, confidence of instance i + 1
+    labels: np.ndarray  # (H, W) uint32, sequential ids (unless ``ids`` says otherwise)
+    scores: np.ndarray  # (n,) float32, confidence of instance ``instance_ids[i]``
     foreground: np.ndarray  # (H, W) bool
     energy: np.ndarray  # (H, W) float32 in [0, 1]
     markers: np.ndarray  # (H, W) int32 marker labels
-    types: np.ndarray | None = None  # (n,) int class of instance i + 1
+    types: np.ndarray | None = None  # (n,) int class of instance ``instance_ids[i]``
     params: PostprocessParams = field(default_factory=PostprocessParams)
+    #: (n,) uint32 increasing id of each instance; None: 1..n (no fixed instances)
+    ids: np.ndarray | None = None
+    #: (n,) bool, True for an instance kept from ``fixed``; None: none was kept
+    kept: np.ndarray | None = None
 
     @property
     def n_instances(self) -> int:
         return int(self.scores.shape[0])
 
     @property
+    def instance_ids(self) -> np.ndarray:
+        """Id of every instance, in the order of ``scores`` and ``types``."""
+        if self.ids is not None:
+            return self.ids
+        return np.arange(1, self.n_instances + 1, dtype=np.uint32)
+
+    @property
+    def n_kept(self) -> int:
+        """Number of instances kept unchanged from ``fixed``."""
+        return 0 if self.kept is None else int(np.count_nonzero(self.kept))
+
+    @property
     def scores_by_id(self) -> dict[int, float]:
         """``{instance id: confidence}``, the form the metrics take."""
-        return {i + 1: float(s) for i, s in enumerate(self.scores)}
+        return {int(i): float(s) for i, s in zip(self.instance_ids, self.scores, strict=True)}
 
 
 def _line3(a: np.ndarray, axis: int, op) -> np.ndarray:
@@ -407,6 +436,75 @@ def marker_points(markers: np.ndarray, labels: np.ndarray | None = None) -> np.n
         j = int(np.argmin(d))
         pts[k] = rows[mine][j], cols[mine][j]
     return pts
+
+
+def _check_fixed(
+    fixed: np.ndarray | None, cleared: np.ndarray | None, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validated ``(fixed uint32 labels, cleared bool mask)``; None when nothing is held."""
+    if fixed is None and cleared is None:
+        return None
+    out = np.zeros(shape, np.uint32) if fixed is None else np.asarray(fixed)
+    if out.shape != shape:
+        raise ValueError(f"fixed labels shape {out.shape} != maps shape {shape}")
+    if out.dtype == bool or not np.issubdtype(out.dtype, np.integer):
+        raise ValueError(f"fixed labels must be an integer label image, got dtype {out.dtype}")
+    if out.size and (int(out.min()) < 0 or int(out.max()) > np.iinfo(np.uint32).max):
+        raise ValueError("fixed labels must be ids in [0, 2**32 - 1]")
+    out = out.astype(np.uint32, copy=False)
+    mask = np.zeros(shape, bool) if cleared is None else np.asarray(cleared)
+    if mask.shape != shape:
+        raise ValueError(f"cleared mask shape {mask.shape} != maps shape {shape}")
+    if mask.dtype != bool:
+        raise ValueError(f"cleared mask must be boolean, got dtype {mask.dtype}")
+    mask = mask & (out == 0)
+    if not out.any() and not mask.any():
+        return None
+    return out, mask
+
+
+def _held_markers(
+    markers: np.ndarray, fixed: np.ndarray, cleared: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Markers with every held region (a kept nucleus or cleared pixels) as its own marker.
+
+    Returns the markers, the held mask, the largest id of the other markers (held
+    regions come after it) and the number of held regions.
+    """
+    held = cleared | (fixed > 0)
+    value = np.where(held, fixed.astype(np.int64) + 1, 0)  # cleared: 1, nucleus i: i + 1
+    regions, n_regions = label_regions(value, background=0, connectivity=1, return_num=True)
+    out = markers.astype(np.int32, copy=True)
+    n_own = int(out.max()) if out.size else 0
+    out[held] = regions[held].astype(np.int32) + n_own
+    return out, held, n_own, int(n_regions)
+
+
+def _mostly_held(raw_free: np.ndarray, held: np.ndarray, n_own: int) -> np.ndarray:
+    """Ids 1..n_own whose instance in the unconstrained watershed lies mostly on held pixels."""
+    ids = np.where(raw_free <= n_own, raw_free, 0).ravel()
+    area = np.bincount(ids, minlength=n_own + 1)
+    under = np.bincount(ids[held.ravel()], minlength=n_own + 1)
+    drop = 2 * under > area
+    drop[0] = False
+    return np.flatnonzero(drop)
+
+
+def _kept_stats(prob: np.ndarray, type_prob: np.ndarray | None, fixed: np.ndarray):
+    """Ids, mean probability and class of the kept nuclei (ids may be any uint32)."""
+    at = np.flatnonzero(fixed.ravel())
+    ids, inverse = np.unique(fixed.ravel()[at], return_inverse=True)
+    area = np.bincount(inverse, minlength=ids.size).astype(np.float64)
+    scores = np.bincount(inverse, prob.ravel()[at], minlength=ids.size) / area
+    types = None
+    if type_prob is not None:
+        votes = np.stack(
+            [np.bincount(inverse, t.ravel()[at], minlength=ids.size) for t in type_prob]
+        )
+        if votes.shape[0] > 1:
+            votes[0] = -1.0  # class 0 is background, never assigned
+        types = votes.argmax(0).astype(np.int16)
+    return ids.astype(np.uint32), scores.astype(np.float32), types
 
 
 class Postprocessor:
@@ -586,6 +684,34 @@ class Postprocessor:
             types = kept.argmax(0).astype(np.int16)
         return labels, scores, types
 
+    def _held_watershed(self, fg_stage, energy, markers, raw_free, fixed, cleared):
+        """Watershed with the held regions as markers; new instances only (held: 0)."""
+        held_markers, held, n_own, n_regions = _held_markers(markers, fixed, cleared)
+        domain = fg_stage[0] | held
+        comps, n = ndi.label(domain)
+        raw = self._watershed((domain, comps, n), energy, held_markers)
+        lut = np.arange(int(raw.max()) + 1, dtype=np.int32)
+        lut[n_own + 1 : n_own + 1 + n_regions] = 0  # held regions and what they flooded
+        lut[_mostly_held(raw_free, held, n_own)] = 0  # a nucleus already corrected
+        return lut[raw], held_markers
+
+    def _compose(self, new_labels, new_scores, new_types, fixed):
+        """Kept nuclei with their own ids; new ones with the smallest ids not kept."""
+        kept_ids, kept_scores, kept_types = _kept_stats(self.prob, self.type_prob, fixed)
+        m = int(new_scores.shape[0])
+        free = np.setdiff1d(np.arange(1, m + kept_ids.size + 1, dtype=np.uint32), kept_ids)[:m]
+        labels = np.concatenate([[0], free]).astype(np.uint32)[new_labels]
+        np.copyto(labels, fixed, where=fixed > 0)
+        ids = np.concatenate([free, kept_ids])
+        order = np.argsort(ids, kind="stable")
+        scores = np.concatenate([new_scores, kept_scores])[order]
+        kept = np.concatenate([np.zeros(m, bool), np.ones(kept_ids.size, bool)])[order]
+        types = None
+        if kept_types is not None:
+            new_types = np.zeros(0, np.int16) if new_types is None else new_types
+            types = np.concatenate([new_types, kept_types])[order]
+        return labels, scores, types, ids[order], kept
+
     def run(
         self,
         params: PostprocessParams | None = None,
@@ -593,6 +719,8 @@ class Postprocessor:
         seed_points: np.ndarray | None = None,
         seed_labels: np.ndarray | None = None,
         seed_mode: str = "add",
+        fixed: np.ndarray | None = None,
+        cleared: np.ndarray | None = None,
     ) -> PostprocessResult:
         """Run (or reuse) every stage for ``params``.
 
@@ -606,6 +734,19 @@ class Postprocessor:
             User seeds as a label image (each id one marker).
         seed_mode : {"add", "replace"}
             Add the user seeds to the automatic markers or use them alone.
+        fixed : (H, W) int array, optional
+            Nuclei to keep exactly (0: none): each keeps its pixels and its id; they
+            act as markers, new nuclei never overlap them and take other ids (see the
+            module notes). The result's ``ids`` and ``kept`` then describe the instances.
+        cleared : (H, W) bool array, optional
+            Pixels that stay background (nuclei the user deleted); a new nucleus lying
+            mostly on them is dropped.
+
+        Raises
+        ------
+        ValueError
+            If a seed or fixed image has another shape than the maps, ``fixed`` is not
+            a non-negative integer image or ``cleared`` is not boolean.
         """
         if seed_mode not in ("add", "replace"):
             raise ValueError(f"seed_mode must be 'add' or 'replace', got {seed_mode!r}")
@@ -620,6 +761,7 @@ class Postprocessor:
             pts = _points_to_markers(seed_points, self.prob.shape)
             user = pts if user is None else np.where(pts > 0, pts + int(user.max()), user)
         user_key = None if user is None else (seed_mode, hash(user.tobytes()))
+        hold = _check_fixed(fixed, cleared, self.prob.shape)
 
         k_fg = (p.fg_threshold, p.smoothing)
         k_en = (p.sobel_size, p.contour_weight)
@@ -630,6 +772,8 @@ class Postprocessor:
             "markers", k_mk, lambda: self._markers(p, fg, energy, user, seed_mode)
         )
         raw = self._stage("watershed", k_mk, lambda: self._watershed(fg, energy, markers))
+        if hold is not None:
+            return self._run_held(p, given, (k_mk, fg, energy, markers, raw), hold)
         stats = self._stage("stats", k_mk, lambda: self._stats(raw))
         labels, scores, types = self._stage(
             "filter", (k_mk, p.min_nucleus_size), lambda: self._filter(p, raw, stats)
@@ -642,6 +786,33 @@ class Postprocessor:
             markers=markers,
             types=types,
             params=given,
+        )
+
+    def _run_held(self, p, given, stages, hold) -> PostprocessResult:
+        """The last stages of :meth:`run` with fixed nuclei and cleared pixels held."""
+        k_mk, fg, energy, markers, raw_free = stages
+        fixed, cleared = hold
+        k_held = (k_mk, hash(fixed.tobytes()), hash(np.packbits(cleared).tobytes()))
+        raw, held_markers = self._stage(
+            "held watershed",
+            k_held,
+            lambda: self._held_watershed(fg, energy, markers, raw_free, fixed, cleared),
+        )
+        stats = self._stage("held stats", k_held, lambda: self._stats(raw))
+        new = self._stage(
+            "held filter", (k_held, p.min_nucleus_size), lambda: self._filter(p, raw, stats)
+        )
+        labels, scores, types, ids, kept = self._compose(*new, fixed)
+        return PostprocessResult(
+            labels=labels,
+            scores=scores,
+            foreground=fg[0],
+            energy=energy,
+            markers=held_markers,
+            types=types,
+            params=given,
+            ids=ids,
+            kept=kept,
         )
 
 

@@ -388,6 +388,40 @@ class GroundTruthEditor:
         with layer.block_history():
             layer.data_setitem(indices, values)
 
+    def write_rerun(
+        self, indices: tuple[np.ndarray, ...], values: np.ndarray, kept: Iterable[int]
+    ) -> None:
+        """Write a re-segmentation as one undoable step: it is not an edit of the nuclei.
+
+        The nuclei in ``kept`` (left unchanged by the re-run) keep their status; every
+        other nucleus present afterwards is new and gets the default status.
+        """
+        self._flush()
+        self._applying = True
+        try:
+            self.write(indices, values)
+        finally:
+            self._applying = False
+        keep = {int(i) for i in kept}
+        for i in editing.present_ids(self._data()).tolist():
+            if i not in keep:
+                self._known[i] = self._default
+                self._before_verify.pop(i, None)
+        self._stale = False
+        self._pending_prev = {}
+        self._sync_status(edited=())
+        self.dirty = True
+        self._notify()
+
+    @property
+    def busy(self) -> str | None:
+        """What is in progress (a split or an outline), or None when idle."""
+        if self.split_mode:
+            return "a split is in progress (finish it with two clicks, or press K to cancel)"
+        if self.polygon_mode:
+            return "an outline is in progress (finish it with Enter, or press Escape to cancel)"
+        return None
+
     def rebase(self) -> None:
         """Take the layer as it is now as the start of editing (on creation, load, save).
 
