@@ -1,12 +1,17 @@
 """Regenerate the documentation screenshots (run under a virtual display).
 
     xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/make_screenshots.py
+    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/make_screenshots.py \
+        --size 1366x768 --size 1920x1080
 
-Writes docs/images/*.png from the real widgets on the bundled samples.
+Writes docs/images/*.png from the real widgets on the bundled samples. With ``--size``,
+only the window of that screen size with all three panels docked is drawn
+(docs/images/panels_<W>x<H>.png).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -95,15 +100,62 @@ def finetune_screens(viewer) -> None:
     wait_for(lambda: widget._worker is None, timeout=900)
     widget.compare()
     wait_for(lambda: widget._compare_worker is None, timeout=300)
+    for title, section in widget._sections.items():  # the run and the comparison
+        section.set_expanded(title in ("3. Fine-tune: run", "4. Compare"))
     for _ in range(10):
         QApplication.processEvents()
-    widget.native.grab().save(str(OUT / "finetune_widget.png"))  # the panel alone
+    # the panel alone, all of its (scrolled) content
+    widget.scroll_area.widget().grab().save(str(OUT / "finetune_widget.png"))
     print("wrote", OUT / "finetune_widget.png")
     shutil.rmtree(work, ignore_errors=True)
 
 
+def panels_screen(width: int, height: int) -> None:
+    """All three panels docked in a window of a ``width`` x ``height`` screen."""
+    viewer = napari.Viewer(show=True, title="napari-medinst")
+    viewer.window.resize(width, height)  # before docking, as on that screen
+    for _ in range(10):
+        QApplication.processEvents()
+    viewer.open_sample("napari-medinst", "he")
+    dock, seg = viewer.window.add_plugin_dock_widget("napari-medinst", "Segment nuclei")
+    seg._model.value = "default"
+    seg._run.native.click()
+    wait_for(lambda: "he sample instances" in viewer.layers and seg._job is None)
+    ev_dock, ev = viewer.window.add_plugin_dock_widget("napari-medinst", "Evaluate")
+    ev._pred.value = viewer.layers["he sample instances"]
+    ev._gt.value = viewer.layers["he sample ground truth"]
+    ev.evaluate_now()
+    wait_for(lambda: ev.result is not None, 30)
+    viewer.window.add_plugin_dock_widget("napari-medinst", "Fine-tune model")
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("he sample", "he sample instances")
+    for _ in range(10):
+        QApplication.processEvents()
+    ev_dock.raise_()  # the scores, where Evaluate shares a tab group with Fine-tune
+    if viewer.window._qt_window.tabifiedDockWidgets(dock):
+        dock.raise_()  # all three share one: Segment's tab
+    viewer.reset_view()
+    shot(viewer, f"panels_{width}x{height}.png")
+    viewer.close()
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected WIDTHxHEIGHT") from None
+    return width, height
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=_size, action="append", help="e.g. 1366x768 (repeatable)")
+    args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.size:
+        for width, height in args.size:
+            panels_screen(width, height)
+        return
     viewer = napari.Viewer(show=True, title="napari-medinst")
     viewer.window.resize(1600, 1000)
     segment_screens(viewer)

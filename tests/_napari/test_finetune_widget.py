@@ -152,7 +152,9 @@ def test_finetune_run_registers_model_and_compares(
     assert "trained on this image" in widget._verdict.value
     assert "keep it" not in widget._verdict.value and notes.warnings
     # the verdict sits above the table, where a tall table cannot hide it
-    assert widget.index(widget._verdict) < widget.index(widget._table)
+    section = next(c for c in widget if widget._verdict in c)  # "4. Compare"
+    assert widget._table in section
+    assert section.index(widget._verdict) < section.index(widget._table)
     widget._forget_button.native.click()
     assert str(model_dir.resolve()) not in registry.registered_models()
 

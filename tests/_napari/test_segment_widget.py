@@ -332,39 +332,133 @@ def test_moving_a_marker_onto_background_drops_it(make_napari_viewer, qtbot, not
 # ----------------------------------------------------------------------------- edits
 
 
-def test_hand_edited_instances_are_never_overwritten(make_napari_viewer, qtbot, notes):
+def _nucleus_pixel(labels: np.ndarray, i: int) -> tuple[int, int]:
+    rc = np.argwhere(labels == i)
+    return tuple(int(v) for v in rc[len(rc) // 2])
+
+
+def _free_disk(labels: np.ndarray, radius: int = 5) -> np.ndarray:
+    """A disk of background far from every nucleus (where a user paints a missed one)."""
+    from scipy import ndimage
+
+    far = ndimage.distance_transform_edt(labels == 0) > radius + 6
+    r, c = np.argwhere(far)[len(np.argwhere(far)) // 2]
+    rr, cc = np.mgrid[: labels.shape[0], : labels.shape[1]]
+    return (rr - r) ** 2 + (cc - c) ** 2 <= radius**2
+
+
+def _two_nuclei(labels: np.ndarray) -> tuple[int, int]:
+    """Two mid-sized nuclei that do not touch each other."""
+    from scipy import ndimage
+
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i]]
+    first = order[len(order) // 3]
+    near = ndimage.binary_dilation(labels == first, iterations=3)
+    second = next(i for i in order[len(order) // 3 + 1 :] if not (near & (labels == i)).any())
+    return first, second
+
+
+def test_rerun_keeps_corrected_nuclei_in_the_same_layer_as_one_undo_step(
+    make_napari_viewer, qtbot, notes
+):
+    """Issue 15.3: delete one nucleus, paint a new one, verify one; a slider move
+    re-segments only the rest, in the same layer, and one Ctrl+Z restores the labels."""
+    from napari_medinst._napari._editing import editor_for
+
+    viewer, widget = make_widget(make_napari_viewer)
+    run(qtbot, widget)
+    layer = instances(viewer)
+    editor = editor_for(viewer, layer)
+    gone, verified = _two_nuclei(np.asarray(layer.data))
+    gone_px = np.asarray(layer.data) == gone
+    assert editor.delete_at(_nucleus_pixel(layer.data, gone))
+    new_id = int(layer.data.max()) + 1
+    disk = _free_disk(np.asarray(layer.data))
+    layer.data_setitem(np.nonzero(disk), new_id)  # a brush stroke on a missed nucleus
+    assert editor.toggle_verified(_nucleus_pixel(layer.data, verified)) == "verified"
+    verified_px = np.asarray(layer.data) == verified
+    before = layer.data.copy()
+    n_layers = len(viewer.layers)
+
+    widget._fg_threshold.value = 0.65
+    settle(qtbot, widget)
+    after = np.asarray(layer.data)
+    assert instances(viewer) is layer and len(viewer.layers) == n_layers
+    np.testing.assert_array_equal(after == new_id, disk)  # pixel for pixel, same ids
+    np.testing.assert_array_equal(after == verified, verified_px)
+    assert not after[gone_px].any(), "the deleted nucleus stays deleted"
+    kept = disk | verified_px
+    assert (after[~kept] != before[~kept]).any(), "the rest is re-segmented"
+    np.testing.assert_array_equal(after, widget._session.results[()].labels)
+    assert editor.status[verified] == "verified" and editor.status[new_id] == "edited"
+    assert "kept 2 corrected nuclei" in widget._status.value
+    assert PostprocessParams.from_json(layer.metadata["postprocess_params"]).fg_threshold == 0.65
+
+    layer.undo()  # one step back: the labels as they were before the re-run
+    np.testing.assert_array_equal(layer.data, before)
+    widget._fg_threshold.value = 0.6  # and the corrections are still kept after the undo
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data == new_id, disk)
+    np.testing.assert_array_equal(layer.data == verified, verified_px)
+    assert not layer.data[gone_px].any()
+    assert not notes.errors and not notes.warnings
+
+
+def test_hand_edits_are_kept_by_run_tune_and_another_model(
+    make_napari_viewer, qtbot, notes, maps_calls
+):
+    """Edits made with napari's own tools (no editor), even without an event, are kept
+    exactly by a slider move and by Run with new maps; no '(2)' layer is made."""
     viewer, widget = make_widget(make_napari_viewer)
     run(qtbot, widget)
     layer = instances(viewer)
     layer.paint((5, 5), 999, refresh=True)  # a user's brush stroke
-    painted = layer.data.copy()
-    widget._fg_threshold.value = 0.7
-    settle(qtbot, widget)
-    np.testing.assert_array_equal(layer.data, painted)
-    second = viewer.layers[f"{IMAGE} instances (2)"]
-    assert second.data.max() > 0
-    assert any("edited by hand" in m for m in notes.infos)
-    # further tuning updates the new layer, not the edited one, and adds no more layers
+    layer.data[100:110, 100:110] = 7  # e.g. from the console, no event
+    painted = layer.data == 999
+    console = layer.data == 7  # nucleus 7, with the square added to it
+    assert console[100:110, 100:110].all() and console.sum() > 100
     n_layers = len(viewer.layers)
-    widget._fg_threshold.value = 0.6
-    settle(qtbot, widget)
-    np.testing.assert_array_equal(layer.data, painted)
-    assert len(viewer.layers) == n_layers
-    assert PostprocessParams.from_json(second.metadata["postprocess_params"]).fg_threshold == 0.6
+    for change in ("slider", "run"):
+        if change == "slider":
+            widget._fg_threshold.value = 0.7
+            settle(qtbot, widget)
+        else:
+            widget._pixel_size.value = 0.3  # new maps: the model runs again
+            run(qtbot, widget)
+        np.testing.assert_array_equal(layer.data == 999, painted, err_msg=change)
+        np.testing.assert_array_equal(layer.data == 7, console, err_msg=change)
+        assert len(viewer.layers) == n_layers
+        assert f"{IMAGE} instances (2)" not in viewer.layers
+    assert len(maps_calls) == 2
+    ids = layer.features["label"].to_numpy()
+    np.testing.assert_array_equal(np.sort(ids), np.unique(layer.data[layer.data > 0]))
+    assert {7, 999} <= set(layer.metadata["scores"])
+    assert not notes.errors
 
 
-def test_in_place_edit_without_event_is_detected(make_napari_viewer, qtbot, notes):
+def test_rerun_while_a_split_is_in_progress_is_refused(make_napari_viewer, qtbot, notes):
+    from napari_medinst._napari._editing import editor_for
+
     viewer, widget = make_widget(make_napari_viewer)
     run(qtbot, widget)
     layer = instances(viewer)
-    layer.data[:10, :10] = 7  # e.g. from the console, no event
-    edited = layer.data.copy()
-    run(qtbot, widget)  # same result: nothing to write, no new layer
-    assert f"{IMAGE} instances (2)" not in viewer.layers
+    layer.paint((5, 5), 999, refresh=True)
+    before = layer.data.copy()
+    editor = editor_for(viewer, layer)
+    assert editor.toggle_split_mode()
     widget._fg_threshold.value = 0.7
     settle(qtbot, widget)
-    np.testing.assert_array_equal(layer.data, edited)
-    assert f"{IMAGE} instances (2)" in viewer.layers
+    widget._run.native.click()
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data, before)
+    assert len(notes.warnings) == 2 and all("split is in progress" in w for w in notes.warnings)
+    assert "Not re-run" in widget._status.value
+    editor.toggle_split_mode()  # cancelled: the next change re-runs
+    widget._fg_threshold.value = 0.72
+    settle(qtbot, widget)
+    assert not np.array_equal(layer.data, before) and (layer.data[before == 999] == 999).all()
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -492,6 +586,44 @@ def test_stack_current_plane_and_all_planes(make_napari_viewer, qtbot, notes, ma
     assert len(maps_calls) == 3
     assert viewer.layers["stack markers"].data.shape[1] == 3
     assert not notes.errors
+
+
+def test_stack_rerun_keeps_corrections_in_every_plane(make_napari_viewer, qtbot, notes):
+    from napari_medinst.samples import load_sample
+
+    img, _, _ = load_sample("fluorescence")
+    viewer, widget = make_widget(make_napari_viewer, sample=None)
+    viewer.add_image(np.stack([img, np.roll(img, 40, axis=0), img[::-1]]), name="stack")
+    viewer.dims.set_current_step(0, 1)
+    run(qtbot, widget)
+    layer = viewer.layers["stack instances"]
+    painted = {}
+    for plane, new_id in ((0, 4242), (1, 4243)):  # plane 0 has no result yet
+        disk = _free_disk(np.asarray(layer.data[plane]))
+        layer.data_setitem((np.full(disk.sum(), plane), *np.nonzero(disk)), new_id)
+        painted[new_id] = np.zeros(layer.data.shape, bool)
+        painted[new_id][plane] = disk
+
+    def check(when: str) -> None:
+        for i, mask in painted.items():
+            np.testing.assert_array_equal(layer.data == i, mask, err_msg=f"{when}: {i}")
+        ids = [set(np.unique(layer.data[k]).tolist()) - {0} for k in range(3)]
+        assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2]), when
+
+    widget._fg_threshold.value = 0.7  # tunes plane 1; plane 0 keeps what was painted
+    settle(qtbot, widget)
+    check("slider")
+    widget._planes.value = sw.ALL_PLANES
+    run(qtbot, widget)
+    check("all planes")
+    assert all(layer.data[k].max() > 0 for k in range(3))
+    widget._planes.value = sw.CURRENT_PLANE
+    viewer.dims.set_current_step(0, 2)
+    widget._fg_threshold.value = 0.6
+    settle(qtbot, widget)
+    check("current plane 2")
+    assert widget._status.value.endswith("kept 2 corrected nuclei")
+    assert not notes.errors and not notes.warnings
 
 
 def test_model_that_fails_to_load(make_napari_viewer, qtbot, notes, tmp_path):

@@ -84,6 +84,7 @@ from ._editing import (
     start_from_prediction,
     status_path,
 )
+from ._layout import cap_height, scroll_panel
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -402,8 +403,15 @@ class EvaluateWidget(Container):
         self._tabs.addTab(self._build_errors_tab(), "Errors")
         self._tabs.addTab(self._build_edit_tab(), "Ground truth")
         self._tabs.addTab(self._build_tune_tab(), "Auto-tune")
-        self.native.layout().addWidget(self._recovery_banner())
-        self.native.layout().addWidget(self._tabs)
+        # one scroll area for the whole panel: it fits a 1366×768 screen (issue 17)
+        self._sections = scroll_panel(
+            self,
+            [
+                ("Layers", self._inputs_box, True),
+                (None, self._recovery_banner(), True),
+                (None, self._tabs, True),
+            ],
+        )
         self._pr_stale = False
         self._tabs.currentChanged.connect(self._redraw_pr)
 
@@ -433,6 +441,7 @@ class EvaluateWidget(Container):
         self._live = CheckBox(text="live (re-evaluate on every edit)", value=True)
         self._eval_btn = PushButton(text="Evaluate")
         self._status = Label(value="")
+        self._status.native.setWordWrap(True)  # a long message must not widen the panel
         box = Container(
             widgets=[
                 self._pred,
@@ -447,6 +456,7 @@ class EvaluateWidget(Container):
             labels=True,
         )
         self.append(box)
+        self._inputs_box = box
         for w in (self._pred, self._gt, self._mask, self._mask_mode, self._tau):
             w.changed.connect(self._on_inputs_changed)
         self._live.changed.connect(self._on_live_toggled)
@@ -468,7 +478,15 @@ class EvaluateWidget(Container):
         for table in (self.per_threshold_table, self.summary_table):
             table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
             table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-            table.setMinimumHeight(160)
+            cap_height(table, 140, 260)
+        # nine columns: as wide as their headers (scrolling sideways) rather than cut; set
+        # once here (ResizeToContents would re-measure the cells at every live update)
+        header = self.per_threshold_table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        number = self.per_threshold_table.fontMetrics().horizontalAdvance("0.0000")
+        header.setMinimumSectionSize(number + 12)  # a score is never cut to "0.5…"
+        self.per_threshold_table.resizeColumnsToContents()
+        header.setStretchLastSection(True)
         self.ap_note = QLabel("")
         self.ap_note.setWordWrap(True)
         lay.addWidget(QLabel("Per IoU threshold (see docs/metrics.md):"))
@@ -494,7 +512,7 @@ class EvaluateWidget(Container):
         self.figure.subplots_adjust(left=0.16, right=0.97, bottom=0.16, top=0.9)
         self._ax = self.figure.add_subplot(111)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(220)
+        cap_height(self.canvas, 200, 320)
         self._ax.set_xlabel("recall")
         self._ax.set_ylabel("precision")
         self._ax.set_xlim(0, 1.02)
@@ -530,6 +548,7 @@ class EvaluateWidget(Container):
         self.review_list = QListWidget()
         self.review_list.itemClicked.connect(self._on_review_clicked)
         self.review_list.itemActivated.connect(self._on_review_clicked)
+        cap_height(self.review_list, 120, 300)
         lay.addWidget(self.review_list)
         hint = QLabel(
             "Click an error to centre the view on it. The gain is an estimate of how much "
@@ -558,7 +577,11 @@ class EvaluateWidget(Container):
         for k, (text, action) in enumerate(buttons):
             b = QPushButton(text)
             b.clicked.connect(lambda _=False, action=action: self._guard(action))
-            grid.addWidget(b, k // 2, k % 2)
+            # the long file buttons one per row, the short edit buttons two: a narrow panel
+            if k < 4:
+                grid.addWidget(b, k, 0, 1, 2)
+            else:
+                grid.addWidget(b, 4 + (k - 4) // 2, k % 2)
         lay.addLayout(grid)
         row = QHBoxLayout()
         row.addWidget(QLabel("minimum nucleus size (px)"))
@@ -723,8 +746,9 @@ class EvaluateWidget(Container):
         if gt is not None and gt.metadata.get(ROLE) and id(gt) not in self._warned_outputs:
             self._warned_outputs.add(id(gt))
             show_warning(
-                f"'{gt.name}' is an output of the Segment panel: running it again may replace "
-                "it. Use 'Start ground truth from prediction' to edit a separate copy."
+                f"'{gt.name}' is an output of the Segment panel: running it again keeps the "
+                "nuclei you edit or verify and re-segments the others. Use 'Start ground "
+                "truth from prediction' to edit a separate copy."
             )
         self._attach_ground_truths()
         self._connect_live()

@@ -74,6 +74,7 @@ from ._common import (
     unwrap,
 )
 from ._editing import existing_editor
+from ._layout import cap_height, scroll_panel
 from ._segment_widget import _pixel_size_from_layer
 
 __all__ = ["FinetuneWidget"]
@@ -253,7 +254,9 @@ class FinetuneWidget(Container):
     """Export corrected nuclei, preview augmentation, fine-tune, compare (see module doc)."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=False, scrollable=True)
+        # not magicgui's scrollable=True: napari docks the widget inside its scroll area
+        super().__init__(labels=False)
+        self._section_specs: list[tuple[str, Container, bool]] = []
         self._viewer = unwrap(viewer)
         self._closed = False
         self._cancel = threading.Event()
@@ -271,6 +274,7 @@ class FinetuneWidget(Container):
         self._build_preview()
         self._build_finetune()
         self._build_compare()
+        self._sections = scroll_panel(self, self._section_specs)  # fits 1366×768 (issue 17)
         self._connect_viewer()
         registry.add_listener(self._on_registry_changed)
         self.native.destroyed.connect(self._on_destroyed)
@@ -279,9 +283,11 @@ class FinetuneWidget(Container):
 
     # ------------------------------------------------------------------ building
 
-    @staticmethod
-    def _title(text: str) -> Label:
-        return Label(label="", value=f"<b>{text}</b>")
+    def _section(self, title: str, widgets: list, expanded: bool = True) -> None:
+        """A foldable section of the panel (titles head it; see ``_layout.scroll_panel``)."""
+        body = Container(widgets=widgets, labels=False, label="")
+        self.append(body)  # a magicgui child: reset_choices reaches its combo boxes
+        self._section_specs.append((title, body, expanded))
 
     @staticmethod
     def _note(value: str = "") -> Label:
@@ -313,15 +319,15 @@ class FinetuneWidget(Container):
         )
         self._export_button = PushButton(text="Export to training set")
         self._export_button.changed.connect(self._on_export)
-        self.extend(
+        self._section(
+            "1. Export corrected nuclei",
             [
-                self._title("1. Export corrected nuclei"),
                 self._form([self._image, self._gt]),
                 self._gt_note,
                 self._verified_only,
                 self._form([self._set_folder, self._sample_name, self._pixel_size]),
                 self._export_button,
-            ]
+            ],
         )
 
     def _build_preview(self) -> None:
@@ -359,9 +365,9 @@ class FinetuneWidget(Container):
         self._preview_button = PushButton(text="Preview augmentation")
         self._preview_button.changed.connect(self._on_preview)
         self._preview_note = self._note()
-        self.extend(
+        self._section(
+            "2. Augmentation preview",
             [
-                self._title("2. Augmentation preview"),
                 self._form(
                     [
                         self._paste_count,
@@ -374,7 +380,8 @@ class FinetuneWidget(Container):
                 ),
                 self._preview_button,
                 self._preview_note,
-            ]
+            ],
+            expanded=False,
         )
 
     def _build_finetune(self) -> None:
@@ -442,13 +449,18 @@ class FinetuneWidget(Container):
         )
         self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self._status = self._note()
-        self.extend(
+        self._section(
+            "3. Fine-tune: training data",
             [
-                self._title("3. Fine-tune"),
                 self._form([self._base, self._base_folder, self._sets, self._add_set]),
                 self._remove_sets,
                 self._bundled,
                 self._bundled_note,
+            ],
+        )
+        self._section(
+            "3. Fine-tune: settings (epochs, output, self-training)",
+            [
                 self._form(
                     [
                         self._epochs,
@@ -463,12 +475,11 @@ class FinetuneWidget(Container):
                 ),
                 self._self_train,
                 self._pl_form,
-                buttons,
-                self._progress,
-                self._status,
-                self._build_plot(),
-            ]
+            ],
+            expanded=False,
         )
+        run = [buttons, self._progress, self._status, self._build_plot()]
+        self._section("3. Fine-tune: run", run)
 
     def _build_plot(self) -> Container:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -490,7 +501,7 @@ class FinetuneWidget(Container):
         (self._aji_line,) = self._ax_aji.plot([], [], "s-", color="tab:orange", ms=3)
         self._ax_loss.grid(alpha=0.3)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(PLOT_HEIGHT)
+        cap_height(self.canvas, PLOT_HEIGHT, PLOT_HEIGHT + 100)
         box = Container(labels=False, label="")
         box.native.layout().addWidget(self.canvas)
         return box
@@ -501,22 +512,23 @@ class FinetuneWidget(Container):
         self._compare_button = PushButton(text="Compare with parent", enabled=False)
         self._compare_button.changed.connect(self._on_compare)
         self._table = Table(value={"data": [], "index": [], "columns": []}, label="scores")
-        self._table.native.setMinimumHeight(100)
+        cap_height(self._table, 100, 260)
         self._table.visible = False  # shown with the first comparison
         self._verdict = self._note()
         self._forget_button = PushButton(
             text="Remove fine-tuned model from the list", enabled=False
         )
         self._forget_button.changed.connect(self._on_forget)
-        self.extend(
+        self._section(
+            "4. Compare",
             [
-                self._title("4. Compare"),
                 self._form([self._cmp_image, self._cmp_gt]),
                 self._compare_button,
                 self._verdict,  # above the table: a tall table must not push it out of view
                 self._table,
                 self._forget_button,
-            ]
+            ],
+            expanded=False,
         )
 
     # ------------------------------------------------------------------ lifecycle

@@ -12,6 +12,7 @@ summed up as "reviewed: NN % of nuclei".
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from qtpy.QtWidgets import QListWidget
 
 from ..review import Coverage, ReviewQueue, review_scores
 from ._common import ROLE, _camera, _canvas_size, qt_alive
+from ._layout import cap_height
 
 __all__ = ["KEYS", "ReviewPanel", "ReviewSource", "session_source"]
 
@@ -84,7 +86,7 @@ class ReviewPanel(Container):
             w.native.setWordWrap(True)
         self.extend([self._build, self._status, self._reviewed])
         self.list = QListWidget()
-        self.list.setMinimumHeight(120)
+        cap_height(self.list, 120, 240)
         self.list.currentRowChanged.connect(self._on_row)
         self.list.itemClicked.connect(lambda item: self.go(self.list.row(item)))
         self.native.layout().addWidget(self.list)
@@ -223,7 +225,10 @@ class ReviewPanel(Container):
     # ----------------------------------------------------------------- lifecycle
 
     def _on_destroyed(self, *_: Any) -> None:
-        self._timer.stop()
+        # at viewer shutdown Qt may have deleted the timer already; an exception in this
+        # slot of `destroyed` would make PyQt abort the whole process
+        with contextlib.suppress(RuntimeError):
+            self._timer.stop()
         for key in self._bound:
             self._viewer.bind_key(key, None)
         self._bound = []

@@ -25,9 +25,12 @@ Flow
   (plus a margin) into a preview layer; **Apply to whole image** (or leaving the mode)
   post-processes the whole image.
 
-Hand edits are never overwritten: an instances layer that was painted, filled, erased or
-otherwise changed since the widget last wrote it is left alone, and the next result goes
-to a new layer ``"<image> instances (2)"`` (the user is told so).
+Corrections are never overwritten: a re-run (Run, any model, or a parameter change) keeps
+the corrected nuclei of the instances layer exactly (those whose pixels differ from what
+the panel last wrote, by any means, and those the ground-truth editor marks edited or
+verified; erased pixels stay background) as fixed instances and seeds of
+:meth:`Postprocessor.run`, and writes the rest into the same layer as one undo step. A
+re-run while a split or an outline is in progress in the editor is refused with a message.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from .._io import InputError, free_name, write_bytes
+from .._io import InputError, write_bytes
 from ..channels import trailing_channels
 from ..measure import as_features, measure_nuclei
 from ..model import registry
@@ -85,6 +88,8 @@ from ._common import (
     unwrap,
 )
 from ._contract import POSTPROCESSOR_KEY, publish
+from ._editing import existing_editor
+from ._layout import scroll_panel
 from ._review import ReviewPanel, session_source
 
 __all__ = ["SegmentWidget"]
@@ -166,6 +171,8 @@ _PARAMS: tuple[tuple[str, str, type, dict[str, Any], str], ...] = (
     ),
 )
 PARAM_NAMES = tuple(p[0] for p in _PARAMS)
+#: The sliders shown unfolded; the others sit in the folded "More post-processing".
+MAIN_PARAMS = ("fg_threshold", "marker_threshold")
 
 # role -> (name suffix, layer kind, initially visible)
 _OUTPUTS: dict[str, tuple[str, str, bool]] = {
@@ -234,8 +241,52 @@ def _type_colours(model: str) -> dict[str, Any]:
 def _type_image(r: PostprocessResult) -> np.ndarray:
     """Per-pixel class of each instance (0: background)."""
     types = r.types if r.types is not None else np.zeros(r.n_instances, np.int16)
+    if r.ids is not None:  # kept nuclei: ids are not 1..n (they are increasing)
+        out = np.zeros(r.labels.shape, np.uint32)
+        at = r.labels > 0
+        out[at] = types[np.searchsorted(r.ids, r.labels[at])]
+        return out
     lut = np.concatenate([[0], types.astype(np.int64)]).astype(np.uint32)
     return lut[r.labels]
+
+
+def _global_ids(
+    s: _Session, planes: list[Plane], taken: np.ndarray | None = None
+) -> dict[Plane, tuple[np.ndarray, ...]]:
+    """Per plane: the layer id of each instance, its new instances' own ids and layer ids.
+
+    Kept nuclei keep their ids; new ones take, plane after plane, the smallest ids
+    above the previous plane's that no kept nucleus (and no id in ``taken``) uses; without
+    either: the planes' ids 1..n shifted by the instances of the planes before.
+    """
+    results = [s.results[p] for p in planes]
+    kept = [r.instance_ids[r.kept] for r in results if r.kept is not None]
+    kept += [] if taken is None else [taken.astype(np.int64)]
+    reserved = np.unique(np.concatenate(kept)) if kept else np.zeros(0, np.uint32)
+    out, start = {}, 1
+    for p in planes:
+        r = s.results[p]
+        ids = r.instance_ids.astype(np.int64)
+        new = ids if r.kept is None else ids[~r.kept]
+        pool = np.arange(start, start + new.size + reserved.size, dtype=np.int64)
+        given = np.setdiff1d(pool, reserved)[: new.size]
+        start = int(given[-1]) + 1 if given.size else start
+        mapped = ids.copy()
+        mapped[np.isin(ids, new)] = given
+        out[p] = mapped, new, given
+    return out
+
+
+def _relabel(labels: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """``labels`` with the ids ``src`` (small, increasing) replaced by ``dst``."""
+    if np.array_equal(src, dst):
+        return labels.copy()
+    lut = np.zeros(int(src.max()) + 1, np.uint32)
+    lut[src] = dst
+    out = labels.astype(np.uint32, copy=True)
+    at = np.isin(labels, src)
+    out[at] = lut[labels[at]]
+    return out
 
 
 def _pixel_size_from_layer(layer: Layer) -> float | None:
@@ -288,6 +339,7 @@ class _Session:
     layers: dict[str, Layer] = field(default_factory=dict)
     written: dict[str, tuple] = field(default_factory=dict)  # role -> (layer, sources)
     gradients: dict[Plane, tuple[int, np.ndarray]] = field(default_factory=dict)  # Sobel size
+    held: _Held | None = None  # corrected nuclei the last job kept
 
     def plane_array(self, plane: Plane) -> np.ndarray:
         return _plane(self.data, plane, self.settings.channel)
@@ -300,6 +352,34 @@ class _RunJob:
     missing: tuple[Plane, ...]
     params: PostprocessParams | None  # None: use the model's defaults
     seeds: dict[Plane, np.ndarray]
+    held: dict[Plane, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    extra: tuple[Plane, ...] = ()  # other planes with a result, redone to keep corrections
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Corrected nuclei of an instances layer that a re-run keeps exactly.
+
+    ``planes`` maps a plane to ``(fixed labels, cleared mask)`` for
+    :meth:`Postprocessor.run`; ``token`` fingerprints the layer (data and statuses)
+    when they were read, so a result is never written over edits made meanwhile.
+    """
+
+    layer: Labels
+    token: tuple
+    planes: dict[Plane, tuple[np.ndarray, np.ndarray]]
+    cleared: np.ndarray  # the layer's shape: pixels the user cleared
+    kept: frozenset[int]
+    corrected: bool = False  # anything kept or cleared, in any plane
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """What the panel last wrote into an instances layer, and the corrections it kept."""
+
+    labels: np.ndarray
+    kept: frozenset[int] = frozenset()
+    cleared: np.ndarray | None = None
 
 
 def _plane(data, plane: Plane, channel: int | None) -> np.ndarray:
@@ -308,12 +388,15 @@ def _plane(data, plane: Plane, channel: int | None) -> np.ndarray:
     return np.asarray(arr[..., channel] if channel is not None else arr)
 
 
-def _post_kwargs(seeds: np.ndarray | None, shape: tuple[int, int]) -> dict[str, Any]:
+def _post_kwargs(seeds: np.ndarray | None, shape: tuple[int, int], held=None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if held is not None:  # corrected nuclei, kept exactly
+        out["fixed"], out["cleared"] = held
     if seeds is None:
-        return {}
+        return out
     if len(seeds) == 0:  # every marker deleted: only unseeded components seed themselves
-        return {"seed_labels": np.zeros(shape, np.int32), "seed_mode": "replace"}
-    return {"seed_points": seeds, "seed_mode": "replace"}
+        return {**out, "seed_labels": np.zeros(shape, np.int32), "seed_mode": "replace"}
+    return {**out, "seed_points": seeds, "seed_mode": "replace"}
 
 
 @dataclass
@@ -360,28 +443,28 @@ def _run_steps(job: _RunJob, relay: _Relay, cancel: threading.Event) -> Iterator
         yield (i + 1) / (n + 0.25)
     all_maps = {**s.maps, **maps}
     posts = {}
-    for p in job.planes:
+    for p in job.planes + job.extra:
         m = all_maps[p]
         posts[p] = s.post.get(p) or Postprocessor(
             m.maps.prob, m.maps.hv, m.maps.contour, m.maps.type_prob, pixel_size=m.pixel_size
         )
     params = job.params or all_maps[job.planes[0]].default_params
     results = {}
-    for p in job.planes:
+    for p in job.planes + job.extra:
         if cancel.is_set():
             raise CancelledError("segmentation cancelled")
         shape = all_maps[p].maps.shape
-        results[p] = posts[p].run(params, **_post_kwargs(job.seeds.get(p), shape))
+        results[p] = posts[p].run(params, **_post_kwargs(job.seeds.get(p), shape, job.held.get(p)))
     yield 1.0
     return maps, posts, results, params
 
 
-def _tune_job(items: list[tuple[Plane, Postprocessor, np.ndarray | None]], params):
+def _tune_job(items: list[tuple[Plane, Postprocessor, np.ndarray | None, Any]], params):
     """Worker function: post-processing only, on cached maps."""
     try:
         return {
-            plane: pp.run(params, **_post_kwargs(seeds, pp.prob.shape))
-            for plane, pp, seeds in items
+            plane: pp.run(params, **_post_kwargs(seeds, pp.prob.shape, held))
+            for plane, pp, seeds, held in items
         }
     except Exception as exc:
         return _Failed(exc)
@@ -400,7 +483,7 @@ class SegmentWidget(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)  # the sections label their controls
         # napari hands plugins a PublicOnlyProxy; the widget compares layers by identity
         # across events, which needs the real objects (it uses no private viewer API).
         self._viewer = unwrap(viewer)
@@ -422,9 +505,8 @@ class SegmentWidget(Container):
         self._cancel = threading.Event()
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
-        self._hashes: dict[int, tuple] = {}
-        self._edited: set[int] = set()
-        self._watched: set[int] = set()
+        #: per instances layer: what the panel wrote last, and before (one undo back)
+        self._baselines: dict[int, list[_Baseline]] = {}
         self._tune_timer = QTimer()
         self._tune_timer.setSingleShot(True)
         self._tune_timer.setInterval(TUNE_DELAY_MS)
@@ -434,7 +516,7 @@ class SegmentWidget(Container):
         self._build_param_widgets()
         self._build_file_widgets()
         self._review = ReviewPanel(self._viewer, lambda: session_source(self._session))
-        self.append(self._review)
+        self._build_layout()
         self._connect_viewer()
         registry.add_listener(self._on_models_changed)
         self.native.destroyed.connect(self._on_destroyed)
@@ -473,44 +555,25 @@ class SegmentWidget(Container):
         self._channel.tooltip = (
             "The image's last axis holds channels (not a row of pixels): segment this one."
         )
-        self.extend(
-            [
-                self._image_layer,
-                self._no_image,
-                self._model,
-                self._model_folder,
-                self._model_note,
-                self._pixel_size,
-                self._modality,
-                self._device,
-                self._tta,
-                self._planes,
-                self._channel,
-            ]
-        )
 
     def _build_run_widgets(self) -> None:
         self._run = PushButton(text="Run")
         self._run.changed.connect(self._on_run_clicked)
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._cancel_button.changed.connect(self._on_cancel_clicked)
-        buttons = Container(
+        self._run_buttons = Container(
             widgets=[self._run, self._cancel_button], layout="horizontal", labels=False, label=""
         )
         self._progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self._status = Label(label="", value="")
-        self.extend([buttons, self._progress, self._status])
 
     def _build_param_widgets(self) -> None:
-        self._params_title = Label(label="", value="<b>Post-processing</b> (updates live)")
-        self.append(self._params_title)
         for name, label, cls, opts, tip in _PARAMS:
             w = cls(label=label, value=getattr(self._defaults, name), tooltip=tip, **opts)
             if cls is FloatSpinBox:
                 w.native.setDecimals(4)  # keep loaded values exactly
             w.changed.connect(self._on_param_changed)
             setattr(self, f"_{name}", w)
-            self.append(w)
         self._size_note = Label(label="", value="")
         self._tune_visible = CheckBox(text="Tune on visible region", value=False)
         self._tune_visible.changed.connect(self._on_tune_visible_changed)
@@ -520,15 +583,6 @@ class SegmentWidget(Container):
         self._reset_markers.changed.connect(self._on_reset_markers)
         self._reset_params = PushButton(text="Reset to model defaults")
         self._reset_params.changed.connect(self._on_reset_params)
-        self.extend(
-            [
-                self._size_note,
-                self._tune_visible,
-                self._apply_whole,
-                self._reset_markers,
-                self._reset_params,
-            ]
-        )
         self._update_size_note()
         for w in (self._no_image, self._model_note, self._size_note, self._status):
             w.native.setWordWrap(True)  # long notes must not widen the dock (and shrink the canvas)
@@ -542,7 +596,27 @@ class SegmentWidget(Container):
         ):
             w.line_edit.native.setReadOnly(True)  # the dialog sets the path; no per-key saves
             w.changed.connect(slot)
-            self.append(w)
+
+    def _build_layout(self) -> None:
+        """Fold the controls into sections in a scroll area (fits 1366×768, issue 17)."""
+
+        def form(*names: str) -> Container:
+            return Container(widgets=[getattr(self, n) for n in names], labels=True, label="")
+
+        run = ("_image_layer", "_no_image", "_model", "_model_folder", "_model_note")
+        run += ("_pixel_size", "_planes", "_channel", "_run_buttons", "_progress", "_status")
+        main = [f"_{n}" for n in MAIN_PARAMS] + ["_size_note", "_tune_visible", "_apply_whole"]
+        more = [f"_{n}" for n in PARAM_NAMES if n not in MAIN_PARAMS]
+        more += ["_reset_markers", "_reset_params", "_save_params", "_load_params"]
+        sections = [
+            ("Image and model", form(*run), True),
+            ("Run options", form("_modality", "_device", "_tta"), False),
+            ("Post-processing (updates live)", form(*main), True),
+            ("More post-processing", form(*more), False),
+            ("Review queue", self._review, False),
+        ]
+        self.extend([body for _, body, _ in sections])  # magicgui children (reset_choices)
+        self._sections = scroll_panel(self, sections)
 
     def _connect_viewer(self) -> None:
         ev = self._viewer.layers.events
@@ -591,11 +665,7 @@ class SegmentWidget(Container):
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
-        for store in (self._hashes, self._edited, self._watched):  # ids may be reused
-            if isinstance(store, dict):
-                store.pop(id(layer), None)
-            else:
-                store.discard(id(layer))
+        self._baselines.pop(id(layer), None)  # ids may be reused
         if self._job == "run" and self._running_image is layer:
             self._cancel.set()  # its result could not be shown: stop computing it
         self._sessions = [s for s in self._sessions if s.image is not layer]
@@ -777,12 +847,17 @@ class SegmentWidget(Container):
             planes = (self._current_plane(layer, lead),)
         model_key = settings.model
         use_defaults = model_key != self._params_model and not self._params_touched
+        if self._refuse_busy(session):
+            return
+        extra = self._hold_planes(session, planes)
         job = _RunJob(
             session=session,
             planes=planes,
             missing=tuple(p for p in planes if p not in session.maps),
             params=None if use_defaults else self._read_params(),
             seeds=dict(session.seeds),
+            held=session.held.planes if session.held is not None else {},
+            extra=extra,
         )
         self._cancel.clear()
         self._running_image = layer
@@ -944,8 +1019,7 @@ class SegmentWidget(Container):
         """
         if origin == _ORIGIN or not self._alive():
             return
-        self._hashes[id(layer)] = _digest(layer.data)
-        self._edited.discard(id(layer))
+        self._baselines[id(layer)] = [_Baseline(np.array(layer.data, copy=True))]
         s = self._session
         if s is None or s.layers.get("instances") is not layer:
             return
@@ -1021,10 +1095,15 @@ class SegmentWidget(Container):
         except ValueError as exc:
             show_error(f"Invalid post-processing parameters: {exc}")
             return
+        if self._refuse_busy(s):
+            return
+        extra = self._hold_planes(s, s.active)
+        held = s.held.planes if s.held is not None else {}
         if self._tune_visible.value:
-            items, preview = self._crop_items(s), True
+            items, preview = self._crop_items(s, held), True
         else:
-            items = [(p, s.post[p], s.seeds.get(p)) for p in s.active]
+            planes = s.active + extra
+            items = [(p, s.post[p], s.seeds.get(p), held.get(p)) for p in planes]
             preview = False
         if not items:
             return
@@ -1056,10 +1135,11 @@ class SegmentWidget(Container):
         first = s.maps[s.active[0]]
         est = " (estimated)" if first.pixel_size_estimated else ""
         n = sum(s.results[p].n_instances for p in s.active if p in s.results)
+        kept = sum(s.results[p].n_kept for p in s.active if p in s.results)
         self._status.value = (
             f"{n} nuclei in '{s.image.name}' · model {first.model_name} · "
             f"{first.modality} · {first.pixel_size:.3g} µm/px{est}"
-        )
+        ) + (f" · kept {kept} corrected nuclei" if kept else "")
 
     def _on_tune_error(self, exc: BaseException) -> None:
         if not self._alive():
@@ -1091,7 +1171,7 @@ class SegmentWidget(Container):
             return 0, h, 0, w
         return r0, r1, c0, c1
 
-    def _crop_items(self, s: _Session):
+    def _crop_items(self, s: _Session, held: dict[Plane, tuple]):
         plane = self._current_plane(s.image, s.lead) if s.lead else ()
         if plane not in s.maps:
             plane = s.active[0]
@@ -1112,7 +1192,11 @@ class SegmentWidget(Container):
         if seeds is not None:
             r0, _, c0, _ = rect
             seeds = seeds - np.array([r0, c0], float)
-        return [(plane, s.crop[2], seeds)]
+        r0, r1, c0, c1 = rect
+        crop = held.get(plane)
+        if crop is not None:  # the corrected nuclei in the region are kept in the preview too
+            crop = tuple(np.ascontiguousarray(a[r0:r1, c0:c1]) for a in crop)
+        return [(plane, s.crop[2], seeds, crop)]
 
     def _on_tune_visible_changed(self, on: bool) -> None:
         self._apply_whole.enabled = on
@@ -1225,26 +1309,103 @@ class SegmentWidget(Container):
                 return layer
         return None
 
-    def _free_name(self, base: str) -> str:
-        return free_name(base, {layer.name for layer in self._viewer.layers})
+    # corrected nuclei ---------------------------------------------------------------
 
-    def _is_edited(self, layer: Layer) -> bool:
-        if id(layer) in self._edited:
-            return True
-        known = self._hashes.get(id(layer))
-        return known is not None and known != _digest(layer.data)
+    def _refuse_busy(self, s: _Session) -> bool:
+        """True, with a message, while a ground-truth edit of the instances is in progress.
 
-    def _watch_instances(self, layer: Labels) -> None:
-        if id(layer) in self._watched:
-            return
-        self._watched.add(id(layer))
+        Looks at the editor of the instances layer and of ground truths copied from it
+        (a split uses the prediction's maps).
+        """
+        layer = self._find_output(s, "instances")
+        if layer is None:
+            return False
+        copy = f"copy of {layer.name}"
+        for other in self._viewer.layers:
+            if other is not layer and other.metadata.get("source") != copy:
+                continue
+            editor = existing_editor(other)
+            busy = editor.busy if editor is not None else None
+            if busy:
+                text = f"Not re-run: in '{other.name}' {busy}. '{layer.name}' is unchanged."
+                self._status.value = text
+                show_warning(text)
+                return True
+        return False
 
-        def edited(*_: Any) -> None:
-            if not self._writing:
-                self._edited.add(id(layer))
+    @staticmethod
+    def _status_kept(layer: Layer) -> frozenset[int]:
+        """Ids the ground-truth editor (or the ``status`` feature) marks edited or verified."""
+        editor = existing_editor(layer)
+        if editor is not None:
+            status = editor.status
+        else:
+            f = layer.features
+            ok = isinstance(f, pd.DataFrame) and {"label", "status"} <= set(f.columns)
+            status = dict(zip(f["label"], f["status"], strict=True)) if ok else {}
+        return frozenset(int(i) for i, v in status.items() if v in ("edited", "verified"))
 
-        layer.events.paint.connect(edited)
-        layer.events.data.connect(edited)
+    def _token(self, layer: Layer) -> tuple:
+        """Fingerprint of the layer's labels and statuses (edits change it)."""
+        return _digest(np.asarray(layer.data)), self._status_kept(layer)
+
+    def _baseline(self, layer: Layer, current: np.ndarray) -> _Baseline | None:
+        """What the panel wrote that ``current`` derives from: the closest of the last two
+        writes (after Ctrl+Z of a re-run, the write before it)."""
+        best, fewest = None, None
+        for base in reversed(self._baselines.get(id(layer), [])):
+            if base.labels.shape != current.shape:
+                continue
+            n = int(np.count_nonzero(base.labels != current))
+            if fewest is None or n < fewest:
+                best, fewest = base, n
+        return best
+
+    def _hold(self, s: _Session, planes: tuple[Plane, ...]) -> _Held | None:
+        """The corrected nuclei of the instances layer, to keep through a re-run.
+
+        Kept: nuclei marked edited or verified, nuclei whose pixels differ from what the
+        panel wrote (painted, erased, filled; by any means), and nuclei kept before.
+        Pixels erased by the user stay background. None when there is no layer.
+        """
+        layer = self._find_output(s, "instances")
+        if not isinstance(layer, Labels) or layer.ndim != len(s.lead) + 2:
+            return None
+        current = np.asarray(layer.data)
+        token = (_digest(current), self._status_kept(layer))
+        kept, cleared = set(token[1]), np.zeros(current.shape, bool)
+        base = self._baseline(layer, current)
+        if base is not None:
+            changed = current != base.labels
+            kept |= set(np.unique(current[changed]).tolist()) | base.kept
+            kept |= set(np.unique(base.labels[changed]).tolist())
+            cleared = changed & (current == 0)
+            if base.cleared is not None:
+                cleared |= base.cleared & (current == 0)
+        kept.discard(0)
+        ids = np.array(sorted(kept), np.int64)
+        fixed = np.where(np.isin(current, ids), current, 0) if ids.size else None
+        held = {}
+        for p in planes:
+            f = np.zeros(current.shape[-2:], current.dtype) if fixed is None else fixed[p]
+            if f.any() or cleared[p].any():
+                held[p] = (f, cleared[p])
+        present = frozenset() if fixed is None else frozenset(np.unique(fixed).tolist()) - {0}
+        return _Held(layer, token, held, cleared, present, bool(present) or bool(cleared.any()))
+
+    def _hold_planes(self, s: _Session, planes: tuple[Plane, ...]) -> tuple[Plane, ...]:
+        """Hold the corrections for ``planes``; returns the other planes to redo with them.
+
+        In a stack with corrections every plane that has a result is post-processed
+        again, so that the layer never gets an older result over a plane's corrections.
+        """
+        s.held = self._hold(s, planes)
+        if s.held is None or not s.held.corrected or not s.lead:
+            return ()
+        extra = tuple(p for p in sorted(s.results) if p not in planes)
+        if extra:
+            s.held = self._hold(s, planes + extra)
+        return extra
 
     def _put(
         self, s: _Session, role: str, make: Callable[[], Any], sources: tuple, **kwargs: Any
@@ -1323,27 +1484,22 @@ class SegmentWidget(Container):
             out[p] = get(p)
         return out
 
-    def _instance_stack(self, s: _Session) -> tuple[np.ndarray, pd.DataFrame]:
-        """Instances with ids unique across planes, and the features table."""
+    def _instance_stack(
+        self, s: _Session, taken: np.ndarray | None = None
+    ) -> tuple[np.ndarray, pd.DataFrame]:
+        """Instances with ids unique across planes (and not in ``taken``), and features."""
         planes = sorted(s.results) if s.lead else [()]
-        offsets, off = {}, 0
-        for p in planes:
-            offsets[p] = off
-            off += s.results[p].n_instances
+        ids_of = _global_ids(s, planes, taken)
 
         def shifted(p: Plane) -> np.ndarray:
-            lab = s.results[p].labels
-            return (
-                np.where(lab > 0, lab + np.uint32(offsets[p]), 0).astype(np.uint32)
-                if offsets[p]
-                else lab.copy()
-            )
+            _, new, given = ids_of[p]
+            return _relabel(s.results[p].labels, new, given)
 
         labels = self._stack(s, shifted, np.uint32)
         rows = []
         for p in planes:
             r = s.results[p]
-            ids = np.arange(1, r.n_instances + 1, dtype=np.int64) + offsets[p]
+            ids = ids_of[p][0]
             cols: dict[str, Any] = {"index": ids, "label": ids, "score": r.scores}
             if r.types is not None:
                 cols["type"] = r.types.astype(int)
@@ -1431,27 +1587,34 @@ class SegmentWidget(Container):
         return np.concatenate(pts) if pts else np.zeros((0, 2 + len(s.lead)))
 
     def _write_instances(self, s: _Session, sources: tuple) -> Labels:
-        """Write the instances, into a new layer when the current one was edited by hand."""
+        """Write the instances into their layer, as one undo step when nuclei were kept.
+
+        The result was computed with the layer's corrected nuclei held fixed
+        (:meth:`_hold`); when the layer changed while it was computed, nothing is written
+        and the post-processing runs again with the new corrections.
+        """
         layer = self._find_output(s, "instances")
-        unchanged = layer is not None and _same(s.written.get("instances"), layer, sources)
-        name = f"{s.image.name} {_OUTPUTS['instances'][0]}"
-        if layer is not None and self._is_edited(layer):
-            if unchanged:
-                return layer
-            name = self._free_name(name)
-            show_info(
-                f"'{layer.name}' was edited by hand and is kept unchanged; "
-                f"the new result is in '{name}'."
-            )
-            s.layers.pop("instances", None)
-            layer = None
-        elif unchanged:
+        if layer is not None and _same(s.written.get("instances"), layer, sources):
             return layer
-        labels, features = self._instance_stack(s)
+        held = s.held if s.held is not None and s.held.layer is layer else None
+        if held is not None and self._token(layer) != held.token:
+            self._status.value = "The instances changed meanwhile: re-running with them kept…"
+            self._schedule_tuning()
+            return layer
+        name = f"{s.image.name} {_OUTPUTS['instances'][0]}"
+        taken = None
+        if held is not None and held.corrected and s.lead:  # planes without a result stay
+            data = np.asarray(layer.data)
+            rest = [data[p] for p in np.ndindex(*s.lead) if p not in s.results]
+            taken = np.unique(np.concatenate([r.ravel() for r in rest])) if rest else None
+        labels, features = self._instance_stack(s, taken)
         results = [s.results[p] for p in sorted(s.results)]
         first = next(iter(s.maps.values()))
+        scores: Any = np.concatenate([r.scores for r in results])
+        if not np.array_equal(features["label"], np.arange(1, len(features) + 1)):
+            scores = dict(zip(features["label"].tolist(), scores.tolist(), strict=True))
         meta = {
-            "scores": np.concatenate([r.scores for r in results]),
+            "scores": scores,
             "model": first.model_name,
             "modality": first.modality,
             "pixel_size_um": first.pixel_size,
@@ -1465,6 +1628,8 @@ class SegmentWidget(Container):
                 layer = self._add_layer(
                     s, "instances", name, "labels", labels, True, {"opacity": 0.5}
                 )
+            elif held is not None and held.corrected:
+                self._write_held(s, layer, labels, features)
             else:
                 layer.data = labels
             layer.metadata.update(meta)
@@ -1474,10 +1639,37 @@ class SegmentWidget(Container):
             self._writing = False
         s.layers["instances"] = layer
         s.written["instances"] = (layer, sources)
-        self._hashes[id(layer)] = _digest(layer.data)
-        self._edited.discard(id(layer))
-        self._watch_instances(layer)
+        kept = frozenset(int(i) for r in results if r.kept is not None for i in r.ids[r.kept])
+        cleared = None
+        if held is not None and held.corrected:  # also those of planes without a result
+            kept, cleared = kept | held.kept, held.cleared
+        history = self._baselines.setdefault(id(layer), [])
+        history[:] = [*history[-1:], _Baseline(np.array(layer.data, copy=True), kept, cleared)]
         return layer
+
+    def _write_held(self, s: _Session, layer: Labels, labels: np.ndarray, features) -> None:
+        """Write only the pixels that change, as one undo step (Ctrl+Z restores them all).
+
+        Planes of a stack without a result keep what the layer holds; an attached
+        ground-truth editor keeps the status of the kept nuclei.
+        """
+        current = np.asarray(layer.data)
+        for p in np.ndindex(*s.lead) if s.lead else ():
+            if p not in s.results:
+                labels[p] = current[p]
+        kept = [int(i) for r in s.results.values() if r.kept is not None for i in r.ids[r.kept]]
+        where = np.nonzero(current != labels)
+        editor = existing_editor(layer)
+        if editor is not None:
+            if where[0].size:
+                editor.write_rerun(where, labels[where], kept)
+            status = editor.status
+            features["status"] = [status.get(int(i), "predicted") for i in features["label"]]
+        elif where[0].size:
+            if not layer.visible:
+                layer.visible = True  # napari paints into the displayed slice too
+            with layer.block_history():
+                layer.data_setitem(where, labels[where])
 
     def _measure_instances(self, s: _Session) -> None:
         """Per-nucleus measurements into the instances' ``features`` (status bar, tables).
