@@ -271,3 +271,20 @@ def test_evaluate_cli_scores_types_from_the_type_map_and_the_instances_csv(tmp_p
         == 0
     )
     assert "detection F1 1.000" in capsys.readouterr().out
+
+
+def test_centroid_pairing_counts_a_loose_outline_as_detected():
+    from napari_medinst.class_metrics import centroid_pairs
+
+    gt = np.zeros((40, 80), np.int32)
+    gt[10:20, 10:20], gt[10:20, 50:60] = 1, 2
+    pred = np.zeros_like(gt)
+    pred[8:24, 8:24] = 5  # IoU 100/256 < 0.5, centre 1.5 px off
+    pred[30:38, 50:58] = 6  # 17 px away from gt 2
+    table = overlap_table(gt, pred)
+    gi, pi = centroid_pairs(gt, pred, table, radius=12)
+    assert list(zip(table.gt_ids[gi], table.pred_ids[pi], strict=True)) == [(1, 5)]
+    by_iou = class_counts(table, {1: 1, 2: 1}, {5: 1, 6: 1})
+    by_centre = class_counts(table, {1: 1, 2: 1}, {5: 1, 6: 1}, pairs=(gi, pi))
+    assert (by_iou.det_tp, by_centre.det_tp) == (0, 1)
+    assert by_centre.counts[1].tp_c == 1 and by_centre.counts[1].pq == by_iou.counts[1].pq == 0

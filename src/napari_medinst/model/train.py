@@ -237,7 +237,7 @@ def _native_postprocessors(maps_list, samples: list[Sample]):
             labels = relabel_sequential(read_labels(s.label_path))[0]
             px = CANONICAL_PIXEL_SIZE * s.scale
         m = maps.resized(labels.shape)
-        out.append((Postprocessor(m.prob, m.hv, m.contour, pixel_size=px), labels))
+        out.append((Postprocessor(m.prob, m.hv, m.contour, m.type_prob, pixel_size=px), labels))
     return out
 
 
