@@ -12,6 +12,10 @@ and, to show where the time goes, the post-processing itself (in the worker thre
 the writing of the layers (in the GUI thread). Target: labels <= 100 ms (median and p90).
 
     xvfb-run -a .venv/bin/python benchmarks/bench_widget_tuning.py [--repeat 3]
+
+``--compare-ids`` measures what keeping the nuclei's ids (colours) through a change costs:
+the changes alternate between stable ids and ids numbered afresh (each parameter and
+value in both modes with ``--repeat 4``), so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="rounds over the 8 parameters")
     ap.add_argument("--size", type=int, default=1000)
+    ap.add_argument("--compare-ids", action="store_true", help="also measure without stable ids")
     args = ap.parse_args()
 
     import napari
@@ -67,6 +72,17 @@ def main() -> None:
         return out
 
     sw._tune_job = timed_tune
+    keep_ms: list[float] = []
+    real_keep = sw._keep_colours
+
+    def timed_keep(*a):
+        t0 = time.perf_counter()
+        out = real_keep(*a)
+        keep_ms.append(1000 * (time.perf_counter() - t0))
+        return out
+
+    def fresh_ids(_layer, labels, features, _results):
+        return labels, features
 
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
@@ -107,11 +123,15 @@ def main() -> None:
     stamp: list[float] = []
     layer.events.data.connect(lambda _e: stamp.append(time.perf_counter()))
     labels_ms, all_ms, per_param = [], [], {}
+    by_mode: dict[bool, list[float]] = {True: [], False: []}
     write_ms.clear()
     post_ms.clear()
+    keep_ms.clear()
     for k in range(args.repeat * len(CHANGES)):
         name, values = CHANGES[k % len(CHANGES)]
         value = values[(k // len(CHANGES)) % len(values)]
+        stable = not args.compare_ids or (k % len(CHANGES) + k // (2 * len(CHANGES))) % 2 == 0
+        sw._keep_colours = timed_keep if stable else fresh_ids
         wait(idle)
         app.processEvents()
         stamp.clear()
@@ -122,6 +142,7 @@ def main() -> None:
         labels_ms.append(1000 * (stamp[0] - t0))
         all_ms.append(1000 * (t_all - t0))
         per_param.setdefault(name, []).append(labels_ms[-1])
+        by_mode[stable].append(labels_ms[-1])
     assert viewer.layers["tile instances"] is layer, "tuning must update the layer in place"
 
     print(
@@ -134,7 +155,10 @@ def main() -> None:
         ("all layers", all_ms),
         ("  post-processing (worker)", post_ms),
         ("  writing layers (GUI)", write_ms),
+        ("    of it: keeping ids", keep_ms),
     ]
+    if args.compare_ids:
+        rows[1:1] = [("labels, stable ids", by_mode[True]), ("labels, ids afresh", by_mode[False])]
     print_latencies(rows, per_param, "per parameter (median labels latency)", TARGET_MS)
     viewer.close()
 

@@ -46,6 +46,7 @@ def segment_screens(viewer) -> None:
     viewer.open_sample("napari-medinst", "he")
     _, widget = viewer.window.add_plugin_dock_widget("napari-medinst", "Segment nuclei")
     widget._model.value = "default"
+    widget._show_maps.value = True  # the energy and contours screenshots below
     widget._run.native.click()
     wait_for(lambda: "he sample instances" in viewer.layers and widget._job is None)
     viewer.reset_view()

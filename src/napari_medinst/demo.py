@@ -71,7 +71,7 @@ def run_demo(out: Path, model: str = "default", sample: str = "he", gui: str = "
         from ._napari._demo import show
 
         shot = out / "napari_window.png" if gui == "screenshot" else None
-        show(sample, seg, screenshot=shot)
+        show(sample, seg, model, screenshot=shot)
         if shot is not None:
             print(f"wrote {shot}")
     return 0

@@ -63,7 +63,9 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels, Layer
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtGui import QKeySequence, QShortcut
+from qtpy.QtWidgets import QSlider
 
 from .._io import InputError, write_bytes
 from ..channels import trailing_channels
@@ -74,6 +76,7 @@ from ..model.inference import DEFAULT_TTA, CancelledError
 from ..postprocess import Postprocessor, PostprocessParams, PostprocessResult, marker_points
 from ..preprocess import prepare_image
 from ..segment import CLASSICAL, MapResult, compute_maps
+from ..stable_ids import carry_ids, relabel
 from ..targets import hv_gradient_magnitude
 from ._common import (
     ROLE,
@@ -89,6 +92,7 @@ from ._common import (
 )
 from ._contract import POSTPROCESSOR_KEY, publish
 from ._editing import existing_editor
+from ._history import History, PanelState
 from ._layout import scroll_panel
 from ._review import ReviewPanel, session_source
 
@@ -187,13 +191,37 @@ _OUTPUTS: dict[str, tuple[str, str, bool]] = {
     "types": ("types", "labels", False),
     "preview": ("instances (preview)", "labels", True),
 }
+#: Layers for checking why a result looks as it does: only with "Show diagnostic maps".
+DIAGNOSTIC = ("contours", "probability", "hv_h", "hv_v", "gradient", "energy")
 
 Plane = tuple[int, ...]
 #: Points data-event actions that end a user edit (napari's ActionType values).
 _MARKER_EDITS = frozenset({"added", "removed", "changed"})
+#: Marker diameter (µm): about a third of a small (5 µm) nucleus, whatever the pixel size.
+MARKER_UM = 1.6
+#: Marker diameter on screen (px), whatever the zoom: never lost, never hiding a nucleus.
+MARKER_SCREEN_PX = (4, 14)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _marker_style(pixel_size: float) -> dict[str, Any]:
+    """Points-layer style of the markers: small rings, the nucleus under them visible.
+
+    Parameters
+    ----------
+    pixel_size : float
+        µm per pixel of the image the markers are drawn on.
+    """
+    return {
+        "size": max(3.0, MARKER_UM / pixel_size),
+        "canvas_size_limits": MARKER_SCREEN_PX,
+        "face_color": "transparent",
+        "border_color": "yellow",
+        "border_width": 0.3,
+        "border_width_is_relative": True,
+    }
 
 
 def _digest(arr: np.ndarray) -> tuple:
@@ -287,6 +315,26 @@ def _relabel(labels: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray
     at = np.isin(labels, src)
     out[at] = lut[labels[at]]
     return out
+
+
+def _keep_colours(
+    layer: Labels, labels: np.ndarray, features: pd.DataFrame, results: list[PostprocessResult]
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """``labels`` and ``features`` renumbered so that surviving nuclei keep their id.
+
+    A nucleus matching one the layer holds (IoU above 0.5) takes that nucleus' id, and so
+    its colour; kept (corrected) nuclei keep theirs; new nuclei take ids no nucleus of the
+    layer has (:func:`~napari_medinst.stable_ids.carry_ids`).
+    """
+    old = np.asarray(layer.data)
+    if old.shape != labels.shape or old.dtype.kind not in "ui" or not old.any():
+        return labels, features
+    kept = [r.ids[r.kept] for r in results if r.kept is not None]
+    src, dst = carry_ids(old, labels, np.concatenate(kept).tolist() if kept else ())
+    if np.array_equal(src, dst):
+        return labels, features
+    ids = dst[np.searchsorted(src, features["label"].to_numpy())]
+    return relabel(labels, src, dst), features.assign(index=ids, label=ids)
 
 
 def _pixel_size_from_layer(layer: Layer) -> float | None:
@@ -502,6 +550,10 @@ class SegmentWidget(Container):
         self._ref_pixel_size = self._defaults.pixel_size
         self._estimate: tuple[Image, float] | None = None  # (layer, µm/px) shown in the field
         self._seed_check: tuple | None = None  # (session, state before a marker edit)
+        #: undo / redo of parameters and markers; the state the labels were last asked for
+        self._history: History[PanelState] = History(on_change=self._update_undo_buttons)
+        self._applied: PanelState | None = None
+        self._dragging = False  # a slider is held: its step is recorded on release
         self._cancel = threading.Event()
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
@@ -514,6 +566,7 @@ class SegmentWidget(Container):
         self._build_input_widgets()
         self._build_run_widgets()
         self._build_param_widgets()
+        self._build_undo_widgets()
         self._build_file_widgets()
         self._review = ReviewPanel(self._viewer, lambda: session_source(self._session))
         self._build_layout()
@@ -524,6 +577,7 @@ class SegmentWidget(Container):
         self._image_layer.changed.connect(self._show_model_defaults)
         self._modality.changed.connect(self._show_model_defaults)
         self._show_model_defaults()
+        self._applied = self._panel_state()
         self._on_image_changed(self._image_layer.value)
 
     # ------------------------------------------------------------------ building
@@ -550,6 +604,13 @@ class SegmentWidget(Container):
             "about 4x the model time, slightly more accurate outlines. Tuning stays as fast. "
             "Turn it off for a quicker first look at a large image."
         )
+        self._show_maps = CheckBox(text="Show diagnostic maps", value=False)
+        self._show_maps.tooltip = (
+            "Also add the contours, the nuclear probability, the HV maps, their gradient and "
+            "the HV energy as layers (hidden but the contours), to see why a result looks as "
+            "it does. Untick to remove them."
+        )
+        self._show_maps.changed.connect(self._on_show_maps_changed)
         self._planes = ComboBox(label="planes", choices=[CURRENT_PLANE, ALL_PLANES], visible=False)
         self._channel = ComboBox(label="nuclear channel", choices=[0], visible=False)
         self._channel.tooltip = (
@@ -587,6 +648,26 @@ class SegmentWidget(Container):
         for w in (self._no_image, self._model_note, self._size_note, self._status):
             w.native.setWordWrap(True)  # long notes must not widen the dock (and shrink the canvas)
 
+    def _build_undo_widgets(self) -> None:
+        """Undo / Redo buttons and keys (Ctrl+Z, Ctrl+Shift+Z while the panel has the focus);
+        a slider drag is one step, recorded when the slider is released."""
+        tip = "a post-processing setting or marker change"
+        self._undo = PushButton(text="Undo", enabled=False, tooltip=f"Undo {tip} (Ctrl+Z)")
+        self._redo = PushButton(text="Redo", enabled=False, tooltip=f"Redo {tip} (Ctrl+Shift+Z)")
+        self._undo.changed.connect(self._on_undo)
+        self._redo.changed.connect(self._on_redo)
+        self._undo_buttons = Container(
+            widgets=[self._undo, self._redo], layout="horizontal", labels=False, label=""
+        )
+        for key, slot in (("Ctrl+Z", self._on_undo), ("Ctrl+Shift+Z", self._on_redo)):
+            shortcut = QShortcut(QKeySequence(key), self.native)
+            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(slot)
+        for name in PARAM_NAMES:
+            for slider in getattr(self, f"_{name}").native.findChildren(QSlider):
+                slider.sliderPressed.connect(self._on_slider_pressed)
+                slider.sliderReleased.connect(self._on_slider_released)
+
     def _build_file_widgets(self) -> None:
         self._save_params = FileEdit(label="save parameters", mode="w", filter="*.json")
         self._load_params = FileEdit(label="load parameters", mode="r", filter="*.json")
@@ -606,11 +687,12 @@ class SegmentWidget(Container):
         run = ("_image_layer", "_no_image", "_model", "_model_folder", "_model_note")
         run += ("_pixel_size", "_planes", "_channel", "_run_buttons", "_progress", "_status")
         main = [f"_{n}" for n in MAIN_PARAMS] + ["_size_note", "_tune_visible", "_apply_whole"]
+        main.append("_undo_buttons")
         more = [f"_{n}" for n in PARAM_NAMES if n not in MAIN_PARAMS]
         more += ["_reset_markers", "_reset_params", "_save_params", "_load_params"]
         sections = [
             ("Image and model", form(*run), True),
-            ("Run options", form("_modality", "_device", "_tta"), False),
+            ("Run options", form("_modality", "_device", "_tta", "_show_maps"), False),
             ("Post-processing (updates live)", form(*main), True),
             ("More post-processing", form(*more), False),
             ("Review queue", self._review, False),
@@ -722,6 +804,7 @@ class SegmentWidget(Container):
             return
         self._defaults = params
         self._set_params(params)
+        self._applied = self._panel_state()  # not an undo step: no labels follow it
 
     @staticmethod
     def _image_data(layer: Image):
@@ -871,6 +954,27 @@ class SegmentWidget(Container):
         worker.aborted.connect(lambda: self._on_run_error(job, CancelledError("cancelled")))
         self._start_worker(worker, "run")
 
+    def run(self, model: str | None = None) -> None:
+        """Segment the chosen image, as pressing Run does (the work runs in the background).
+
+        Parameters
+        ----------
+        model : str, optional
+            A model the list offers (a name, or a registered model folder), or another
+            model folder; the chosen one when omitted.
+        """
+        if model is not None and model in self._model.choices:
+            self._model.value = model
+        elif model is not None:
+            self._model.value = CHOOSE_FOLDER
+            self._model_folder.value = model
+        self._on_run_clicked()
+
+    @property
+    def idle(self) -> bool:
+        """True when no segmentation or tuning runs or waits to run."""
+        return self._job is None and not self._tune_timer.isActive() and not self._pending
+
     def _on_cancel_clicked(self, *_: Any) -> None:
         if self._job == "run":
             self._cancel.set()
@@ -933,6 +1037,8 @@ class SegmentWidget(Container):
             self._params_model = s.settings.model
             if not self._params_touched:  # unless the user tuned meanwhile (re-run pending)
                 self._set_params(params)
+        self._history.clear()  # a run starts a new undo history
+        self._applied = self._panel_state()
         self._write_outputs(s)
         self._measure_instances(s)
         self._viewer.layers.selection.active = s.layers["instances"]
@@ -1009,6 +1115,8 @@ class SegmentWidget(Container):
             return
         self._params_touched = True
         self._schedule_tuning(now=True)
+        if not self._dragging:  # a slider drag is one step, recorded on release
+            self._remember()
 
     def _on_params_published(self, layer: Layer, params: PostprocessParams, origin: str) -> None:
         """Another panel (auto-tune's Apply) rewrote one of our predictions: follow it.
@@ -1025,11 +1133,13 @@ class SegmentWidget(Container):
             return
         self._set_params(params)
         self._params_touched = True
+        self._remember()
         self._schedule_tuning()
 
     def _on_reset_params(self, *_: Any) -> None:
         self._set_params(self._defaults)
         self._params_touched = False
+        self._remember()
         show_info("Post-processing parameters reset to the model's defaults.")
         self._schedule_tuning()
 
@@ -1061,6 +1171,7 @@ class SegmentWidget(Container):
         else:
             self._set_params(params)
             self._params_touched = True
+            self._remember()
             show_info(f"Parameters loaded from {path.name}")
             self._schedule_tuning()
         finally:
@@ -1245,6 +1356,7 @@ class SegmentWidget(Container):
             else:
                 s.seeds[plane] = pts
         self._status.value = "Markers edited: the watershed uses your markers."
+        self._remember()
         self._schedule_tuning()
 
     def _marker_baseline(self, s: _Session) -> dict[Plane, np.ndarray]:
@@ -1293,8 +1405,100 @@ class SegmentWidget(Container):
             return
         s.seeds.clear()
         s.written.pop("markers", None)
+        self._remember()
         show_info("Markers reset to the automatic ones.")
         self._schedule_tuning()
+
+    # undo / redo (parameters and markers; see ._history) -----------------------------
+
+    def _panel_state(self) -> PanelState:
+        """The parameters and user markers on show, copied."""
+        s = self._session
+        seeds = {} if s is None else {p: np.array(a, float) for p, a in s.seeds.items()}
+        layer = None if s is None or not seeds else self._find_output(s, "markers")
+        points = None if layer is None else np.array(layer.data, float)
+        return PanelState(self._read_params(), seeds, points)
+
+    def _remember(self) -> None:
+        """Record one undo step when the parameters or markers differ from the last state."""
+        now = self._panel_state()
+        if self._applied is not None and not now.same(self._applied):
+            self._history.record(self._applied)
+        self._applied = now
+
+    def _on_slider_pressed(self) -> None:
+        self._dragging = True
+
+    def _on_slider_released(self) -> None:
+        self._dragging = False
+        self._remember()
+
+    def _on_undo(self, *_: Any) -> None:
+        self._step(self._history.undo)
+
+    def _on_redo(self, *_: Any) -> None:
+        self._step(self._history.redo)
+
+    def _step(self, move: Callable[[PanelState], PanelState | None]) -> None:
+        """Show the state ``move`` hands back (sliders, markers) and post-process with it."""
+        if not self._alive():
+            return
+        self._remember()  # a change not recorded yet (e.g. a slider still held) comes first
+        state = move(self._applied or self._panel_state())
+        if state is None:
+            return
+        self._set_params(state.params)
+        self._params_touched = True
+        s = self._session
+        if s is not None:
+            self._restore_markers(s, state)
+        self._applied = state
+        self._seed_check = None
+        self._schedule_tuning(now=True)
+
+    def _restore_markers(self, s: _Session, state: PanelState) -> None:
+        """The user's markers of ``state``, or the automatic ones when it has none."""
+        s.seeds.clear()
+        s.seeds.update({p: a.copy() for p, a in state.seeds.items()})
+        layer = self._find_output(s, "markers")
+        if not state.seeds or state.points is None or layer is None:
+            s.written.pop("markers", None)  # rewritten from the result's markers
+            return
+        self._writing = True
+        try:
+            layer.data = state.points.copy()
+        finally:
+            self._writing = False
+
+    def _update_undo_buttons(self) -> None:
+        if hasattr(self, "_undo_buttons") and self._alive():
+            self._undo.enabled = self._history.can_undo
+            self._redo.enabled = self._history.can_redo
+
+    def _on_layer_key(self, layer: Layer, redo: bool = False) -> None:
+        """Ctrl+Z / Ctrl+Shift+Z on the instances or markers layer.
+
+        On the instances layer the layer's own history (brush edits) goes first: the
+        panel steps only while the layer holds what the panel last wrote.
+        """
+        can = self._history.can_redo if redo else self._history.can_undo
+        own = isinstance(layer, Labels)
+        if self._alive() and can and (not own or self._holds_last_write(layer)):
+            self._step(self._history.redo if redo else self._history.undo)
+        elif own and redo:
+            layer.redo()
+        elif own:
+            layer.undo()
+
+    def _holds_last_write(self, layer: Labels) -> bool:
+        written = self._baselines.get(id(layer))
+        return bool(written) and np.array_equal(written[-1].labels, np.asarray(layer.data))
+
+    def _bind_undo_keys(self, layer: Layer) -> None:
+        layer.bind_key("Control-z", self._on_layer_key, overwrite=True)
+        layer.bind_key(
+            "Control-Shift-z", lambda lay: self._on_layer_key(lay, redo=True), overwrite=True
+        )
 
     # ------------------------------------------------------------------ writing layers
 
@@ -1448,16 +1652,12 @@ class SegmentWidget(Container):
         kwargs = {}
         if kind == "labels":
             layer = self._viewer.add_labels(data, **common, **kwargs)
+            if role == "instances":
+                self._bind_undo_keys(layer)
         elif kind == "points":
-            layer = self._viewer.add_points(
-                data,
-                **common,
-                size=max(2.0, 3.0 * self._ref_pixel_size / self._plane_px(s)),
-                face_color="yellow",
-                border_width=0,
-                **kwargs,
-            )
+            layer = self._viewer.add_points(data, **common, **_marker_style(self._plane_px(s)))
             layer.events.data.connect(self._on_markers_edited)
+            self._bind_undo_keys(layer)
         else:
             layer = self._viewer.add_image(data, **common, **kwargs)
         return layer
@@ -1509,18 +1709,35 @@ class SegmentWidget(Container):
         return labels, pd.concat(rows, ignore_index=True)
 
     def _write_outputs(self, s: _Session) -> None:
-        """(Re)write the output layers whose sources changed since the last write."""
+        """(Re)write the output layers whose sources changed since the last write.
+
+        The diagnostic maps (:data:`DIAGNOSTIC`) only while "Show diagnostic maps" is on.
+        """
+        res = [s.results[p] for p in (sorted(s.results) if s.lead else [()])]
+        label_src = tuple(r.labels for r in res)
+        self._write_instances(s, label_src)
+        if self._show_maps.value:
+            self._write_diagnostics(s)
+        if not s.seeds:  # user-edited markers are the user's: never rewritten
+            self._put(s, "markers", lambda: self._marker_points(s), tuple(r.markers for r in res))
+        if any(r.types is not None for r in res):
+            self._put(
+                s,
+                "types",
+                lambda: self._stack(s, lambda p: _type_image(s.results[p]), np.uint32),
+                label_src,
+                **_type_colours(s.settings.model),
+            )
+
+    def _write_diagnostics(self, s: _Session) -> None:
+        """Contours (in the ids of the instances layer) and the maps behind the result."""
         res = [s.results[p] for p in (sorted(s.results) if s.lead else [()])]
         label_src = tuple(r.labels for r in res)
         maps_src = tuple(s.maps[p].maps for p in (sorted(s.results) if s.lead else [()]))
         stack = self._stack
-        self._write_instances(s, label_src)
-        self._put(
-            s,
-            "contours",
-            lambda: stack(s, lambda p: _boundaries(s.results[p].labels), np.uint32),
-            label_src,
-        )
+        shown = self._find_output(s, "instances")
+        if shown is not None:  # the ids on screen: a contour has its nucleus' colour
+            self._put(s, "contours", lambda: _boundaries(np.asarray(shown.data)), label_src)
         self._put(
             s,
             "probability",
@@ -1556,16 +1773,17 @@ class SegmentWidget(Container):
             colormap="viridis",
             contrast_limits=(0.0, 1.0),
         )
-        if not s.seeds:  # user-edited markers are the user's: never rewritten
-            self._put(s, "markers", lambda: self._marker_points(s), tuple(r.markers for r in res))
-        if any(r.types is not None for r in res):
-            self._put(
-                s,
-                "types",
-                lambda: stack(s, lambda p: _type_image(s.results[p]), np.uint32),
-                label_src,
-                **_type_colours(s.settings.model),
-            )
+
+    def _on_show_maps_changed(self, on: bool) -> None:
+        """Add the diagnostic maps of the result on show, or remove them."""
+        s = self._session
+        if s is None or not s.results or not self._alive():
+            return
+        if on:
+            self._write_diagnostics(s)
+        else:
+            for role in DIAGNOSTIC:
+                self._remove_output(s, role)
 
     @staticmethod
     def _gradient(s: _Session, p: Plane) -> np.ndarray:
@@ -1609,6 +1827,8 @@ class SegmentWidget(Container):
             taken = np.unique(np.concatenate([r.ravel() for r in rest])) if rest else None
         labels, features = self._instance_stack(s, taken)
         results = [s.results[p] for p in sorted(s.results)]
+        if layer is not None:
+            labels, features = _keep_colours(layer, labels, features, results)
         first = next(iter(s.maps.values()))
         scores: Any = np.concatenate([r.scores for r in results])
         if not np.array_equal(features["label"], np.arange(1, len(features) + 1)):
