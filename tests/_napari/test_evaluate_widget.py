@@ -849,3 +849,54 @@ def test_switching_the_ground_truth_removes_the_old_error_overlay(make_napari_vi
     assert overlays == ["other gt errors"]
     widget._gt.value = None
     assert not [x for x in viewer.layers if x.metadata.get("napari_medinst_role") == "errors"]
+
+
+def test_prediction_is_outlined_while_the_error_overlay_is_shown(make_napari_viewer):
+    """Issue 17: filled prediction colours collided with the outcome colours."""
+    viewer, gt = open_he(make_napari_viewer)
+    pred = add_prediction(viewer, perturbed(np.asarray(gt.data)))
+    pred.contour = 1
+    widget = make_widget(viewer, pred, gt)
+    widget.evaluate_now()
+    assert pred.contour == EW.PREDICTION_OUTLINE
+    assert gt.contour == 0  # the ground truth is left as it is
+    widget._show_overlay.setChecked(False)
+    assert pred.contour == 1
+    widget._show_overlay.setChecked(True)
+    widget.evaluate_now()
+    assert pred.contour == EW.PREDICTION_OUTLINE
+    viewer.layers.remove(viewer.layers[f"{GT_NAME} errors"])
+    assert pred.contour == 1
+
+
+def test_outlines_move_with_the_chosen_prediction(make_napari_viewer):
+    viewer, gt = open_he(make_napari_viewer)
+    first = add_prediction(viewer, perturbed(np.asarray(gt.data)), name="first")
+    second = add_prediction(viewer, np.asarray(gt.data, dtype=np.int32), name="second")
+    widget = make_widget(viewer, first, gt)
+    widget.evaluate_now()
+    assert first.contour == EW.PREDICTION_OUTLINE
+    widget._pred.value = second
+    widget.evaluate_now()
+    assert (first.contour, second.contour) == (0, EW.PREDICTION_OUTLINE)
+    widget.close()
+    widget._on_destroyed()
+    assert second.contour == 0
+
+
+def test_verified_true_positives_stay_untinted_in_the_overlay(make_napari_viewer):
+    """Issue 17: the green TP tint hid the green 'verified' review colour."""
+    viewer, gt = open_he(make_napari_viewer)
+    data = np.asarray(gt.data)
+    ids = np.unique(data)[1:]
+    verified_tp, verified_fn = int(ids[3]), int(ids[5])
+    pred_data = data.astype(np.int32)
+    pred_data[data == verified_fn] = 0
+    pred = add_prediction(viewer, pred_data)
+    editor_for(viewer, gt).set_status([verified_tp, verified_fn], "verified")
+    widget = make_widget(viewer, pred, gt)
+    widget.evaluate_now()
+    overlay = np.asarray(viewer.layers[f"{GT_NAME} errors"].data)
+    assert (overlay[data == verified_tp] == 0).all()
+    assert (overlay[data == verified_fn] == OUTCOME_CODES["fn"]).all()  # errors still shown
+    assert (overlay[data == int(ids[4])] == OUTCOME_CODES["tp"]).all()

@@ -106,6 +106,10 @@ MAX_PIXELS = 150_000_000
 SOURCE = "napari_medinst_source"
 RECOVERY_ENV = "NAPARI_MEDINST_RECOVERY_DIR"
 
+#: Contour width (pixels) of the prediction while the error overlay is shown, so that
+#: its instance colours never fill the nuclei the overlay colours by outcome.
+PREDICTION_OUTLINE = 2
+
 #: Colour (RGBA) of each outcome in the error overlay and its legend.
 OUTCOME_COLOURS: dict[str, tuple[float, float, float, float]] = {
     "tp": (0.18, 0.80, 0.44, 0.35),
@@ -360,6 +364,30 @@ class _CloseGuard(QObject):
         return False
 
 
+def _untint_verified(image: np.ndarray, gt: np.ndarray, status: dict[int, str]) -> None:
+    """Clear (to 0) the true-positive pixels of verified gt nuclei in ``image``, in place.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        Outcome codes, as made by :func:`editing.outcome_image`.
+    gt : np.ndarray
+        The ground-truth labels ``image`` was made from.
+    status : dict of int to str
+        Review status of each ground-truth nucleus.
+
+    Notes
+    -----
+    The faint green true-positive tint would hide the green "verified" review colour;
+    errors on verified nuclei keep their colour.
+    """
+    ids = [i for i, s in status.items() if s == "verified"]
+    if ids:
+        tp = image == editing.OUTCOME_CODES["tp"]
+        tp &= np.isin(gt, ids)
+        image[tp] = 0
+
+
 # ------------------------------------------------------------------------- widget
 
 
@@ -388,6 +416,7 @@ class EvaluateWidget(Container):
         self._waiting = False  # autosaves wait for an offer to be resolved
         self._image_hashes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._warned_outputs: set[int] = set()
+        self._outlined: tuple[Labels, int] | None = None  # prediction drawn as outlines
         self.evaluations = 0
 
         self._timer = QTimer(self.native)
@@ -695,6 +724,7 @@ class EvaluateWidget(Container):
     def _on_destroyed(self, *_: object) -> None:
         """The dock was closed: stop auto-tune and stop listening to the viewer."""
         self._closed = True
+        self._restore_prediction()
         if self._tune_worker is not None:
             self._tune_worker.quit()
         for emitter in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
@@ -708,6 +738,7 @@ class EvaluateWidget(Container):
         self._attach_ground_truths()
         self._connect_live()
         self._check_recovery()
+        self._sync_outlines()
         self._schedule()
 
     def _attach_ground_truths(self) -> None:
@@ -742,6 +773,7 @@ class EvaluateWidget(Container):
     def _on_inputs_changed(self, *_: Any) -> None:
         self._last_problem = None
         self._drop_stale_overlays()
+        self._sync_outlines()
         gt = self._gt.value
         if gt is not None and gt.metadata.get(ROLE) and id(gt) not in self._warned_outputs:
             self._warned_outputs.add(id(gt))
@@ -977,7 +1009,12 @@ class EvaluateWidget(Container):
             if mask is not None:
                 gt = np.where(mask, 0, gt)
                 pred = np.where(mask, 0, pred)
-            self._write_overlay(gt_layer, editing.outcome_image(gt, pred, result.outcomes))
+            image = editing.outcome_image(gt, pred, result.outcomes)
+            editor = existing_editor(gt_layer)
+            if editor is not None:
+                _untint_verified(image, gt, editor.status)
+            self._write_overlay(gt_layer, image)
+            self._sync_outlines()
         self._draw_pr(result)
 
     def _fill_tables(self, result: EvaluationResult) -> None:
@@ -1121,9 +1158,41 @@ class EvaluateWidget(Container):
         layer = self._overlay_layer(gt) if gt is not None else None
         if layer is not None:
             layer.visible = on
+        self._sync_outlines()
         if on:
             self._settings = None
             self._schedule()
+
+    def _sync_outlines(self) -> None:
+        """Draw the chosen prediction as outlines exactly while the error overlay is shown.
+
+        The overlay's fixed outcome colours would otherwise mix with the prediction's
+        instance colours; the prediction's own contour setting comes back when the
+        overlay is turned off or removed, or another prediction is chosen.
+        """
+        gt, pred = self._gt.value, self._pred.value
+        shown = (
+            self._show_overlay.isChecked()
+            and gt is not None
+            and pred is not None
+            and pred is not gt
+            and pred in self._viewer.layers
+            and self._overlay_layer(gt) is not None
+        )
+        held = None if self._outlined is None else self._outlined[0]
+        if shown and held is pred:
+            return
+        self._restore_prediction()
+        if shown:
+            self._outlined = (pred, int(pred.contour))
+            pred.contour = PREDICTION_OUTLINE
+
+    def _restore_prediction(self) -> None:
+        """Give the outlined prediction back its own contour setting."""
+        held, self._outlined = self._outlined, None
+        if held is not None:
+            layer, contour = held
+            layer.contour = contour
 
     def _draw_pr(self, result: EvaluationResult) -> None:
         recall, precision, _ = result.pr
