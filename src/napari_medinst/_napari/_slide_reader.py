@@ -18,7 +18,13 @@ import json
 from pathlib import Path
 
 from .._io import InputError
-from ..slide import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES, is_pyramid_tiff, open_slide
+from ..slide import (
+    OPENSLIDE_SUFFIXES,
+    TIFF_SUFFIXES,
+    _dask_array,
+    is_pyramid_tiff,
+    open_slide,
+)
 from ..slide_engine import STORE_KEY
 
 
@@ -65,8 +71,7 @@ def get_slide_reader(path):
 
 def read_slide_result(path) -> list[tuple]:
     """The nuclei of a ``segment-slide`` store as one lazy multiscale labels layer."""
-    import dask.array as da
-
+    da, _ = _dask_array()  # (an optional dependency: a clear message when missing)
     root = Path(path)
     try:
         attrs = json.loads((root / "labels" / "nuclei" / ".zattrs").read_text(encoding="utf-8"))
