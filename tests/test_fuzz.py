@@ -73,7 +73,10 @@ def assert_clean_outcome(rc: int, err: str, name: str) -> None:
 def _write_array(path: Path, arr: np.ndarray, fmt: str) -> bool:
     """Write ``arr`` in ``fmt`` (tif/png/jpg) to ``path``; False if that format cannot hold it."""
     if fmt == "tif":
-        tifffile.imwrite(path, arr)
+        try:
+            tifffile.imwrite(path, arr)
+        except Exception:  # tifffile cannot write it (e.g. a 1-element bool): not a reader question
+            return False
         return True
     import imageio.v3 as iio
 
