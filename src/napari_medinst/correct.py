@@ -101,6 +101,20 @@ def _get(maps: Any, name: str) -> Any:
     return getattr(maps, name, None)
 
 
+def _maps_or_image(
+    maps: Any, image: Any, stain: str, shape: tuple[int, int], purpose: str
+) -> tuple[_Maps | None, str]:
+    """The model maps to work from, else the checked image's layout ("" with maps);
+    refused when there are neither (``purpose`` completes the message)."""
+    m = _read_maps(maps, shape)
+    if m is not None:
+        return m, ""
+    if image is None:
+        raise CorrectionRefused(f"no model maps and no image to {purpose}")
+    _check_stain(stain)
+    return None, _check_image(image, shape)
+
+
 def _read_maps(maps: Any, shape: tuple[int, int]) -> _Maps | None:
     """The maps' arrays (not copied), their shapes checked against the labels'."""
     if maps is None:
@@ -374,13 +388,7 @@ def add_nucleus_at(
         raise CorrectionRefused(
             f"nucleus {int(old[at])} is already here: use refine, grow or shrink to change it"
         )
-    m = _read_maps(maps, old.shape)
-    layout = ""
-    if m is None:
-        if image is None:
-            raise CorrectionRefused("no model maps and no image to grow a nucleus from")
-        _check_stain(stain)
-        layout = _check_image(image, old.shape)
+    m, layout = _maps_or_image(maps, image, stain, old.shape, "grow a nucleus from")
     region, box = _grow_region(old, at, m, image, layout, params=params, stain=stain)
     if region.sum() < MIN_AREA:
         raise CorrectionRefused(f"only {int(region.sum())} px grow from the click: too small")
@@ -446,13 +454,7 @@ def refine_outline(
     hint = None if near is None else _point(old, near, "the point")
     if nid <= 0:
         raise CorrectionRefused("choose a nucleus to refine, not the background")
-    m = _read_maps(maps, old.shape)
-    layout = ""
-    if m is None:
-        if image is None:
-            raise CorrectionRefused("no model maps and no image to refine the outline with")
-        _check_stain(stain)
-        layout = _check_image(image, old.shape)
+    m, layout = _maps_or_image(maps, image, stain, old.shape, "refine the outline with")
     nbox = _nucleus_box(old, nid, hint)
     area = _box_area(old, nbox, nid)
     radius = math.sqrt(area / math.pi)
