@@ -5,7 +5,9 @@ area-averaged ×2 from 40x, laid out as ``scripts/make_test_slide.py`` does) is 
 by the in-memory block path (``blockwise.segment_blockwise``, default model, pixel size
 fixed at 0.5) at several block sizes and by the whole-image path (``segment.segment``,
 which runs the network in 512 px tiles), and also by a one-piece prediction (the network
-on the whole image at once), to tell block seams apart from the model's own tiling.
+on the whole image at once: how far the model's own 512 px tiling moves outlines, for
+reference). Blocks run the whole image's tiles, so they should equal the whole path; the
+time of each block size is also given as a multiple of the whole path's (same run).
 Printed per pair: % of the reference's nuclei with an identical pixel set in the other
 result, AJI of the other result against the reference, ids split in several connected
 parts, reference nuclei covered by more than one id, and where the differing nuclei lie
@@ -38,8 +40,6 @@ per worker and <= 1 GB for the client, whatever the slide's size.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import importlib.util
 import json
 import math
@@ -154,24 +154,6 @@ def compare(ref: np.ndarray, other: np.ndarray, lines: list[int] | None = None) 
     return out
 
 
-@contextlib.contextmanager
-def model_in_one_piece():
-    """Within: every model call of the block path runs on its whole window at once.
-
-    A diagnostic only (it rebinds ``segment.predict_maps``): with it, a block sees the
-    network exactly as the one-piece prediction does except at the block's own edges,
-    which isolates block seams from the model's 512 px tiling inside each block.
-    """
-    import napari_medinst.segment as seg
-
-    original = seg.predict_maps
-    seg.predict_maps = functools.partial(original, tile=1 << 20)
-    try:
-        yield
-    finally:
-        seg.predict_maps = original
-
-
 def _print_row(name: str, c: dict) -> None:
     line = (f"  {name:<34} nuclei {c['n_ref']:6d} -> {c['n_other']:6d}  identical "
             f"{c['identical_pct']:7.3f} %  IoU>=0.9 {c['iou90_pct']:7.3f} %  AJI {c['aji']:.4f}  multipart ids {c['multipart']:4d}"
@@ -193,23 +175,7 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def _one_piece_blocks(image, piece, blocks, tta, params) -> None:
-    """Block path with the model in one piece per window, against the one-piece prediction."""
-    size = image.shape[0]
-    for block in blocks:
-        with model_in_one_piece():
-            res, t_block = _timed(segment_blockwise, image, "default", pixel_size=PIXEL_SIZE,
-                                  tta=tta, block=block, params=params)  # fmt: skip
-        n = math.ceil(size / block)
-        c = compare(piece, res.labels, [round(i * size / n) for i in range(1, n)])
-        print(f"  block {block}, model in one piece per window: {res.n_instances} nuclei, "
-              f"{t_block:.1f} s")  # fmt: skip
-        _print_row(f"block {block} (1-piece) vs one-piece", c)
-        print(f"  {'':<34} verdict (block seams alone): {_verdict(c)}")
-
-
-def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool,
-                one_piece_blocks: list[int]) -> None:  # fmt: skip
+def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool) -> None:
     """Part 1 at one TTA setting: block path vs whole-image path vs one-piece prediction."""
     image = he_mosaic(size)
     print(
@@ -232,7 +198,8 @@ def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool,
                               tta=tta, block=block, params=params)  # fmt: skip
         lines = [e for e in (round(i * size / math.ceil(size / block))
                              for i in range(1, math.ceil(size / block)))]  # fmt: skip
-        print(f"  block {block}: {res.n_blocks} blocks, {res.n_instances} nuclei, {t_block:.1f} s, "
+        print(f"  block {block}: {res.n_blocks} blocks, {res.n_instances} nuclei, {t_block:.1f} s "
+              f"({t_block / t_whole:.2f}x the whole path), "
               f"{res.n_truncated} truncated")  # fmt: skip
         c = compare(ref, res.labels, lines)
         _print_row(f"block {block} vs whole path", c)
@@ -242,8 +209,6 @@ def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool,
             c1 = compare(piece, res.labels, lines)
             _print_row(f"block {block} vs one-piece", c1)
             print(f"  {'':<34} verdict vs one-piece: {_verdict(c1)}")
-    if piece is not None and one_piece_blocks:
-        _one_piece_blocks(image, piece, one_piece_blocks, tta, params)
 
 
 # --------------------------------------------------------------------------- part 2
@@ -469,9 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-one-piece", action="store_true",
                    help="skip the one-piece prediction (it holds the whole image's "
                    "activations at once)")  # fmt: skip
-    p.add_argument("--one-piece-blocks", type=int, nargs="*", default=[1024], metavar="PX",
-                   help="block sizes also run with the model in one piece per block window, "
-                   "to isolate block seams from model tiling (default 1024)")  # fmt: skip
     p.add_argument("--slide-size", type=int, default=10000,
                    help="level-0 side of the slide, px (default 10000; 40000 is the issue's size)")  # fmt: skip
     p.add_argument("--runs", nargs="+", default=["1x2", "2x1"], metavar="WxT",
@@ -490,9 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
     if args.seams:
         for tta in {"off": [False], "on": [True], "both": [False, True]}[args.tta]:
-            bench_seams(
-                args.seams_size, args.blocks, tta, not args.no_one_piece, args.one_piece_blocks
-            )
+            bench_seams(args.seams_size, args.blocks, tta, not args.no_one_piece)
     if args.slide:
         bench_slide(args.slide_size, args.runs, args.slide_block, args.crop, args.tmp)
     if args.memory:

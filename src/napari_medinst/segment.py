@@ -25,7 +25,15 @@ from ._io import InputError
 from .classical import classical_labels, classical_maps
 from .model.data import median_diameter
 from .model.folder import LoadedModel, load_model, resolve_model_dir
-from .model.inference import DEFAULT_TTA, Maps, pick_device, predict_maps, tta_flips
+from .model.inference import (
+    DEFAULT_TTA,
+    Maps,
+    TileGrid,
+    grid_span,
+    pick_device,
+    predict_maps,
+    tta_flips,
+)
 from .postprocess import Postprocessor, PostprocessParams, PostprocessResult
 from .preprocess import (
     CANONICAL_DIAMETER,
@@ -47,8 +55,11 @@ __all__ = [
     "compute_maps",
     "default_params",
     "get_model",
+    "grid_read_box",
     "maps_from_input",
+    "maps_on_grid",
     "segment",
+    "working_shape",
 ]
 
 CLASSICAL = "classical"
@@ -98,11 +109,18 @@ class Segmentation:
     postprocessor: Postprocessor
 
 
+def working_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """An image of ``shape`` px at the network's working scale (``scale`` = its px / 0.5 µm)."""
+    h, w = shape
+    if np.isclose(scale, 1.0):
+        return (h, w)
+    return (max(8, round(h * scale)), max(8, round(w * scale)))
+
+
 def _rescale(x: np.ndarray, scale: float) -> np.ndarray:
     if np.isclose(scale, 1.0):
         return x
-    h, w = x.shape[1:]
-    size = (max(8, round(h * scale)), max(8, round(w * scale)))
+    size = working_shape(x.shape[1:], scale)
     if size[0] * size[1] > MAX_PIXELS:
         raise InputError(
             f"at the model's working scale the image would be {size[0]}x{size[1]} px, more "
@@ -122,17 +140,19 @@ def _run(
     should_stop,
     tta=False,
     tta_std=False,
+    grid: TileGrid | None = None,
 ) -> Maps:
     if model == CLASSICAL:
         return classical_maps(x_canon, modality)
     return predict_maps(
-        model.net,
+        model.inference_net,
         x_canon,
         device=device,
         progress=progress,
         should_stop=should_stop,
         tta=tta,
         tta_std=tta_std,
+        grid=grid,
     )
 
 
@@ -184,6 +204,86 @@ def maps_from_input(
     dev = pick_device(device)
     maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop, tta)
     return maps.resized(x.shape[1:])
+
+
+def _crop(maps: Maps, r0: int, r1: int, c0: int, c1: int) -> Maps:
+    def cut(a):
+        return None if a is None else np.ascontiguousarray(a[..., r0:r1, c0:c1])
+
+    return Maps(cut(maps.prob), cut(maps.hv), cut(maps.contour), cut(maps.type_prob),
+                cut(maps.tta_std))  # fmt: skip
+
+
+def grid_read_box(
+    window: tuple[int, int, int, int],
+    image_shape: tuple[int, int],
+    pixel_size: float,
+    stride: int,
+) -> tuple[int, int, int, int]:
+    """The pixels to read so that a window's maps equal the whole image's.
+
+    The whole image's tiles at the working scale (see
+    :class:`~.model.inference.TileGrid`) that meet the window, plus a margin of
+    ``stride`` working px for the resampling filter, in image px; :func:`maps_on_grid`
+    takes these pixels. Exact when the working scale is 1 or 1/2, 1/4... of the image's
+    and the window starts on a multiple of the network's stride at the image's scale;
+    otherwise within a fraction of a pixel.
+    """
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    out = []
+    for axis, (a, b) in enumerate((window[:2], window[2:])):
+        length = image_shape[axis]
+        glen = working_shape(image_shape, scale)[axis]
+        lo = max(0, int(np.floor(a * scale)) - 2)
+        hi = min(glen, int(np.ceil(b * scale)) + 2)
+        t0, t1 = grid_span(glen, lo, hi, stride=stride)
+        start = max(0, min(a, int(np.floor((t0 - stride) / scale))))
+        end = min(length, max(b, int(np.ceil((t1 + stride) / scale))))
+        out += [start, end]
+    return tuple(out)
+
+
+def maps_on_grid(
+    x: np.ndarray,
+    model: str | LoadedModel,
+    *,
+    read: tuple[int, int, int, int],
+    window: tuple[int, int, int, int],
+    image_shape: tuple[int, int],
+    modality: Modality,
+    pixel_size: float,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    tta: bool | int = DEFAULT_TTA,
+) -> Maps:
+    """Maps of ``window`` (image px) as the whole image would have them.
+
+    ``x`` is the normalised network input of the pixels in ``read`` (from
+    :func:`grid_read_box`); the result has the window's shape. The classical fallback,
+    which has no tiles, is computed on the read pixels and cropped.
+    """
+    model = get_model(model, device)
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    (a0, a1, b0, b1), (r0, _, c0, _) = window, read
+    if model == CLASSICAL:
+        maps = maps_from_input(x, model, modality=modality, pixel_size=pixel_size, tta=tta)
+        return _crop(maps, a0 - r0, a1 - r0, b0 - c0, b1 - c0)
+    xs = _rescale(x, scale)
+    gshape = working_shape(image_shape, scale)
+    origin = (round(r0 * scale), round(c0 * scale))
+    # the window in working px, 2 px wider for the bilinear resampling back
+    u0, u1 = max(0, int(np.floor(a0 * scale)) - 2), min(gshape[0], int(np.ceil(a1 * scale)) + 2)
+    v0, v1 = max(0, int(np.floor(b0 * scale)) - 2), min(gshape[1], int(np.ceil(b1 * scale)) + 2)
+    need = (u0 - origin[0], u1 - origin[0], v0 - origin[1], v1 - origin[1])
+    maps = _run(model, xs, modality, pick_device(device), None, should_stop, tta,
+                grid=TileGrid(gshape, origin, need))  # fmt: skip
+    maps = _crop(maps, *need)
+    # back to image px: the working crop starts at image px u0 / scale
+    y0, x0 = round(u0 / scale), round(v0 / scale)
+    maps = maps.resized(
+        (max(round((u1 - u0) / scale), a1 - y0), max(round((v1 - v0) / scale), b1 - x0))
+    )
+    return _crop(maps, a0 - y0, a1 - y0, b0 - x0, b1 - x0)
 
 
 def compute_maps(

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from .network import NucleusNet
 from .tta import _FLIPS, DEFAULT_TTA, tta_flips  # noqa: F401  (re-exported)
 
-__all__ = ["CancelledError", "Maps", "pick_device", "predict_maps"]
+__all__ = ["CancelledError", "Maps", "TileGrid", "grid_span", "pick_device", "predict_maps"]
 
 
 class CancelledError(RuntimeError):
@@ -91,6 +91,96 @@ def _tile_starts(length: int, tile: int, step: int) -> list[int]:
     starts = list(range(0, length - tile, step))
     starts.append(length - tile)
     return starts
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where a network input lies in a larger image whose tiling it must reproduce.
+
+    :func:`predict_maps` tiles an image from its first pixel, so the maps at a pixel
+    depend on where the tiles fall around it (the network sees a tile's border with
+    less context, and is not invariant to shifts off its stride). A crop of an image
+    predicted on its own therefore differs slightly from the same pixels of the whole
+    image. With a grid, a crop is predicted with exactly the whole image's tiles: those
+    whose kept (non-zero weight) part meets ``need``, so inside ``need`` the maps equal
+    the whole image's, bit for bit on the same device. The input must contain every such
+    tile whole; :func:`grid_span` says which span of the whole image that is.
+
+    Attributes
+    ----------
+    shape : (H, W)
+        The whole image, px at the network's working scale.
+    origin : (row, col)
+        The input's first pixel in the whole image.
+    need : (row0, row1, col0, col1)
+        Half-open box, in the input's coordinates, where the maps must be the whole's.
+    """
+
+    shape: tuple[int, int]
+    origin: tuple[int, int]
+    need: tuple[int, int, int, int]
+
+
+def _kept(start: int, length: int, tile: int, overlap: int) -> tuple[int, int]:
+    """Span of a tile starting at ``start`` whose blending weight is above 0."""
+    end = min(start + tile, length)
+    dead = overlap // 2 if overlap > 0 else 0
+    return (start if start == 0 else start + dead, end if end == length else end - dead)
+
+
+def _grid_starts(length: int, lo: int, hi: int, tile: int, overlap: int) -> list[int]:
+    """The whole image's tile starts whose kept part meets ``[lo, hi)``."""
+    out = []
+    for s in _tile_starts(length, tile, tile - overlap):
+        k0, k1 = _kept(s, length, tile, overlap)
+        if k0 < hi and k1 > lo:
+            out.append(s)
+    return out
+
+
+def grid_span(
+    length: int, lo: int, hi: int, *, stride: int, tile: int = 512, overlap: int = 64
+) -> tuple[int, int]:
+    """The span of a whole image (one axis) an input needs for exact maps on ``[lo, hi)``.
+
+    ``length`` is the whole image's side at the working scale, ``stride`` the network's
+    (the tile size grows to fit the overlap as :func:`predict_maps` grows it).
+    """
+    tile = max(tile, 2 * overlap + stride)
+    starts = _grid_starts(length, max(0, lo), min(length, hi), tile, overlap)
+    if not starts:
+        return (max(0, lo), max(0, lo))
+    return starts[0], min(length, starts[-1] + tile)
+
+
+def _tile_boxes(
+    h: int, w: int, tile: int, overlap: int, grid: TileGrid | None
+) -> list[tuple[int, int, int, int, tuple[bool, bool, bool, bool]]]:
+    """Tiles ``(r0, r1, c0, c1, at_edge)`` in the input's coordinates, row by row."""
+    step = tile - overlap
+    if grid is None:
+        rows, cols, (oy, ox), (gh, gw) = (
+            _tile_starts(h, tile, step),
+            _tile_starts(w, tile, step),
+            (0, 0),
+            (h, w),
+        )
+    else:
+        (gh, gw), (oy, ox), (n0, n1, m0, m1) = grid.shape, grid.origin, grid.need
+        rows = _grid_starts(gh, oy + n0, oy + n1, tile, overlap)
+        cols = _grid_starts(gw, ox + m0, ox + m1, tile, overlap)
+    boxes = []
+    for r in rows:
+        for c in cols:
+            r1, c1 = min(r + tile, gh), min(c + tile, gw)
+            if r < oy or c < ox or r1 - oy > h or c1 - ox > w:
+                raise ValueError(
+                    f"the input ({h}x{w} px at {oy},{ox}) does not hold the whole image's tile "
+                    f"at {r},{c}; read it with grid_span"
+                )
+            edges = (r == 0, r1 == gh, c == 0, c1 == gw)
+            boxes.append((r - oy, r1 - oy, c - ox, c1 - ox, edges))
+    return boxes
 
 
 def _window(tile_h: int, tile_w: int, margin: int, at_edge: tuple[bool, bool, bool, bool]):
@@ -295,9 +385,8 @@ def _layer_steps(predict):
             return predict(net, image, **kw)
         opt = {**defaults, **kw}
         tile = max(opt["tile"], 2 * opt["overlap"] + net.stride)
-        step = tile - opt["overlap"]
         h, w = np.shape(image)[1:]
-        n_tiles = len(_tile_starts(h, tile, step)) * len(_tile_starts(w, tile, step))
+        n_tiles = len(_tile_boxes(h, w, tile, opt["overlap"], opt["grid"]))
         leaves = [m for m in net.modules() if next(m.children(), None) is None]
         steps = _LayerSteps(
             progress, should_stop, n_tiles, len(leaves) * len(tta_flips(opt["tta"]))
@@ -326,11 +415,16 @@ def predict_maps(
     tta_std: bool = False,
     batch_size: int | None = None,
     amp: str | None = None,
+    grid: TileGrid | None = None,
 ) -> Maps:
     """Run the network over a ``(3, H, W)`` network input in overlapping tiles.
 
-    Tiles of ``tile`` px overlap by ``overlap`` px; in each overlap the outer half is
-    ignored and the inner half blended linearly, so tile seams do not show. With
+    Tiles of ``tile`` px overlap by ``overlap`` px and drop the outer half of each
+    overlap, so every kept pixel has at least ``overlap / 2`` px of context; between
+    tiles on the regular grid the cut lies mid-overlap, and the last tile of a row or
+    column (moved back to end at the image's edge) is blended linearly into the one
+    before it. With ``grid`` the input is a crop of a larger image and gets that image's
+    tiles, so its maps inside ``grid.need`` are the whole image's (see :class:`TileGrid`). With
     ``tta`` (test-time augmentation) each tile's four mirror images are predicted and
     averaged: about 4x the time, smoother and slightly more accurate maps; ``tta=2``
     averages the tile and its 180° rotation (see :func:`tta_flips`). With ``tta``
@@ -353,14 +447,14 @@ def predict_maps(
     x = np.ascontiguousarray(image, np.float32)
     _, h, w = x.shape
     tile = max(tile, 2 * overlap + net.stride)
-    step = tile - overlap
-    rows, cols = _tile_starts(h, tile, step), _tile_starts(w, tile, step)
+    tiles_at = _tile_boxes(h, w, tile, overlap, grid)
     n_types = net.config.n_types or 0
     std = bool(tta_std) and len(tta_flips(tta)) > 1
     n_out = 4 + n_types + std
     acc = np.zeros((n_out, h, w), np.float32)
     wsum = np.zeros((h, w), np.float32)
-    boxes = [(r0, min(r0 + tile, h), c0, min(c0 + tile, w)) for r0 in rows for c0 in cols]
+    boxes = [box[:4] for box in tiles_at]
+    edges = {box[:4]: box[4] for box in tiles_at}
     total, done = len(boxes), 0
     if batch_size is None:
         batch_size = 8 if device.type == "cuda" else 1
@@ -374,7 +468,7 @@ def predict_maps(
         else:
             ys = _forward_many(net, tiles, device, tta, std, amp)
         for (r0, r1, c0, c1), y in zip(chunk, ys, strict=True):
-            win = _window(r1 - r0, c1 - c0, overlap, (r0 == 0, r1 == h, c0 == 0, c1 == w))
+            win = _window(r1 - r0, c1 - c0, overlap, edges[r0, r1, c0, c1])
             acc[:, r0:r1, c0:c1] += y * win
             wsum[r0:r1, c0:c1] += win
         done += len(chunk)
