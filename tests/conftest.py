@@ -68,3 +68,22 @@ def monuseg_train_labels(shared_data):
         rows = list(csv.DictReader(fh))
     ids = [r["id"] for r in rows if r["split"] == "MoNuSeg2018-train"][:2]
     return [tifffile.imread(shared_data / "monuseg" / "labels" / f"{i}.tif") for i in ids]
+
+
+def bundled_tile_slide(folder: Path, size: int) -> Path:
+    """An OME-TIFF pyramid of ``size`` px at 40x made of the bundled H&E tile."""
+    mts = load_script("make_test_slide")
+    tiles = [mts.read_image(mts.BUNDLED_TILE)[..., :3]]
+    path, _ = mts.make_slide(folder / "s.ome.tif", size, "ome-tiff", tiles=tiles)
+    return path
+
+
+@pytest.fixture
+def level_reads(monkeypatch):
+    """Pyramid levels decoded from now on (every slide read goes through ``_read_block``)."""
+    from napari_medinst import slide as sl
+
+    calls: list[int] = []
+    real = sl._read_block
+    monkeypatch.setattr(sl, "_read_block", lambda *a: calls.append(a[1]) or real(*a))
+    return calls

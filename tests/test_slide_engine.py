@@ -141,6 +141,31 @@ def test_resume_redoes_only_what_is_missing(tmp_path, full_run, client):
     np.testing.assert_array_equal(_labels(out), before)
 
 
+def test_should_stop_cancels_and_resume_finishes(tmp_path, full_run, client):
+    from napari_medinst.model.inference import CancelledError
+
+    plan, done, _ = full_run
+    out = tmp_path / "c.zarr"
+    seen, stop_at = [], []
+
+    def progress(what, k, n, elapsed):
+        seen.append(what)
+        stop_at.append(time.perf_counter())
+
+    with pytest.raises(CancelledError):
+        se.run_slide(plan, out, client, progress=progress, should_stop=lambda: bool(seen))
+    assert time.perf_counter() - stop_at[0] < 3.0  # stopped at once, not after every block
+    assert set(seen) == {"blocks"}
+    attrs = json.loads((out / ".zattrs").read_text())[se.STORE_KEY]
+    assert attrs["status"] == "incomplete"
+    assert not list((out / "chunks").glob("*.npy")) and not (out / "nuclei.csv").exists()
+    assert len(list((out / "records").glob("*.json"))) < len(plan.specs)
+    run = se.run_slide(plan, out, client, resume=True)
+    assert run.complete and 0 < run.segmented < len(plan.specs)
+    np.testing.assert_array_equal(_labels(out), _labels(done))
+    assert (out / "nuclei.csv").read_bytes() == (done / "nuclei.csv").read_bytes()
+
+
 def _cli(*args: str) -> int:
     return main(["segment-slide", *args, "--model", "classical", "--block-size", str(BLOCK)])
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_script
+from conftest import bundled_tile_slide, load_script
 from napari_medinst import slide_engine as se
 from napari_medinst.cli import main
 
@@ -36,10 +36,7 @@ DELAY_S = 1.0
 
 @pytest.fixture(scope="module")
 def slide_path(tmp_path_factory):
-    tiles = [mts.read_image(mts.BUNDLED_TILE)[..., :3]]
-    path, _ = mts.make_slide(tmp_path_factory.mktemp("slide") / "s.ome.tif", SIZE, "ome-tiff",
-                             tiles=tiles)  # fmt: skip
-    return path
+    return bundled_tile_slide(tmp_path_factory.mktemp("slide"), SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -83,10 +83,12 @@ from .blockwise import (
     BlockSetup,
     BlockSpec,
     _grid_step,
+    _tile_grid,
     plan_blocks,
     prepare_setup,
     segment_block,
 )
+from .model.inference import CancelledError
 from .omezarr import label_image_attrs, level_count, pyramid
 from .preprocess import CANONICAL_PIXEL_SIZE, Modality, check_pixel_size, detect_modality
 from .segment import get_model
@@ -109,6 +111,8 @@ LABEL_NAME = "nuclei"
 LABELS = f"labels/{LABEL_NAME}"
 #: Pyramid levels stop before their chunks would be smaller than this (px).
 MIN_LEVEL_CHUNK = 64
+#: Seconds a run waits for its tasks between two questions to ``should_stop``.
+POLL_S = 0.5
 #: Rows of nuclei.csv formatted at a time.
 _CSV_BATCH = 16384
 _TABLE = [("id", "u8"), ("centroid_y_um", "f8"), ("centroid_x_um", "f8"), ("bbox_y0_um", "f8"),
@@ -144,7 +148,8 @@ class SlidePlan:
         return {"slide": self.path, "stamp": list(self.stamp), "level": self.level,
                 "shape": list(self.shape), "model": self.model, "modality": s.modality,
                 "pixel_size_um": round(s.pixel_size, 9), "tta": s.tta,
-                "blocks": [list(b.window) for b in self.specs], "chunk": self.chunk,
+                "blocks": [list(b.window) for b in self.specs],
+                "reads": [list(b.read_box) for b in self.specs], "chunk": self.chunk,
                 "background": sorted(self.background), "stride": self.stride,
                 "dtype": self.dtype, "params": dataclasses.asdict(s.params)}  # fmt: skip
 
@@ -287,7 +292,8 @@ def plan_slide(
     setup = prepare_setup(crop, loaded, pixel_size=px, modality=modality, device=device, tta=tta)
     setup = dataclasses.replace(setup, pixel_size_estimated=estimated)
     halo = max(16, math.ceil(HALO_UM / px))
-    specs = tuple(plan_blocks(shape, block, halo, _grid_step(loaded, px)))
+    grid = _tile_grid(loaded, px)
+    specs = tuple(plan_blocks(shape, block, halo, _grid_step(loaded, px), grid=grid))
     stride, dtype = _ids(specs)
     return SlidePlan(
         path=str(Path(path).resolve()),
@@ -454,7 +460,7 @@ def segment_task(plan: SlidePlan, index: int, out: str, device: str, threads: in
         return meta
     _limit_threads(threads)
     model = get_model(plan.model, device)
-    r0, r1, c0, c1 = spec.window
+    r0, r1, c0, c1 = spec.read_box
     pixels = read_region(plan.path, plan.level, r0, r1, c0, c1)
     pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
     res = segment_block(pixels, spec, plan.setup, model, image_shape=plan.shape, device=device)
@@ -646,13 +652,18 @@ def _distributed():
     return distributed
 
 
-def connect(scheduler: str | None, workers: int, threads_per_worker: int):
-    """A ``distributed.Client``: on ``scheduler``, else on a new ``LocalCluster``."""
+def connect(scheduler: str | None, workers: int, threads_per_worker: int, *,
+            set_as_default: bool = True):  # fmt: skip
+    """A ``distributed.Client``: on ``scheduler``, else on a new ``LocalCluster``.
+
+    ``set_as_default=False`` keeps dask's default scheduler as it is (napari computes its
+    own lazy layers with it; they must not go to a cluster that is closed after the run).
+    """
     dist = _distributed()
     Client, LocalCluster = dist.Client, dist.LocalCluster
     if scheduler:
         try:
-            return Client(scheduler, timeout="5s")
+            return Client(scheduler, timeout="5s", set_as_default=set_as_default)
         except (OSError, TimeoutError, ValueError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"--scheduler {scheduler}: cannot reach the scheduler ({msg})") \
@@ -663,7 +674,11 @@ def connect(scheduler: str | None, workers: int, threads_per_worker: int):
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
                            processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR)  # fmt: skip
-    return Client(cluster)
+    try:
+        return Client(cluster, set_as_default=set_as_default)
+    except BaseException:
+        cluster.close()
+        raise
 
 
 def _eta(seconds: float) -> str:
@@ -688,23 +703,40 @@ def text_progress(stream=None) -> Callable[[str, int, int, float], None]:
     return show
 
 
-def _gather(client, futures: dict, what: str, progress) -> tuple[dict, dict]:
-    """Results and one-line failures of ``futures`` ({future: key}), with progress."""
-    as_completed = _distributed().as_completed
+def _collect(fut, key, results: dict, failed: dict) -> None:
+    """A finished future's result into ``results``, or its one-line failure into ``failed``."""
+    if fut.status == "error":
+        exc = fut.exception()
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        failed[key] = f"{type(exc).__name__}: {text}"[:300]
+    else:
+        results[key] = fut.result()
+    fut.release()
+
+
+def _gather(client, futures: dict, what: str, progress, should_stop=None) -> tuple[dict, dict]:
+    """Results and one-line failures of ``futures`` ({future: key}), with progress.
+
+    Asks ``should_stop`` (a callable returning True to stop) at least every
+    :data:`POLL_S` s: on True the outstanding tasks are cancelled and
+    :class:`~.model.inference.CancelledError` is raised. Works on ``client``'s own event
+    loop, so the client need not be the process' default one (the napari panel's is not).
+    """
+    ready = _distributed().as_completed(list(futures), loop=client.loop)
     results, failed, t0 = {}, {}, time.perf_counter()
-    total = len(futures)
+    total, done = len(futures), 0
     try:
-        for done, fut in enumerate(as_completed(list(futures)), start=1):
-            key = futures[fut]
-            if fut.status == "error":
-                exc = fut.exception()
-                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                failed[key] = f"{type(exc).__name__}: {text}"[:300]
-            else:
-                results[key] = fut.result()
-            fut.release()
-            if progress is not None:
-                progress(what, done, total, time.perf_counter() - t0)
+        while not ready.is_empty():
+            if should_stop is not None and should_stop():
+                raise CancelledError(f"cancelled after {what} {done}/{total}")
+            batch = ready.next_batch(block=False)
+            if not batch:
+                time.sleep(min(POLL_S, 0.05))
+            for fut in batch:
+                done += 1
+                _collect(fut, futures[fut], results, failed)
+                if progress is not None:
+                    progress(what, done, total, time.perf_counter() - t0)
     except BaseException:  # interrupted (Ctrl-C, Cancel): start no further task
         client.cancel(list(futures))
         raise
@@ -725,19 +757,19 @@ def _done_chunks(out: Path) -> set[int]:
     return {int(p.stem) for p in (out / "chunks").glob("*.npy") if p.stem.isdigit()}
 
 
-def _segment_phase(client, plan, out, device, threads, progress):
+def _segment_phase(client, plan, out, device, threads, progress, should_stop=None):
     """Phase 1: blocks without a record; returns (metas of all blocks, redone, failures)."""
     metas = _done_blocks(out)
     todo = [s.index for s in plan.specs if s.index not in metas]
     futures = {client.submit(segment_task, plan, i, str(out), device, threads, retries=2,
                              pure=False, key=f"segment-block-{i}-{time.time_ns()}"): i
                for i in todo}  # fmt: skip
-    results, failed = _gather(client, futures, "blocks", progress)
+    results, failed = _gather(client, futures, "blocks", progress, should_stop)
     metas.update(results)
     return metas, set(results), failed
 
 
-def _paint_phase(client, plan, out, metas, redone, failed_blocks, progress):
+def _paint_phase(client, plan, out, metas, redone, failed_blocks, progress, should_stop=None):
     """Phase 2: chunks not complete, or fed by a block segmented again in this run."""
     reach = 2 * max((m.get("max_side", 0) for m in metas.values()), default=0) + 2
     done = _done_chunks(out)
@@ -754,7 +786,7 @@ def _paint_phase(client, plan, out, metas, redone, failed_blocks, progress):
         feed = [b for b in feed if metas[b].get("n", 0) > 0]
         futures[client.submit(paint_task, plan, k, str(out), feed, reach, retries=2, pure=False,
                               key=f"paint-chunk-{k}-{time.time_ns()}")] = k  # fmt: skip
-    results, failed = _gather(client, futures, "chunks", progress)
+    results, failed = _gather(client, futures, "chunks", progress, should_stop)
     failed.update(blocked)
     return results, failed
 
@@ -793,12 +825,18 @@ def run_slide(
     overwrite: bool = False,
     threads: int | None = None,
     progress: Callable[[str, int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SlideRun:
     """Segment the planned slide on ``client``'s workers into the store ``out``.
 
     Returns a :class:`SlideRun`; ``complete`` is False (and the store's status
     ``incomplete``) when a block or chunk still failed after two retries: those have no
     completion marker and ``--resume`` does them again.
+
+    ``should_stop`` (called every :data:`POLL_S` s while tasks run) stops the run when it
+    returns True: the outstanding tasks are cancelled, the store is left ``incomplete``
+    (a later ``resume=True`` run finishes it) and
+    :class:`~.model.inference.CancelledError` is raised.
     """
     t0 = time.perf_counter()
     out = check_store(out, resume=resume, overwrite=overwrite)
@@ -809,9 +847,9 @@ def run_slide(
         _create_store(out, plan, overwrite)
     try:
         metas, redone, failed_blocks = _segment_phase(client, plan, out, device, threads,
-                                                      progress)  # fmt: skip
+                                                      progress, should_stop)  # fmt: skip
         painted, failed_chunks = _paint_phase(client, plan, out, metas, redone, failed_blocks,
-                                              progress)  # fmt: skip
+                                              progress, should_stop)  # fmt: skip
     except BaseException:  # interrupted: what has no marker is done again by --resume
         _set_status(out, _store_meta(plan), "incomplete")
         raise

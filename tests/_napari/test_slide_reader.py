@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_medinst import slide as sl
 from napari_medinst._napari import _segment_widget as sw
 from napari_medinst._napari._slide_reader import get_slide_reader
 
@@ -20,15 +19,6 @@ _SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_test_slide.py"
 _spec = importlib.util.spec_from_file_location("make_test_slide", _SCRIPT)
 mts = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mts)
-
-
-@pytest.fixture
-def level_reads(monkeypatch):
-    """Levels decoded from now on (every block read goes through ``_read_block``)."""
-    calls: list[int] = []
-    real = sl._read_block
-    monkeypatch.setattr(sl, "_read_block", lambda *a: calls.append(a[1]) or real(*a))
-    return calls
 
 
 @pytest.mark.parametrize(("name", "fmt"), [("s.svs", "svs"), ("s.ome.tif", "ome-tiff")])

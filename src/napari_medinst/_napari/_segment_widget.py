@@ -95,6 +95,7 @@ from ._editing import existing_editor
 from ._history import History, PanelState
 from ._layout import scroll_panel
 from ._review import ReviewPanel, session_source
+from ._slide_job import SlideSection
 
 __all__ = ["SegmentWidget"]
 
@@ -388,6 +389,12 @@ class _Session:
     written: dict[str, tuple] = field(default_factory=dict)  # role -> (layer, sources)
     gradients: dict[Plane, tuple[int, np.ndarray]] = field(default_factory=dict)  # Sobel size
     held: _Held | None = None  # corrected nuclei the last job kept
+    place: Any = None  # a slide region (_slide_job.Region): data is that region
+
+    @property
+    def name(self) -> str:
+        """What the output layers are named after: the image, or the slide region."""
+        return self.place.label(self.image.name) if self.place is not None else self.image.name
 
     def plane_array(self, plane: Plane) -> np.ndarray:
         return _plane(self.data, plane, self.settings.channel)
@@ -569,6 +576,7 @@ class SegmentWidget(Container):
         self._build_undo_widgets()
         self._build_file_widgets()
         self._review = ReviewPanel(self._viewer, lambda: session_source(self._session))
+        self._slide = SlideSection(self)
         self._build_layout()
         self._connect_viewer()
         registry.add_listener(self._on_models_changed)
@@ -695,10 +703,12 @@ class SegmentWidget(Container):
             ("Run options", form("_modality", "_device", "_tta", "_show_maps"), False),
             ("Post-processing (updates live)", form(*main), True),
             ("More post-processing", form(*more), False),
+            ("Whole slide", self._slide, True),
             ("Review queue", self._review, False),
         ]
         self.extend([body for _, body, _ in sections])  # magicgui children (reset_choices)
         self._sections = scroll_panel(self, sections)
+        self._sections["Whole slide"].setVisible(False)  # only for a multiscale layer
 
     def _connect_viewer(self) -> None:
         ev = self._viewer.layers.events
@@ -714,6 +724,7 @@ class SegmentWidget(Container):
         """The dock widget (or the whole viewer) went away: stop and never touch layers."""
         self._closed = True
         self._cancel.set()
+        self._slide.close()  # stops a whole-slide run and closes its cluster
         # At viewer shutdown Qt may have deleted the timer already; an exception here (a
         # slot of `destroyed`) would make PyQt abort the whole process, losing unsaved work.
         with contextlib.suppress(RuntimeError):
@@ -757,6 +768,10 @@ class SegmentWidget(Container):
 
     def _on_image_changed(self, layer: Image | None) -> None:
         self._no_image.visible = layer is None
+        sections = getattr(self, "_sections", None)  # None while the panel is being built
+        if sections is not None:
+            sections["Whole slide"].setVisible(isinstance(layer, Image) and layer.multiscale)
+            self._slide.set_layer(layer)
         if layer is None:
             return
         show_pixel_size(self._pixel_size, _pixel_size_from_layer(layer))
@@ -808,7 +823,9 @@ class SegmentWidget(Container):
 
     @staticmethod
     def _image_data(layer: Image):
-        return layer.data[0] if layer.multiscale else layer.data
+        """The layer's array; of a multiscale layer (a slide) the coarsest level, for its
+        shape only: a slide is read region by region at its working level (._slide_job)."""
+        return layer.data[-1] if layer.multiscale else layer.data
 
     @classmethod
     def _lead_shape(cls, layer: Image) -> tuple[int, ...]:
@@ -870,8 +887,6 @@ class SegmentWidget(Container):
             notes.append("alpha channel ignored")
         if np.issubdtype(data.dtype, np.floating) or data.dtype.itemsize > 1:
             notes.append(f"{data.dtype} intensities normalised")
-        if layer.multiscale:
-            notes.append("full-resolution level used")
         if notes:
             show_info(f"'{layer.name}': " + "; ".join(notes) + ".")
         return lead
@@ -917,6 +932,9 @@ class SegmentWidget(Container):
         if layer is None or layer not in self._viewer.layers:
             show_warning("No image layer to segment: open an image or a sample first.")
             return
+        if layer.multiscale:  # a slide: its working level when small enough, never level 0
+            self._slide.segment_level()
+            return
         lead = self._check_input(layer)
         settings = self._settings()
         if lead is None or settings is None:
@@ -928,6 +946,11 @@ class SegmentWidget(Container):
             planes = tuple(np.ndindex(*lead))
         else:
             planes = (self._current_plane(layer, lead),)
+        self._start_run(session, planes)
+
+    def _start_run(self, session: _Session, planes: tuple[Plane, ...]) -> None:
+        """Compute the maps of ``planes`` that lack them, then post-process, in a worker."""
+        layer, settings = session.image, session.settings
         model_key = settings.model
         use_defaults = model_key != self._params_model and not self._params_touched
         if self._refuse_busy(session):
@@ -973,7 +996,8 @@ class SegmentWidget(Container):
     @property
     def idle(self) -> bool:
         """True when no segmentation or tuning runs or waits to run."""
-        return self._job is None and not self._tune_timer.isActive() and not self._pending
+        busy = self._job is not None or self._tune_timer.isActive() or self._pending
+        return not busy and not self._slide.reading
 
     def _on_cancel_clicked(self, *_: Any) -> None:
         if self._job == "run":
@@ -1248,7 +1272,7 @@ class SegmentWidget(Container):
         n = sum(s.results[p].n_instances for p in s.active if p in s.results)
         kept = sum(s.results[p].n_kept for p in s.active if p in s.results)
         self._status.value = (
-            f"{n} nuclei in '{s.image.name}' · model {first.model_name} · "
+            f"{n} nuclei in '{s.name}' · model {first.model_name} · "
             f"{first.modality} · {first.pixel_size:.3g} µm/px{est}"
         ) + (f" · kept {kept} corrected nuclei" if kept else "")
 
@@ -1272,7 +1296,11 @@ class SegmentWidget(Container):
         corners = []
         for corner in (centre - half, centre + half):
             point[-2:] = corner
-            corners.append(s.image.world_to_data(point)[-2:])
+            if s.place is not None:  # the region's pixels, not the slide's level 0
+                scale, translate = self._placement(s)
+                corners.append((corner - translate) / scale)
+            else:
+                corners.append(s.image.world_to_data(point)[-2:])
         lo, hi = np.minimum(*corners), np.maximum(*corners)
         r0 = int(np.clip(math.floor(lo[0]) - CROP_MARGIN, 0, h))
         r1 = int(np.clip(math.ceil(hi[0]) + CROP_MARGIN, 0, h))
@@ -1508,7 +1536,7 @@ class SegmentWidget(Container):
             return layer
         for layer in reversed(list(self._viewer.layers)):
             md = layer.metadata
-            if md.get(ROLE) == role and md.get(_SOURCE) == s.image.name:
+            if md.get(ROLE) == role and md.get(_SOURCE) == s.name:
                 s.layers[role] = layer
                 return layer
         return None
@@ -1626,7 +1654,7 @@ class SegmentWidget(Container):
         try:
             if layer is None:
                 layer = self._add_layer(
-                    s, role, f"{s.image.name} {suffix}", kind, make(), visible, kwargs
+                    s, role, f"{s.name} {suffix}", kind, make(), visible, kwargs
                 )
             else:
                 layer.data = make()
@@ -1639,15 +1667,17 @@ class SegmentWidget(Container):
         return layer
 
     def _add_layer(self, s, role, name, kind, data, visible, kwargs) -> Layer:
-        img = s.image
         cut = -1 if s.settings.channel is not None else None  # outputs have no channel axis
+        scale, translate = self._placement(s)
         common = {
             "name": name,
-            "scale": img.scale[:cut],
-            "translate": img.translate[:cut],
+            "scale": scale[:cut],
+            "translate": translate[:cut],
             "visible": visible,
-            "metadata": {ROLE: role, _SOURCE: img.name},
+            "metadata": {ROLE: role, _SOURCE: s.name},
         }
+        if s.place is not None:  # on the slide, in its units (µm)
+            common["units"] = tuple(s.image.units)[-2:]
         common.update(kwargs)
         kwargs = {}
         if kind == "labels":
@@ -1661,6 +1691,13 @@ class SegmentWidget(Container):
         else:
             layer = self._viewer.add_image(data, **common, **kwargs)
         return layer
+
+    @staticmethod
+    def _placement(s: _Session) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and translate of the outputs: the image's, or those of its slide region."""
+        if s.place is not None:
+            return np.asarray(s.place.scale, float), np.asarray(s.place.translate, float)
+        return np.asarray(s.image.scale, float), np.asarray(s.image.translate, float)
 
     @staticmethod
     def _plane_px(s: _Session) -> float:
@@ -1819,7 +1856,7 @@ class SegmentWidget(Container):
             self._status.value = "The instances changed meanwhile: re-running with them kept…"
             self._schedule_tuning()
             return layer
-        name = f"{s.image.name} {_OUTPUTS['instances'][0]}"
+        name = f"{s.name} {_OUTPUTS['instances'][0]}"
         taken = None
         if held is not None and held.corrected and s.lead:  # planes without a result stay
             data = np.asarray(layer.data)
@@ -1923,7 +1960,8 @@ class SegmentWidget(Container):
         if lead:
             data = data.reshape((1,) * lead + data.shape)
         offset = np.array([*plane, r0, c0], float)
-        translate = np.asarray(s.image.translate, float) + offset * np.asarray(s.image.scale)
+        scale, translate = self._placement(s)
+        translate = translate[: offset.size] + offset * scale[: offset.size]
         self._put(s, "preview", lambda: data, (result.labels,), translate=translate, opacity=0.6)
         self._status.value = (
             f"Preview: {result.n_instances} nuclei in the visible region. "
