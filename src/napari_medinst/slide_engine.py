@@ -387,10 +387,23 @@ def _create_labels(group, plan: SlidePlan) -> None:
     labels.attrs["labels"] = [LABEL_NAME]
 
 
+def _has_edits(out: Path) -> bool:
+    """Whether regions of the store were corrected by hand (``slide_edit``)."""
+    try:
+        return "napari_medinst_edits" in json.loads((out / ".zattrs").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
 def _create_store(out: Path, plan: SlidePlan, overwrite: bool) -> None:
     zarr = _zarr()
     if overwrite and out.exists():
-        shutil.rmtree(out)  # check_store made sure it is a store of ours
+        if _has_edits(out):  # hand corrections are never deleted: the old store is kept
+            kept = out.with_name(f"{out.stem}.edited-{time.strftime('%Y%m%d-%H%M%S')}.zarr")
+            out.rename(kept)
+            print(f"{out}: holds hand corrections; kept as {kept}", file=sys.stderr)
+        else:
+            shutil.rmtree(out)  # check_store made sure it is a store of ours
     group = zarr.open_group(str(out), mode="w-", zarr_format=2)
     _create_labels(group, plan)
     (out / "records").mkdir()

@@ -108,3 +108,26 @@ def _canvas_size(viewer) -> tuple[float, float]:
     canvas = getattr(viewer, "canvas", None)
     size = getattr(canvas, "size", None)
     return tuple(size) if size is not None else tuple(viewer._canvas_size)  # napari < 0.9
+
+
+def canvas_box(viewer, layer, shape: tuple[int, int], downsample: float = 1.0):
+    """Rows and columns of an array of ``shape`` shown in the canvas, clipped to it.
+
+    The array is ``layer``'s data (``downsample`` 1) or a pyramid level of it, drawn
+    ``downsample`` times coarser.
+    """
+    import numpy as np
+
+    h, w = shape
+    cam = _camera(viewer)
+    centre = np.asarray(cam.center[-2:], float)
+    half = np.asarray(_canvas_size(viewer), float) / 2.0 / max(cam.zoom, 1e-9)
+    point = np.asarray(viewer.dims.point, float)
+    corners = []
+    for corner in (centre - half, centre + half):
+        point[-2:] = corner
+        corners.append(np.asarray(layer.world_to_data(point)[-2:], float))
+    lo, hi = np.minimum(*corners) / downsample, np.maximum(*corners) / downsample
+    r0, r1 = int(np.clip(math.floor(lo[0]), 0, h)), int(np.clip(math.ceil(hi[0]), 0, h))
+    c0, c1 = int(np.clip(math.floor(lo[1]), 0, w)), int(np.clip(math.ceil(hi[1]), 0, w))
+    return r0, r1, c0, c1

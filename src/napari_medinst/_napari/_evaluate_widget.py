@@ -85,6 +85,7 @@ from ._editing import (
     status_path,
 )
 from ._layout import cap_height, scroll_panel
+from ._slide_region import SlideRegionActions
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -612,6 +613,10 @@ class EvaluateWidget(Container):
             else:
                 grid.addWidget(b, 4 + (k - 4) // 2, k % 2)
         lay.addLayout(grid)
+        self.slide_region = SlideRegionActions(self._viewer, lambda: self._gt.value,
+                                               self._adopt_ground_truth, self._remove_recovery,
+                                               parent=page)  # fmt: skip
+        lay.addWidget(self.slide_region)
         row = QHBoxLayout()
         row.addWidget(QLabel("minimum nucleus size (px)"))
         self.min_size = QSpinBox()
@@ -1350,6 +1355,18 @@ class EvaluateWidget(Container):
                 f"its statuses were kept as {saved.kept_csv.name}."
             )
         return True
+
+    def _adopt_ground_truth(self, layer: Labels) -> None:
+        """Make ``layer`` (just added) the chosen ground truth, and select it.
+
+        A multiscale prediction (a whole-slide result) cannot be scored against a region:
+        it is unchosen.
+        """
+        self.reset_choices()
+        self._gt.value = layer
+        if getattr(self._pred.value, "multiscale", False):
+            self._pred.value = None
+        self._viewer.layers.selection.active = layer
 
     def _may_write(self, paths: list[Path]) -> bool:
         existing = [p for p in paths if p.exists()]

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -46,7 +45,7 @@ from .._io import InputError
 from ..model.inference import CancelledError
 from ..preprocess import CANONICAL_PIXEL_SIZE
 from ..slide import _LEVEL_SLACK
-from ._common import _camera, _canvas_size
+from ._common import canvas_box
 
 __all__ = ["MAX_REGION_PIXELS", "SlideSection", "region_of", "working_level"]
 
@@ -121,20 +120,7 @@ def region_of(layer: Image, level: int, box: tuple[int, int, int, int]) -> Regio
 
 def visible_box(viewer, layer: Image, level: int) -> tuple[int, int, int, int]:
     """Rows and columns of ``level`` shown in the canvas (clipped to the level)."""
-    h, w = _level_shape(layer, level)
-    cam = _camera(viewer)
-    centre = np.asarray(cam.center[-2:], float)
-    half = np.asarray(_canvas_size(viewer), float) / 2.0 / max(cam.zoom, 1e-9)
-    point = np.asarray(viewer.dims.point, float)
-    corners = []
-    for corner in (centre - half, centre + half):
-        point[-2:] = corner
-        corners.append(np.asarray(layer.world_to_data(point)[-2:], float))
-    ds = _downsample(layer, level)
-    lo, hi = np.minimum(*corners) / ds, np.maximum(*corners) / ds
-    r0, r1 = int(np.clip(math.floor(lo[0]), 0, h)), int(np.clip(math.ceil(hi[0]), 0, h))
-    c0, c1 = int(np.clip(math.floor(lo[1]), 0, w)), int(np.clip(math.ceil(hi[1]), 0, w))
-    return r0, r1, c0, c1
+    return canvas_box(viewer, layer, _level_shape(layer, level), _downsample(layer, level))
 
 
 def _read(layer: Image, region: Region) -> np.ndarray:

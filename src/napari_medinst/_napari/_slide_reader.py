@@ -73,6 +73,10 @@ def read_slide_result(path) -> list[tuple]:
     """The nuclei of a ``segment-slide`` store as one lazy multiscale labels layer."""
     da, _ = _dask_array()  # (an optional dependency: a clear message when missing)
     root = Path(path)
+    if (root / "edit-journal.npz").exists():  # a hand correction interrupted mid-write
+        from ..slide_edit import recover
+
+        recover(root)
     try:
         attrs = json.loads((root / "labels" / "nuclei" / ".zattrs").read_text(encoding="utf-8"))
         ms = attrs["multiscales"][0]
