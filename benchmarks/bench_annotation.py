@@ -23,7 +23,9 @@ Old tools: the issue's cost model (the baseline)
     the issue. From scratch: N + paint per nucleus.
 
 New tools: the editor's real functions (:mod:`napari_medinst.correct`,
-:mod:`napari_medinst.editing`) on the real maps, each result checked against gt
+:mod:`napari_medinst.editing`) on the real maps and the tile itself (the editor gives
+both to A and O; O moves an outline to the strongest stain edge), each result checked
+against gt
     A human sees every result: a result that is not good enough is undone (1 action,
     paid on top of the attempt), and a tool that refuses costs its key press.
 
@@ -269,6 +271,8 @@ class Annotator:
         old cost model.
     accept : float
         IoU a drawn or refitted nucleus must reach.
+    image : ndarray or None
+        The tile (RGB), passed to A and O as the editor passes it (O reads its edges).
     """
 
     def __init__(
@@ -280,8 +284,10 @@ class Annotator:
         *,
         policy: Policy | None,
         accept: float,
+        image: np.ndarray | None = None,
     ) -> None:
         self.labels = np.array(labels, np.int32)
+        self.image = image
         self.truth = truth
         self.maps = maps
         self.params = params
@@ -328,7 +334,8 @@ class Annotator:
         if at is None:
             return False
         edit = self.attempt(
-            kind, 1, lambda lab: correct.add_nucleus_at(lab, at, self.maps, params=self.params)
+            kind, 1, lambda lab: correct.add_nucleus_at(lab, at, self.maps, self.image,
+                                               params=self.params)
         )
         if edit is None:
             self.note("A refused")
@@ -377,9 +384,8 @@ class Annotator:
         if not self.policy.refine:
             return self._press(start, nid, g, kind)
         before = g.iou(start, nid)
-        edit = self.attempt(
-            kind, 1, lambda lab: correct.refine_outline(lab, nid, self.maps, params=self.params)
-        )
+        edit = self.attempt(kind, 1, lambda lab: correct.refine_outline(
+            lab, nid, self.maps, self.image, params=self.params))  # fmt: skip
         new = None if edit is None else edit.labels
         if new is not None and g.iou(new, nid) >= self.accept:
             self.labels = new
@@ -618,11 +624,11 @@ def misplaced_pairs(table, out) -> dict[int, int]:
 
 def fix_prediction(
     pred: np.ndarray, gt: np.ndarray, truth: dict[int, Nucleus], maps: Any, params: Any, *,
-    policy: Policy | None, outline: bool,
+    policy: Policy | None, outline: bool, image: np.ndarray | None = None,
 ) -> Annotator:  # fmt: skip
     """Fix every error of ``pred``: fp, merge, split, miss, then (``outline``) loose ones."""
     ann = Annotator(pred, truth, maps, params, policy=policy,
-                    accept=IOU_TIGHT if outline else IOU_MATCH)  # fmt: skip
+                    accept=IOU_TIGHT if outline else IOU_MATCH, image=image)  # fmt: skip
     table = overlap_table(gt, pred)
     out = instance_outcomes(table, IOU_MATCH)
     misplaced = misplaced_pairs(table, out)
@@ -654,11 +660,12 @@ def fix_loose_outlines(ann: Annotator, gt: np.ndarray) -> None:
 
 
 def draw_from_scratch(
-    shape, truth: dict[int, Nucleus], maps: Any, params: Any, policy: Policy
-) -> Annotator:
+    shape, truth: dict[int, Nucleus], maps: Any, params: Any, policy: Policy,
+    image: np.ndarray | None = None,
+) -> Annotator:  # fmt: skip
     """New tools: every gt nucleus drawn on an empty image (A first, else by hand)."""
     ann = Annotator(np.zeros(shape, np.int32), truth, maps, params, policy=policy,
-                    accept=IOU_TIGHT)  # fmt: skip
+                    accept=IOU_TIGHT, image=image)  # fmt: skip
     for g in truth.values():
         ann.draw(g, "scratch")
     return ann
@@ -681,7 +688,9 @@ def score(gt: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(s.aji), float(s.pq)
 
 
-def run_image(name: str, gt: np.ndarray, maps: Postprocessor, params: Any) -> ImageResult:
+def run_image(
+    name: str, gt: np.ndarray, maps: Postprocessor, params: Any, image: np.ndarray | None = None
+) -> ImageResult:
     """Scratch and every correction (old tools and each policy, without / with outlines)."""
     pred = maps.run(params).labels
     truth = truth_nuclei(gt)
@@ -692,9 +701,11 @@ def run_image(name: str, gt: np.ndarray, maps: Postprocessor, params: Any) -> Im
     for policy in (None, *POLICIES):
         tools = "old" if policy is None else policy.name
         if policy is not None:
-            scratch[tools] = draw_from_scratch(gt.shape, truth, maps, params, policy).tally
+            scratch[tools] = draw_from_scratch(gt.shape, truth, maps, params, policy,
+                                               image).tally  # fmt: skip
         for outline in (False, True):
-            ann = fix_prediction(pred, gt, truth, maps, params, policy=policy, outline=outline)
+            ann = fix_prediction(pred, gt, truth, maps, params, policy=policy, outline=outline,
+                                 image=image)  # fmt: skip
             runs[tools, outline] = ann.tally
             scores[tools, outline] = score(gt, ann.labels)
     return ImageResult(name, len(truth), scratch, runs, scores, score(gt, pred))
@@ -842,7 +853,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             maps, seconds = tile_maps(image, key, cache)
             t_model += seconds
-            res = run_image(name, gt, maps, params)
+            res = run_image(name, gt, maps, params, image)
             results.append(res)
             cells = ", ".join(
                 f"{k} {_total(res.runs[k, True]) / res.n_gt:.2f}" for k in res.scratch

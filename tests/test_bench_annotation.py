@@ -132,3 +132,22 @@ def test_main_reports_a_tile_from_cached_maps(bench, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MoNuSeg train" in out and "6 gt nuclei" in out
     assert "from prediction, with outlines" in out and "AJI" in out
+
+
+def test_o_reads_the_tile_when_the_maps_share_the_loose_outline(bench):
+    """The model's maps agree with the loose outline: O fixes it only from the image."""
+    gt = disks((120, 160), CENTRES)
+    pred = gt.copy()
+    pred[(ndi.distance_transform_edt(gt != 4) <= 3) & (gt == 0)] = 4
+    t = make_targets(pred)
+    maps = Postprocessor(t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32))
+    soft = ndi.gaussian_filter((gt > 0).astype(np.float64), 1.5)[..., None]
+    pink, purple = -np.log([0.93, 0.75, 0.85]), -np.log([0.35, 0.25, 0.55])
+    image = (np.exp(-(pink + soft * (purple - pink))) * 255).astype(np.uint8)
+    truth = bench.truth_nuclei(gt)
+    kw = {"policy": bench.TOOLS_FIRST, "outline": True}
+    blind = bench.fix_prediction(pred, gt, truth, maps, None, **kw)
+    assert blind.tally.events["O accepted"] == 0 and blind.tally.actions["outline"] > 1
+    seeing = bench.fix_prediction(pred, gt, truth, maps, None, image=image, **kw)
+    assert dict(seeing.tally.actions) == {"outline": 1} and seeing.tally.events["O accepted"] == 1
+    assert evaluate(gt, seeing.labels).aji >= 0.9

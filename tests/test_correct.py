@@ -262,6 +262,82 @@ def test_refine_outline_refusals():
     np.testing.assert_array_equal(lab, before)
 
 
+# ------------------------------------------------------------- refine: image evidence
+
+
+def blurred_image(truth: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """``truth``'s nuclei as a blurred (sigma 1.5 px) image: grey, or H&E-like RGB.
+
+    The RGB image blurs the stain (its optical density, Beer-Lambert), not the light.
+    """
+    rng = np.random.default_rng(seed)
+    soft = ndi.gaussian_filter((truth > 0).astype(np.float64), 1.5)
+    if kind == "grey":
+        img = 0.2 + 0.6 * soft + rng.normal(0, 0.03, truth.shape)
+        return (np.clip(img, 0, 1) * 65535).astype(np.uint16)
+    pink, purple = -np.log([0.93, 0.75, 0.85]), -np.log([0.35, 0.25, 0.55])
+    rgb = np.exp(-(pink + soft[..., None] * (purple - pink)))
+    rgb += rng.normal(0, 0.02, rgb.shape)
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def moved(truth: np.ndarray, px: int, i: int = 1) -> np.ndarray:
+    """``truth`` with nucleus ``i`` grown (px > 0, into the background) or shrunk (px < 0)."""
+    lab = truth.copy()
+    if px > 0:
+        lab[(ndi.distance_transform_edt(truth != i) <= px) & (truth == 0)] = i
+    else:
+        lab[(truth == i) & (ndi.distance_transform_edt(truth == i) <= -px)] = 0
+    return lab
+
+
+@pytest.mark.parametrize("kind", ["grey", "H&E"])
+@pytest.mark.parametrize("px", [-2, 2])
+@pytest.mark.parametrize("with_maps", [True, False])
+def test_refine_outline_moves_a_wrong_outline_to_the_image_edge(kind, px, with_maps):
+    """The outline is 2 px too small / large and the model maps agree with it (the model
+    has that opinion): only the image can fix it, and O does, leaving neighbours alone."""
+    truth = discs()
+    lab = moved(truth, px)
+    maps = model_maps(lab) if with_maps else None
+    edit = C.refine_outline(lab, 1, maps, blurred_image(truth, kind), near=(40, 40))
+    check_edit(lab, edit)
+    before, after = iou(lab == 1, truth == 1), iou(edit.labels == 1, truth == 1)
+    assert before < 0.75 and after >= 0.9
+    np.testing.assert_array_equal(edit.labels[lab > 1], lab[lab > 1])  # neighbours kept
+    assert set(np.unique(edit.labels[edit.indices])) <= {0, 1}
+    assert edit.changed_ids == (1,) and ndi.label(edit.labels == 1)[1] == 1
+
+
+def test_refine_outline_without_the_image_keeps_the_maps_opinion():
+    """Maps only: the refit follows the maps (here the wrong outline): the image is needed."""
+    truth = discs()
+    lab = moved(truth, 2)
+    edit = C.refine_outline(lab, 1, model_maps(lab))
+    assert iou(edit.labels == 1, lab == 1) >= 0.95
+
+
+def test_refine_outline_refuses_an_outline_already_on_the_edge():
+    truth = discs()
+    before = truth.copy()
+    with pytest.raises(C.CorrectionRefused, match="already lies on the strongest image edge"):
+        C.refine_outline(truth, 1, model_maps(truth), blurred_image(truth, "H&E"))
+    with pytest.raises(C.CorrectionRefused, match="labels are"):
+        C.refine_outline(truth, 1, model_maps(truth), blurred_image(truth, "grey")[:100])
+    with pytest.raises(C.CorrectionRefused, match="unknown stain"):
+        C.refine_outline(truth, 1, model_maps(truth), blurred_image(truth, "grey"), stain="x")
+    np.testing.assert_array_equal(truth, before)
+
+
+def test_refine_outline_never_takes_a_touching_neighbour():
+    """A neighbour touching the nucleus is nuclear signal too: it keeps every pixel."""
+    truth = discs(centres=((40, 40), (40, 60)))  # overlapping disks: a shared border
+    lab = moved(truth, -2)
+    edit = C.refine_outline(lab, 1, None, blurred_image(truth, "H&E"))
+    np.testing.assert_array_equal(edit.labels == 2, lab == 2)
+    assert iou(edit.labels == 1, truth == 1) > iou(lab == 1, truth == 1)
+
+
 # ------------------------------------------------------------------------ grow, shrink
 
 
@@ -347,3 +423,13 @@ def test_polygon_nucleus_refusals():
     with pytest.raises(C.CorrectionRefused, match="no free id"):
         C.polygon_nucleus(full, [(0, 0), (0, 2), (2, 0)])
     np.testing.assert_array_equal(lab, before)
+
+
+def test_refine_outline_with_a_flat_image_falls_back_to_the_maps():
+    """A blank image has no edge to choose by: O re-fits to the maps as without an image."""
+    truth = discs()
+    lab = moved(truth, 3)
+    blank = np.zeros((*lab.shape, 3), np.uint8)
+    edit = C.refine_outline(lab, 1, model_maps(truth), blank)
+    np.testing.assert_array_equal(edit.labels, C.refine_outline(lab, 1, model_maps(truth)).labels)
+    assert iou(edit.labels == 1, truth == 1) >= 0.9

@@ -9,7 +9,10 @@ so a GUI writes it as one undoable step:
   the click) or, without maps, from the image's stain / intensity (a threshold in the
   window and a distance-transform watershed).  Only background pixels are filled.
 * :func:`refine_outline` - re-fits one nucleus' boundary to the maps (or the image),
-  never touching its neighbours; :func:`grow` / :func:`shrink` move it by whole pixels.
+  never touching its neighbours; given the image too, it keeps, of several candidate
+  outlines (the maps' refit, the probability cut at several levels, the outline moved
+  by 1-3 px), the one on the strongest edge of the image's nuclear signal - evidence
+  the prediction did not use.  :func:`grow` / :func:`shrink` move it by whole pixels.
 * :func:`split_two_seeds` - splits one nucleus between two seed points, flooding the HV
   energy (or, without maps, the distance transform) from both seeds *fairly*: each seed
   first climbs to the centre of its own part, and everything deeper than the shallower
@@ -75,6 +78,16 @@ MIN_AREA = 4
 MIN_SEPARABILITY = 0.6
 #: Image fallback: distance-transform maxima shallower than this (px) are not separate nuclei.
 MIN_DEPTH = 2.0
+#: Image evidence of an outline (refine): the signal's smoothing (px), the width (px)
+#: of the rings inside / outside a boundary whose contrast scores it, the largest move
+#: (px) of the grown / shrunk candidates, the model probability levels and the offsets
+#: (in standard deviations) from the signal's Otsu level that give the other candidates.
+EDGE_SIGMA = 1.0
+EDGE_RING = 2
+EDGE_STEPS = 3
+PROB_LEVELS = (0.2, 0.3, 0.5, 0.6, 0.7, 0.8)
+SIGNAL_OFFSETS = (-0.2, 0.0, 0.2)
+_SQUARE = np.ones((3, 3), bool)
 
 
 class CorrectionRefused(ValueError):
@@ -443,11 +456,20 @@ def refine_outline(
     pixels only: neighbours are never changed.  ``near`` (a pixel of the nucleus) lets
     it be found without scanning the whole image.
 
+    With ``image`` (also next to ``maps``) that refit is only one candidate: the
+    outline grown / shrunk by 1 to :data:`EDGE_STEPS` px, the maps' probability cut at
+    :data:`PROB_LEVELS` (without maps: the image's signal cut around its Otsu level)
+    are the others, each one connected region of the same allowed pixels, and the one
+    whose boundary has the highest contrast of the smoothed nuclear signal (Welch's t
+    between rings of :data:`EDGE_RING` px inside and outside) wins.  A flat image
+    counts as no image.
+
     Raises
     ------
     CorrectionRefused
-        If the nucleus does not exist, neither maps nor an image are given, or the
-        maps / image keep less than a fifth of it (the outline is left as it is).
+        If the nucleus does not exist, neither maps nor an image are given, the maps /
+        image keep less than a fifth of it (without image evidence), or the current
+        outline already has the strongest edge (the outline is left as it is).
     """
     old = check_labels(labels)
     nid = int(nucleus_id)
@@ -467,7 +489,18 @@ def refine_outline(
     st = _stages(m, image, layout, box, allowed, params=params, stain=stain)
     region = _own_basins(st, own, allowed)
     kept = int(region.sum())
-    if kept < max(MIN_AREA, area // 5):
+    too_little = kept < max(MIN_AREA, area // 5)
+    signal = _evidence(image, stain, old.shape, box, layout)
+    if signal is not None:
+        prob = None if m is None else m.prob[box]
+        extra = [] if too_little else [region]
+        region = _edge_choice(own, allowed, signal, prob, extra)
+        if region is None:
+            raise CorrectionRefused(
+                f"the outline of nucleus {nid} already lies on the strongest image edge here; "
+                "unchanged (use grow / shrink)"
+            )
+    elif too_little:
         what = "model maps" if m is not None else "image"
         raise CorrectionRefused(
             f"the {what} keep only {kept} of the {area} px of nucleus {nid}; outline unchanged"
@@ -477,6 +510,101 @@ def refine_outline(
     nwin[own & ~region] = 0
     nwin[region] = nid
     return _make_edit(old, new, box)
+
+
+def _evidence(image: Any, stain: str, shape: tuple[int, int], box: Box, layout: str) -> Any:
+    """The image's smoothed nuclear signal in ``box``; None without an image or when the
+    image is flat there (no edge to choose by)."""
+    if image is None:
+        return None
+    if not layout:  # maps were given: the image was not checked yet
+        _check_stain(stain)
+        layout = _check_image(image, shape)
+    s = ndi.gaussian_filter(_signal(image, layout, box, stain), EDGE_SIGMA, mode="nearest")
+    return s if float(s.var()) > 1e-12 * max(1.0, float(np.abs(s).max())) ** 2 else None
+
+
+def _edge_choice(
+    own: np.ndarray,
+    allowed: np.ndarray,
+    signal: np.ndarray,
+    prob: np.ndarray | None,
+    extra: Sequence[np.ndarray] = (),
+) -> np.ndarray | None:
+    """The candidate outline with the strongest image edge, or None when ``own`` has it.
+
+    Candidates (each one connected region of ``allowed``, holes filled): ``own`` grown
+    and shrunk by 1 to :data:`EDGE_STEPS` px, the maps' probability thresholded at each
+    of :data:`PROB_LEVELS` (with ``prob``) or else the signal thresholded around its
+    Otsu level near ``own``, and ``extra``.  Each is scored by :func:`_edge_score`.
+    """
+    whole = (slice(0, own.shape[0]), slice(0, own.shape[1]))
+    sub = _mask_box(allowed | own, whole)
+    if sub is None:
+        return None
+    sub = _grow_box(sub, EDGE_RING + 1, own.shape)  # the rings fit: work on this crop
+    own_s, signal_s = own[sub], signal[sub]
+    best, best_score = None, _edge_score(own_s, signal_s)
+    crops = [x[sub] for x in extra]
+    prob_s = None if prob is None else prob[sub]
+    for cand in _outline_candidates(own_s, allowed[sub], signal_s, prob_s, crops):
+        score = _edge_score(cand, signal_s)
+        if score > best_score + 1e-9 and not np.array_equal(cand, own_s):
+            best, best_score = cand, score
+    if best is None:
+        return None
+    out = np.zeros(own.shape, bool)
+    out[sub] = best
+    return out
+
+
+def _outline_candidates(
+    own: np.ndarray,
+    allowed: np.ndarray,
+    signal: np.ndarray,
+    prob: np.ndarray | None,
+    extra: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    d_out = ndi.distance_transform_edt(~own)
+    d_in = ndi.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1]
+    raw = [own | ((d_out <= k) & allowed) for k in range(1, EDGE_STEPS + 1)]
+    raw += [own & (d_in > k) for k in range(1, EDGE_STEPS + 1)]
+    if prob is not None:
+        raw += [(prob > t) & allowed for t in PROB_LEVELS]
+    else:
+        zone = (d_out <= EDGE_STEPS + 1) & allowed
+        level, spread = threshold_otsu(signal[zone]), float(signal[zone].std())
+        raw += [ndi.binary_opening((signal > level + q * spread) & zone) for q in SIGNAL_OFFSETS]
+    raw += list(extra)
+    cands = (_largest(_overlapping(c, own) & allowed) for c in raw)  # one piece
+    return [c for c in cands if c.sum() >= MIN_AREA]
+
+
+def _overlapping(mask: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """The connected region of ``mask`` that holds most of ``own``, holes filled."""
+    comps, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    hits = np.bincount(comps[own], minlength=n + 1)
+    hits[0] = 0
+    if not hits.any():
+        return np.zeros(mask.shape, bool)
+    return ndi.binary_fill_holes(comps == int(np.argmax(hits)))
+
+
+def _edge_score(mask: np.ndarray, signal: np.ndarray) -> float:
+    """Boundary contrast: Welch's t of the signal just inside versus just outside ``mask``.
+
+    The rings are :data:`EDGE_RING` px wide; a boundary on a strong, clean edge of the
+    nuclear signal scores highest, whether the outline moved in or out.
+    """
+    inner = mask & ~ndi.binary_erosion(mask, _SQUARE, iterations=EDGE_RING, border_value=1)
+    outer = ndi.binary_dilation(mask, _SQUARE, iterations=EDGE_RING) & ~mask
+    if inner.sum() < 3 or outer.sum() < 3:
+        return -math.inf
+    a, b = signal[inner], signal[outer]
+    noise = math.sqrt(float(a.var()) / a.size + float(b.var()) / b.size)
+    return (float(a.mean()) - float(b.mean())) / max(noise, 1e-12)
 
 
 def _box_area(labels: np.ndarray, box: Box, nid: int) -> int:

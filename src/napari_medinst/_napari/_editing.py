@@ -40,9 +40,10 @@ paired with newer labels).
 The model-aware tools (``A``, ``O``, and ``K``'s two-click split) use the model maps of
 the prediction the ground truth was copied from (``metadata["source"] == "copy of
 <name>"``): that layer's cached post-processor (:data:`._contract.POSTPROCESSOR_KEY`,
-read, never run) and its parameters.  Without maps, ``A`` and ``O`` read the image under
-the labels (the prediction's source image, else an image layer of the same size) and
-``K`` floods the distance transform (:mod:`napari_medinst.correct`).  A tool that
+read, never run) and its parameters.  ``A`` and ``O`` also read the image under the
+labels (the prediction's source image, else an image layer of the same size): without
+maps both grow from it; with maps ``O`` moves the outline to its strongest edge.
+Without maps ``K`` floods the distance transform (:mod:`napari_medinst.correct`).  A tool that
 cannot act leaves the labels unchanged and says why (a warning and the status bar).
 
 Each editor also remembers where its editing began (:meth:`GroundTruthEditor.rebase`):
@@ -680,9 +681,10 @@ class GroundTruthEditor:
 
         Maps: :attr:`maps` if set, else the cached post-processor of this layer or of
         the prediction it was copied from, when its maps have the labels' shape; params:
-        that prediction's post-processing parameters.  Image (only without maps, when
-        ``need_image``): :attr:`image` if set, else the data of the prediction's source
-        image, or of the topmost (visible first) 2-D image layer of the labels' size.
+        that prediction's post-processing parameters.  Image (when ``need_image``; with
+        maps too, as ``O`` moves the outline to its edge): :attr:`image` if set,
+        else the data of the prediction's source image, or of the topmost (visible first)
+        2-D image layer of the labels' size.
         """
         shape = tuple(self._data().shape)
         pred = self._source_prediction()
@@ -694,7 +696,7 @@ class GroundTruthEditor:
                     maps, params = pp, _layer_params(layer)
                     break
         image = self.image
-        if image is None and maps is None and need_image:
+        if image is None and need_image:
             image = self._image_under(pred, shape)
         return maps, image, params
 
