@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,34 +165,3 @@ def test_crop_and_photometric_keep_alignment():
 def test_invalid_network_config_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="network config"):
         NetConfig.from_dict(bad)
-
-
-def test_folded_network_gives_the_same_outputs_and_follows_training():
-    from napari_medinst.model.folder import LoadedModel
-    from napari_medinst.model.network import for_inference
-
-    torch.manual_seed(3)
-    net = NucleusNet(NetConfig(widths=(8, 16, 16), n_types=3))
-    for m in net.modules():  # batch norms with non-trivial statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    net.eval()
-    folded = for_inference(net)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x = torch.rand(2, 3, 64, 48)
-    with torch.inference_mode():
-        a, b = net(x), folded(x)
-    for name in ("np_logits", "hv", "contour_logits", "type_logits"):
-        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-4)
-    model = LoadedModel(name="t", path=Path("."), net=net, config={})
-    first = model.inference_net
-    assert model.inference_net is first  # cached
-    with torch.no_grad():  # fine-tuning changes the weights in place
-        net.head_np.bias.add_(1.0)
-    again = model.inference_net
-    assert again is not first
-    with torch.inference_mode():
-        torch.testing.assert_close(again(x).np_logits, net(x).np_logits, atol=1e-5, rtol=1e-4)

@@ -145,7 +145,7 @@ def _run(
     if model == CLASSICAL:
         return classical_maps(x_canon, modality)
     return predict_maps(
-        model.inference_net,
+        model.net,
         x_canon,
         device=device,
         progress=progress,

@@ -131,8 +131,9 @@ def write_back(viewer, layer: Labels) -> slide_edit.WriteResult:
 
 def _reload(layer: Labels, store: Path) -> None:
     """Read the store's labels again (new dask names: no cached chunk survives)."""
-    import dask.array as da
+    from ..slide import _dask_array
 
+    da, _ = _dask_array()  # an optional dependency: a clear message when missing
     tag = secrets.token_hex(4)
     paths = [labels_path(store) / str(i) for i in range(len(layer.data))]
     layer.data = [da.from_zarr(str(p), name=f"slide-result-{p.name}-{tag}") for p in paths]

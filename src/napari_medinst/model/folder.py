@@ -28,7 +28,7 @@ import torch
 from .._io import InputError
 from ..postprocess import PostprocessParams
 from ..preprocess import CANONICAL_PIXEL_SIZE
-from .network import NetConfig, NucleusNet, for_inference
+from .network import NetConfig, NucleusNet
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -64,19 +64,6 @@ class LoadedModel:
     @property
     def pixel_size(self) -> float:
         return float(self.config.get("pixel_size", CANONICAL_PIXEL_SIZE))
-
-    @property
-    def inference_net(self) -> NucleusNet:
-        """:attr:`net` with its batch norms folded (:func:`~.network.for_inference`):
-        what segmentation runs. :attr:`net` stays trainable; the folded copy is made
-        again when its weights or buffers have changed since (fine-tuning in place)."""
-        state = tuple(t._version for t in (*self.net.parameters(), *self.net.buffers()))
-        state += (self.net.training,)
-        cached = self.__dict__.get("_inference")
-        if cached is None or cached[0] != state:
-            cached = (state, for_inference(self.net))
-            self.__dict__["_inference"] = cached
-        return cached[1]
 
     def params_for(self, modality: str) -> PostprocessParams:
         return self.postprocess.get(modality) or self.postprocess.get("he") or PostprocessParams()

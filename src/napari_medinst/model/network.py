@@ -9,14 +9,13 @@ at 1/4 - 1/16 resolution.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["MAX_PARAMETERS", "NET_LIMITS", "NetConfig", "NucleusNet", "for_inference"]
+__all__ = ["MAX_PARAMETERS", "NET_LIMITS", "NetConfig", "NucleusNet"]
 
 #: Allowed range of each architecture field (per entry for ``widths`` and ``blocks``;
 #: ``levels`` is the length of ``widths``). A model folder is untrusted data: these
@@ -224,41 +223,3 @@ class NucleusNet(nn.Module):
             contour_logits=self.head_contour(y),
             type_logits=self.head_type(y) if self.head_type is not None else None,
         )
-
-
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """One convolution doing ``bn(conv(x))`` of an eval-mode batch norm."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    out = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        bias=True,
-    ).to(conv.weight.device, conv.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(conv.weight * scale[:, None, None, None])
-        out.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-    return out
-
-
-def for_inference(net: NucleusNet) -> NucleusNet:
-    """A copy of ``net`` for inference only, with every batch norm folded into its convolution.
-
-    The outputs equal the eval-mode network's up to float rounding (about 1e-5); on a CPU
-    a forward pass takes about a fifth less time (measured on the bundled model: 0.76-0.81x),
-    since the full-resolution layers no longer make a separate pass over memory for
-    each normalisation. The copy cannot be trained (it has no batch norms).
-    """
-    out = copy.deepcopy(net).eval()
-    for mod in out.modules():
-        if isinstance(mod, nn.Sequential):
-            for i in range(len(mod) - 1):
-                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
-                    mod[i], mod[i + 1] = _folded(mod[i], mod[i + 1]), nn.Identity()
-        elif isinstance(mod, _ResBlock):
-            mod.conv1, mod.bn1 = _folded(mod.conv1, mod.bn1), nn.Identity()
-            mod.conv2, mod.bn2 = _folded(mod.conv2, mod.bn2), nn.Identity()
-    return out.requires_grad_(False)
