@@ -34,24 +34,39 @@ against gt
       not good: D (1), then by hand: the cheapest of N + paint, Q + ``max(3,
       ceil(perimeter / 15))`` clicks + Enter (polygon_nucleus) and, with the lasso, Q +
       one drag stroke (polygon_nucleus through the outline every 3 px); a polygon that is
-      not good is undone, then N + paint.
+      not good is undone, then N + paint (also at once for a nucleus whose Q failed).
+    * Q is the editor's replace mode: it redraws the nucleus it covers most of (same id)
+      or adds one, taking pixels from every nucleus that is not verified / edited. The
+      annotator tracks the editor's statuses: a nucleus any edit changed is *edited*
+      (even when undone), except a neighbour that only lost pixels to Q. A Q result is
+      good when the drawn nucleus reaches the IoU needed and no other gt nucleus loses
+      a good match (IoU >= the same); D (1 each) on any rest of the outlines it replaces.
     * outline fix of a nucleus: O (1; refine_outline; kept when it improves the IoU,
       else undone: 1), then ``.`` / ``,`` (grow / shrink, 1 each) when at most 3 presses
       make it good - the annotator sees the gap in pixels, so it presses only then.
-    * fp: D (1). split: S on each piece + G (editing.merge). miss: the outline fix of a
-      misplaced prediction first, else D on it; then draw.
+    * outline fix, trained orders with the lasso: grow / shrink when one press does,
+      else a redraw - Q + one drag over the nucleus (2, no D first) - and failing that
+      grow / shrink when at most 3 presses do.
+    * fp: D (1). split: S on each piece + G (editing.merge); with the lasso, Q + one drag
+      over the gt nucleus first (it redraws the largest piece and takes the others).
+      miss: the outline fix of a misplaced prediction first, else D on it; then draw
+      (with the lasso, Q takes a nucleus hidden under a predicted neighbour).
     * merge: two-click splits (K + 2 clicks, split_two_seeds at the gt centres) or line
       cuts (K + drag, 2 each, split_by_line: a straight line along the contact of the gt
       nuclei) until each gt nucleus has its own piece. All pieces match (IoU >= 0.5):
       done; some match: the others are deleted (D each) and drawn; none: every cut is
       undone (1 each) and the other cut is tried; failing both, D and draw each nucleus.
+      With the lasso, first Q + one drag around each merged nucleus but the one the
+      blob's rest fits best (the blob keeps its largest piece); a nucleus still
+      unmatched is drawn (Q, D on the blob's rest).
     * outline: the outline fix; failing that, D + draw.
     * from scratch: draw every gt nucleus on an empty image.
 
     Three orders are measured (:data:`POLICIES`): *tried first* (the brief: A wherever
     a nucleus is drawn, O before grow / shrink, the two-click split before the line);
     *trained order* (what the training tiles showed: A only from scratch, no O, the
-    line first); *+ lasso* (the trained order, and Q may be one drag stroke).
+    line first); *+ lasso* (the trained order, and Q may be one drag stroke: Q
+    redraws loose and misplaced outlines, splits and merges as above).
 
 Printed per split: actions per nucleus from scratch and from the prediction (with and
 without outline fixes) with both cost models, the ratio, the actions per error of each
@@ -98,6 +113,7 @@ IOU_MATCH = 0.5
 IOU_TIGHT = 0.7
 MISPLACED_IOU = 0.2
 MAX_PRESSES = 3
+PRESSES_BEFORE_REDRAW = 1  # more grow / shrink presses than this: a Q redraw first
 TRY_FIX_IOU = 0.3  # an A result below this IoU is undone without trying to fix it
 MIN_PIECE = 5  # px: smaller slivers are not worth a brush stroke
 QUICK_SIZE = 320  # px: --quick crops each tile to this size
@@ -186,6 +202,14 @@ def truth_nuclei(gt: np.ndarray) -> dict[int, Nucleus]:
             i, box, mask, int(mask.sum()), (r + box[0].start, c + box[1].start),
             paint_strokes(mask), line,
         )  # fmt: skip
+    return out
+
+
+def truth_image(shape: tuple[int, int], truth: dict[int, Nucleus]) -> np.ndarray:
+    """The gt label image rebuilt from its nuclei."""
+    out = np.zeros(shape, np.int32)
+    for g in truth.values():
+        out[g.box][g.mask] = g.id
     return out
 
 
@@ -286,7 +310,10 @@ class Annotator:
         accept: float,
         image: np.ndarray | None = None,
     ) -> None:
-        self.labels = np.array(labels, np.int32)
+        self._labels = np.array(labels, np.int32)
+        #: Ids the editor would show as *edited* (any pixel changed, even if undone since).
+        self.edited: set[int] = set()
+        self.gt = truth_image(self._labels.shape, truth)
         self.image = image
         self.truth = truth
         self.maps = maps
@@ -295,8 +322,24 @@ class Annotator:
         self.new_tools = policy is not None
         self.accept = accept
         self.tally = Tally()
+        #: gt ids whose Q was refused or undone: the annotator paints them instead.
+        self.q_failed: set[int] = set()
 
     # -------------------------------------------------------------------- bookkeeping
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels now."""
+        return self._labels
+
+    @labels.setter
+    def labels(self, new: np.ndarray) -> None:
+        # as in the editor: every id whose pixels change becomes edited
+        diff = self._labels != new
+        if diff.any():
+            changed = np.union1d(self._labels[diff], new[diff])
+            self.edited.update(int(i) for i in changed if i)
+        self._labels = new
 
     def pay(self, kind: str, n: int = 1) -> None:
         self.tally.actions[kind] += n
@@ -310,9 +353,11 @@ class Annotator:
         """Spend ``cost`` actions on a tool; its edit, or None when it refuses."""
         self.pay(kind, cost)
         try:
-            return make(self.labels)
+            edit = make(self.labels)
         except ValueError:  # CorrectionRefused is a ValueError: a message, no change
             return None
+        self.edited.update(edited_ids(edit))  # edited even when undone afterwards
+        return edit
 
     def _id_over(self, labels: np.ndarray, g: Nucleus) -> int:
         """The id of ``labels`` that overlaps gt nucleus ``g`` most (0 if none)."""
@@ -360,21 +405,86 @@ class Annotator:
         return False
 
     def draw_by_hand(self, g: Nucleus, kind: str) -> None:
-        """The cheaper of N + paint and (new tools) a clicked polygon or a lasso."""
+        """The cheaper of N + paint and (new tools) Q: a clicked polygon or a lasso."""
         paint = 1 + g.paint
-        lasso = self.new_tools and self.policy.lasso
-        clicks = lasso_points(g.outline) if lasso else polygon_clicks(g.outline)
-        cost = 2 if lasso else 2 + len(clicks)  # Q + drag, or Q + clicks + Enter
-        if self.new_tools and cost < paint:
-            edit = self.attempt(kind, cost, lambda lab: correct.polygon_nucleus(lab, clicks))
-            if edit is not None and g.iou(edit.labels, edit.new_ids[0]) >= self.accept:
-                self.labels = edit.labels
-                self.note("lasso" if lasso else "polygon")
-                return
-            self.pay(kind, 0 if edit is None else 1)
+        q_first = self.new_tools and g.id not in self.q_failed
+        if q_first and self.q_cost(g)[0] < paint and self.outline_with_q(g, kind):
+            return
         self.pay(kind, paint)
         self.labels = paint_nucleus(self.labels, g, editing.next_free_id(self.labels))
         self.note("paint")
+
+    def q_cost(self, g: Nucleus) -> tuple[int, np.ndarray]:
+        """Q's cost and points for ``g``: Q + one drag (lasso), or Q + clicks + Enter."""
+        if self.policy.lasso:
+            return 2, lasso_points(g.outline)
+        clicks = polygon_clicks(g.outline)
+        return 2 + len(clicks), clicks
+
+    def outline_with_q(self, g: Nucleus, kind: str, wrong: tuple[int, ...] = ()) -> bool:
+        """Q along ``g``'s outline (the editor's replace mode); True when it is kept.
+
+        Verified / edited nuclei (:attr:`edited`) keep their pixels. Kept when the drawn
+        nucleus reaches ``accept`` and no other gt nucleus loses a good match (else undone,
+        1 action). ``wrong``: the nuclei this outline should replace (a loose or misplaced
+        outline, split pieces, a merged blob): D (1) on each that is left but the drawn one.
+        """
+        cost, pts = self.q_cost(g)
+        keep = set(self.edited)
+        edit = self.attempt(kind, cost, lambda lab: correct.polygon_nucleus(
+            lab, pts, replace=True, keep=keep))  # fmt: skip
+        what = "lasso" if self.policy.lasso else "polygon"
+        if edit is None:
+            self.q_failed.add(g.id)
+            self.note(f"{what} refused")
+            return False
+        if g.iou(edit.labels, edit.nucleus) < self.accept or self._spoils(edit, g):
+            self.q_failed.add(g.id)
+            self.pay(kind)  # undo
+            self.note(f"{what} undone")
+            return False
+        self._labels = edit.labels  # not the setter: neighbours that lost pixels keep status
+        self.note(f"{what} redrew" if edit.redrawn else what)
+        left = [w for w in wrong if w != edit.nucleus and (self.labels == w).any()]
+        if left:
+            self.pay(kind, len(left))  # D on each rest of a wrong outline
+            self.labels = editing.delete(self.labels, left).labels
+            self.note(f"{what} + D")
+        return True
+
+    def _spoils(self, edit: editing.Edit, g: Nucleus) -> bool:
+        """Whether ``edit`` takes a good match (IoU >= accept) from a gt nucleus but ``g``."""
+        ids = edit.changed_ids
+        lost = self._good(self.labels, ids) - self._good(edit.labels, ids)
+        return bool(lost - {g.id})
+
+    def _good(self, labels: np.ndarray, ids: tuple[int, ...]) -> set[int]:
+        """gt ids matched at IoU >= accept by one of ``ids`` in ``labels``."""
+        out = set()
+        for k in ids:
+            mask = labels == k
+            area = int(np.count_nonzero(mask))
+            gids, inter = np.unique(self.gt[mask], return_counts=True)
+            for j, n in zip(gids.tolist(), inter.tolist(), strict=True):
+                if j and n / (area + self.truth[j].area - n) >= self.accept:
+                    out.add(j)
+        return out
+
+    def fix_shape(self, nid: int, g: Nucleus, kind: str) -> bool:
+        """Fix nucleus ``nid``'s outline towards ``g``; True when it reaches ``accept``.
+
+        Trained orders: grow / shrink when at most :data:`PRESSES_BEFORE_REDRAW` presses
+        do, else a Q redraw when it is cheaper than D + N + paint, else the presses
+        (up to :data:`MAX_PRESSES`). Tried first: :meth:`fix_outline` (O first).
+        """
+        if self.policy.refine or self.q_cost(g)[0] >= 2 + g.paint:
+            return self.fix_outline(nid, g, kind)
+        presses, pressed = self.presses(self.labels, nid, g)
+        if pressed is not None and presses <= PRESSES_BEFORE_REDRAW:
+            return self._press(self.labels, nid, g, kind)
+        if self.outline_with_q(g, kind, wrong=(nid,)):
+            return True
+        return self._press(self.labels, nid, g, kind)
 
     # ------------------------------------------------------------------- outline fix
 
@@ -433,13 +543,17 @@ class Annotator:
 
     def fix_split(self, g: Nucleus, pieces: list[int]) -> None:
         self.tally.errors["split"] += 1
+        lasso = self.new_tools and self.policy.lasso and not self.edited & set(pieces)
+        if lasso and self.outline_with_q(g, "split", wrong=tuple(pieces)):
+            self.note("split by Q")
+            return
         self.pay("split", len(pieces) + 1)  # S on each piece + G
         self.labels = editing.merge(self.labels, pieces).labels
 
     def fix_miss(self, g: Nucleus, misplaced: int | None) -> None:
         self.tally.errors["miss"] += 1
         if misplaced is not None:
-            if self.new_tools and self.fix_outline(misplaced, g, "miss"):
+            if self.new_tools and self.fix_shape(misplaced, g, "miss"):
                 self.note("misplaced refitted")
                 return
             self.pay("miss")  # D
@@ -449,7 +563,7 @@ class Annotator:
     def fix_loose(self, nid: int, g: Nucleus) -> None:
         self.tally.errors["outline"] += 1
         if self.new_tools:
-            if self.fix_outline(nid, g, "outline"):
+            if self.fix_shape(nid, g, "outline"):
                 return
             self.pay("outline")  # D
             self.labels = editing.delete(self.labels, [nid]).labels
@@ -466,6 +580,8 @@ class Annotator:
         if not self.new_tools:
             self.pay("merge", len(gts))  # K + a line per extra nucleus
             self._ideal_cut(pid, gts)
+            return
+        if self.policy.lasso and self._lasso_merge(pid, gts):
             return
         start = self.labels
         inside = {g.id: g.deepest(g.window(start) == pid) for g in gts}
@@ -490,6 +606,47 @@ class Annotator:
         self.note("merge redrawn")
         for g in gts:
             self.draw(g, "merge")
+
+    def _lasso_merge(self, pid: int, gts: list[Nucleus]) -> bool:
+        """Q around each merged nucleus but the one the blob's rest fits best (2 each).
+
+        Q takes its pixels from the (not verified / edited) blob, which keeps its largest
+        piece as the last nucleus. A gt nucleus left without a match (IoU 0.5) afterwards
+        is drawn with Q (D on what is left of the blob, if anything), or painted. False,
+        with nothing done, when the blob is verified / edited (Q would not take from it).
+        """
+        if pid in self.edited:
+            return False
+        rest = self._best_rest(pid, gts)
+        for g in gts:
+            if g is not rest:
+                self.draw_by_hand(g, "merge")
+        for g in gts:
+            if self._matched(g):
+                continue
+            if g.id in self.q_failed or not self.outline_with_q(g, "merge", wrong=(pid,)):
+                self.draw_by_hand(g, "merge")
+        self.note("merge by Q")
+        return True
+
+    def _best_rest(self, pid: int, gts: list[Nucleus]) -> Nucleus:
+        """The gt nucleus that the blob's largest piece fits best once the others are out."""
+        blob = self.labels == pid
+        others = self.gt > 0
+        best, best_iou = gts[0], -1.0
+        for g in gts:
+            mask = others.copy()
+            mask[g.box][g.mask] = False  # the others' pixels, not g's
+            rest = largest_piece(blob & ~mask)
+            inter = int(np.count_nonzero(rest[g.box][g.mask]))
+            iou = inter / (g.area + int(np.count_nonzero(rest)) - inter)
+            if iou > best_iou:
+                best, best_iou = g, iou
+        return best
+
+    def _matched(self, g: Nucleus) -> bool:
+        nid = self._id_over(self.labels, g)
+        return g.iou(self.labels, nid) >= IOU_MATCH
 
     def _cut_all(self, how: str, cost: int, gts: list[Nucleus], inside: dict) -> Any:
         """Cut the blob until each gt centre has its own piece: (labels, cuts) or None."""
@@ -517,6 +674,7 @@ class Annotator:
                 return None if cuts == 1 else (lab, cuts - 1)
             if not edit.changed:
                 return None if cuts == 1 else (lab, cuts - 1)
+            self.edited.update(edit.changed_ids)  # edited even when undone afterwards
             lab = edit.labels
         return lab, cuts
 
@@ -584,6 +742,22 @@ class Annotator:
         for k, g in enumerate(gts):
             lab[blob & (owner == g.id)] = pid if k == 0 else nxt + k - 1
         self.labels = lab
+
+
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected piece of ``mask`` (as Q leaves a neighbour)."""
+    pieces, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    return pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+
+
+def edited_ids(edit: editing.Edit) -> set[int]:
+    """Ids an edit marks *edited* in the editor: every changed id, except that Q's
+    neighbours that only lost pixels keep their status (its drawn nucleus is edited)."""
+    if isinstance(edit, correct.OutlineEdit):
+        return {edit.nucleus}
+    return set(edit.changed_ids)
 
 
 def paint_nucleus(labels: np.ndarray, g: Nucleus, nid: int) -> np.ndarray:

@@ -113,7 +113,9 @@ def test_trained_order_cuts_lines_presses_keys_and_lassos(bench):
     # the annotator stops pressing at IoU 0.7 (the 3 px ring shrunk by one: IoU 0.72)
     assert evaluate(gt, ann.labels).aji >= 0.85
     lasso = run(bench, gt, pred, maps, policy=bench.LASSO, outline=True)
-    assert lasso.tally.actions["miss"] == 2 and lasso.tally.events["lasso"] == 1  # Q + drag
+    # Q + drag for the miss, and around one of the merged nuclei (the blob keeps the other)
+    assert dict(lasso.tally.actions) == {"fp": 1, "merge": 2, "miss": 2, "outline": 1}
+    assert lasso.tally.events["lasso"] == 2 and lasso.tally.events["merge by Q"] == 1
     assert evaluate(gt, lasso.labels).aji >= 0.85
 
 
@@ -151,3 +153,35 @@ def test_o_reads_the_tile_when_the_maps_share_the_loose_outline(bench):
     seeing = bench.fix_prediction(pred, gt, truth, maps, None, image=image, **kw)
     assert dict(seeing.tally.actions) == {"outline": 1} and seeing.tally.events["O accepted"] == 1
     assert evaluate(gt, seeing.labels).aji >= 0.9
+
+
+def test_lasso_redraws_a_loose_outline_in_two_actions(bench):
+    """Q + one drag over a misplaced outline redraws it (same id): no D first (was 3)."""
+    gt = disks((120, 160), CENTRES)
+    pred = gt.copy()
+    pred[gt == 4] = 0
+    pred[np.roll(gt == 4, 5, axis=1)] = 4  # moved 5 px: matched (IoU 0.55), loose
+    maps = Postprocessor(*(np.zeros(gt.shape, np.float32), np.zeros((2, *gt.shape))))
+    truth = bench.truth_nuclei(gt)
+    ann = bench.fix_prediction(pred, gt, truth, maps, None, policy=bench.LASSO, outline=True)
+    assert dict(ann.tally.errors) == {"outline": 1}
+    assert dict(ann.tally.actions) == {"outline": 2}  # Q + drag
+    assert ann.tally.events["lasso redrew"] == 1 and ann.tally.events["grow/shrink x1"] == 0
+    assert truth[4].iou(ann.labels, 4) >= 0.85  # the same id, redrawn
+    trained = bench.fix_prediction(pred, gt, truth, maps, None, policy=bench.TRAINED, outline=True)
+    assert trained.tally.actions["outline"] == 1 + 1 + truth[4].paint  # D + N + paint
+
+
+def test_lasso_takes_a_miss_hidden_under_a_neighbour_in_two_actions(bench):
+    """The neighbour's over-large outline covers part of the missed nucleus: Q + drag."""
+    gt = disks((80, 100), ((40, 35), (40, 57)))
+    pred = np.where(gt == 1, 1, 0).astype(np.int32)
+    pred[(gt == 2) & (np.arange(100) < 53)] = 1  # a third of nucleus 2 under nucleus 1
+    t = make_targets(gt)
+    maps = Postprocessor(t.foreground.astype(np.float32), t.hv, t.contour.astype(np.float32))
+    truth = bench.truth_nuclei(gt)
+    ann = bench.fix_prediction(pred, gt, truth, maps, None, policy=bench.LASSO, outline=True)
+    assert dict(ann.tally.errors) == {"miss": 1}
+    assert dict(ann.tally.actions) == {"miss": 2} and ann.tally.events["lasso"] == 1
+    assert ndi.label(ann.labels == 1)[1] == 1 and evaluate(gt, ann.labels).aji >= 0.85
+    assert ann.edited == {2}  # the neighbour only lost pixels: still "predicted"

@@ -433,3 +433,93 @@ def test_refine_outline_with_a_flat_image_falls_back_to_the_maps():
     edit = C.refine_outline(lab, 1, model_maps(truth), blank)
     np.testing.assert_array_equal(edit.labels, C.refine_outline(lab, 1, model_maps(truth)).labels)
     assert iou(edit.labels == 1, truth == 1) >= 0.9
+
+
+# ------------------------------------------------------------ polygon: replace mode (Q)
+
+
+def circle(centre, radius, n=48) -> np.ndarray:
+    """Vertices (row, col) of a lasso drawn around a circle."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([centre[0] + radius * np.sin(t), centre[1] + radius * np.cos(t)], 1)
+
+
+def disc_mask(shape, centre, radius) -> np.ndarray:
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    return (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius**2
+
+
+def test_replace_redraws_the_nucleus_it_covers_keeping_its_id():
+    lab = discs()  # 1 at (40, 40), 2 at (40, 64) touching it, 3 at (80, 60)
+    lasso = circle((42, 36), 12)  # nucleus 1 drawn again, moved away from nucleus 2
+    for keep in ((), (1,)):  # redrawn whatever its status (it becomes edited)
+        edit = C.polygon_nucleus(lab, lasso, replace=True, keep=keep)
+        check_edit(lab, edit)
+        assert edit.redrawn and edit.nucleus == 1 and edit.new_ids == ()
+        drawn = C.polygon_nucleus(np.zeros_like(lab), lasso).labels > 0
+        np.testing.assert_array_equal(edit.labels == 1, drawn)
+        assert edit.taken == {} and edit.removed_ids == ()
+        assert not (edit.labels[(lab == 1) & ~drawn] == 1).any()  # the old outline is gone
+        np.testing.assert_array_equal(edit.labels == 3, lab == 3)
+        assert edit.message.startswith("nucleus 1 redrawn")
+    # undoing the edit (old values at its pixels) restores the labels exactly
+    undone = edit.labels.copy()
+    undone[edit.indices] = lab[edit.indices]
+    np.testing.assert_array_equal(undone, lab)
+
+
+def test_replace_never_takes_pixels_of_a_verified_or_edited_neighbour():
+    """A miss hidden under a neighbour's over-large outline, the neighbour verified."""
+    shape = (80, 100)
+    big = disc_mask(shape, (40, 40), 18).astype(np.int32) * 7  # covers half the miss
+    miss = disc_mask(shape, (40, 62), 10)
+    edit = C.polygon_nucleus(big, circle((40, 62), 10), replace=True, keep=[7])
+    check_edit(big, edit)
+    assert not edit.redrawn and edit.new_ids == (8,) and edit.taken == {}
+    np.testing.assert_array_equal(edit.labels == 7, big == 7)  # every pixel kept
+    assert ((edit.labels == 8) == (miss & (big == 0)) | ((edit.labels == 8) & ~miss)).all()
+    assert edit.spared == (7,) and "nucleus 7 kept its pixels" in edit.message
+
+
+def test_replace_takes_only_the_overlap_from_an_unverified_neighbour():
+    shape = (80, 100)
+    big = disc_mask(shape, (40, 40), 18).astype(np.int32) * 7
+    lasso = circle((40, 62), 10)
+    drawn = C.polygon_nucleus(np.zeros_like(big), lasso).labels > 0
+    edit = C.polygon_nucleus(big, lasso, replace=True, keep=[3])  # 3: some other nucleus
+    check_edit(big, edit)
+    assert not edit.redrawn and edit.nucleus == 8
+    np.testing.assert_array_equal(edit.labels == 8, drawn)  # the whole drawn shape
+    np.testing.assert_array_equal(edit.labels == 7, (big == 7) & ~drawn)  # only the overlap
+    assert ndi.label(edit.labels == 7)[1] == 1
+    lost = int(((big == 7) & drawn).sum())
+    assert edit.taken == {7: lost}
+    assert edit.message == f"new nucleus 8; took {lost} px from nucleus 7"
+    # a 10 px band across it cuts it in two: it keeps its larger piece, the other goes
+    band = [(10, 30), (10, 40), (70, 40), (70, 30)]
+    cut = C.polygon_nucleus(big, band, replace=True)
+    left, right = (big == 7) & (np.arange(100) < 30), (big == 7) & (np.arange(100) > 40)
+    assert not cut.redrawn and cut.nucleus == 8
+    np.testing.assert_array_equal(cut.labels == 7, right)  # the larger piece
+    assert not cut.labels[left].any()
+    assert cut.taken[7] == int((big == 7).sum() - right.sum())
+
+
+def test_replace_refusals_and_flags():
+    lab = discs()
+    with pytest.raises(C.CorrectionRefused, match="verified or edited"):
+        C.polygon_nucleus(lab, [(36, 36), (36, 44), (44, 44), (44, 36)], replace=True, keep=[1, 2])
+    with pytest.raises(ValueError, match="not both"):
+        C.polygon_nucleus(lab, circle((40, 40), 5), replace=True, overwrite=True)
+    # a small outline inside a kept nucleus does not redraw it: refused, unchanged
+    with pytest.raises(C.CorrectionRefused, match="verified or edited"):
+        C.polygon_nucleus(lab, circle((80, 60), 4), replace=True, keep=[3])
+    # the same inside an unverified nucleus: a new nucleus carved out of it
+    carved = C.polygon_nucleus(lab, circle((80, 60), 4), replace=True)
+    assert not carved.redrawn and carved.nucleus == 4 and set(carved.taken) == {3}
+    # an outline around all of nucleus 3 and much more: redrawn unless it is kept
+    wide = circle((80, 60), 20)
+    assert C.polygon_nucleus(lab, wide, replace=True).redrawn
+    around = C.polygon_nucleus(lab, wide, replace=True, keep=[3])
+    assert not around.redrawn and around.nucleus == 4 and around.spared == (3,)
+    np.testing.assert_array_equal(around.labels == 3, lab == 3)

@@ -17,7 +17,9 @@ so a GUI writes it as one undoable step:
   energy (or, without maps, the distance transform) from both seeds *fairly*: each seed
   first climbs to the centre of its own part, and everything deeper than the shallower
   of the two starts as one level, so one seed cannot flood the whole nucleus first.
-* :func:`polygon_nucleus` - a new nucleus from an outline (clicked vertices or a lasso).
+* :func:`polygon_nucleus` - a nucleus from an outline (clicked vertices or a lasso): a
+  new one on the background, or (``replace``, the editor's ``Q``) one that redraws the
+  nucleus it covers and takes pixels from neighbours that are not verified / edited.
 
 Every tool works on a window around the click or the nucleus (a few nucleus diameters,
 enlarged only when the nucleus reaches its border), so a click costs milliseconds on a
@@ -37,8 +39,8 @@ numpy / scipy / scikit-image only: nothing here imports napari, Qt or torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,7 @@ from .postprocess import Postprocessor, PostprocessParams
 __all__ = [
     "STAINS",
     "CorrectionRefused",
+    "OutlineEdit",
     "add_nucleus_at",
     "grow",
     "polygon_nucleus",
@@ -88,6 +91,9 @@ EDGE_STEPS = 3
 PROB_LEVELS = (0.2, 0.3, 0.5, 0.6, 0.7, 0.8)
 SIGNAL_OFFSETS = (-0.2, 0.0, 0.2)
 _SQUARE = np.ones((3, 3), bool)
+#: Outline replace mode: the nucleus the outline overlaps most is redrawn when more than
+#: this share of its pixels lies inside (and, if protected, of the outline lies over it).
+REDRAW_SHARE = 0.5
 
 
 class CorrectionRefused(ValueError):
@@ -805,47 +811,218 @@ def _fair(energy: np.ndarray, markers: np.ndarray) -> np.ndarray:
     return np.maximum(energy, level)
 
 
-def polygon_nucleus(
-    labels: np.ndarray, points: Sequence[Sequence[float]], *, overwrite: bool = False
-) -> Edit:
-    """A new nucleus from an outline: the polygon through ``points`` (row, col), filled.
+@dataclass(frozen=True, eq=False)
+class OutlineEdit(Edit):
+    """The :class:`~napari_medinst.editing.Edit` of :func:`polygon_nucleus`, and what it did.
 
-    The polygon (its inside and its outline) gets the next free id on background pixels
-    only, or on every pixel with ``overwrite``.  A nucleus must be one piece: when other
-    nuclei cut the fill apart, only its largest piece is kept.  The part of the polygon
-    outside the image is ignored.
-
-    Raises
-    ------
-    CorrectionRefused
-        If fewer than three distinct vertices are given, the polygon covers no pixel of
-        the image, or no pixel it may fill (without ``overwrite``: no background).
+    Attributes
+    ----------
+    nucleus : int
+        The id of the drawn nucleus: a new id, or the redrawn nucleus' own.
+    redrawn : bool
+        Whether an existing nucleus was redrawn (else a new nucleus was added).
+    taken : dict
+        Pixels each other nucleus lost (drawn over, or cut off from its largest piece),
+        by id; empty when only background was filled.
+    gone : tuple of int
+        The nuclei of ``taken`` that lost every pixel.
+    spared : tuple of int
+        Protected (``keep``) nuclei the outline overlapped: they kept every pixel.
     """
-    old = check_labels(labels)
+
+    nucleus: int = 0
+    redrawn: bool = False
+    taken: dict[int, int] = field(default_factory=dict)
+    gone: tuple[int, ...] = ()
+    spared: tuple[int, ...] = ()
+
+    @property
+    def message(self) -> str:
+        """One line for the user, e.g. ``new nucleus 40; took 35 px from nucleus 7``."""
+        text = f"nucleus {self.nucleus} redrawn" if self.redrawn else f"new nucleus {self.nucleus}"
+        if self.taken:
+            parts = [
+                f"{n} px from nucleus {k}" + (" (now gone)" if k in self.gone else "")
+                for k, n in sorted(self.taken.items())
+            ]
+            text += "; took " + ", ".join(parts)
+        if self.spared:
+            ids = ", ".join(map(str, self.spared))
+            text += f"; verified / edited nucleus {ids} kept its pixels"
+        return text
+
+
+def _outline_edit(old: np.ndarray, new: np.ndarray, box: Box, nid: int, **kw: Any) -> OutlineEdit:
+    edit = _make_edit(old, new, box)
+    base = {f.name: getattr(edit, f.name) for f in fields(Edit)}
+    return OutlineEdit(**base, nucleus=nid, **kw)
+
+
+def _polygon_mask(
+    shape: tuple[int, int], points: Sequence[Sequence[float]]
+) -> tuple[Box, np.ndarray]:
+    """The window around an outline and its filled inside (polygon and outline pixels)."""
     pts = np.asarray(points, np.float64).reshape(-1, 2) if len(points) else np.zeros((0, 2))
     if not np.isfinite(pts).all():
         raise CorrectionRefused("the outline has a point that is not in the image")
     if len(np.unique(np.round(pts), axis=0)) < 3:
         raise CorrectionRefused("draw an outline with at least three points")
     lo = np.maximum(np.floor(pts.min(0)).astype(np.int64) - 1, 0)
-    hi = np.minimum(np.ceil(pts.max(0)).astype(np.int64) + 2, old.shape)
+    hi = np.minimum(np.ceil(pts.max(0)).astype(np.int64) + 2, shape)
     if (hi <= lo).any():
         raise CorrectionRefused("the outline lies outside the image")
     box = (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])))
-    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+    size = (box[0].stop - box[0].start, box[1].stop - box[1].start)
     rel = pts - lo
-    inside = np.zeros(shape, bool)
-    rr, cc = draw_polygon(rel[:, 0], rel[:, 1], shape)
+    inside = np.zeros(size, bool)
+    rr, cc = draw_polygon(rel[:, 0], rel[:, 1], size)
     inside[rr, cc] = True
-    inside |= _rasterise(np.vstack([rel, rel[:1]]), shape)
+    inside |= _rasterise(np.vstack([rel, rel[:1]]), size)
+    if not inside.any():
+        raise CorrectionRefused("the outline covers no pixel of the image")
+    return box, inside
+
+
+def polygon_nucleus(
+    labels: np.ndarray,
+    points: Sequence[Sequence[float]],
+    *,
+    overwrite: bool = False,
+    replace: bool = False,
+    keep: Iterable[int] = (),
+) -> OutlineEdit:
+    """A nucleus from an outline: the polygon through ``points`` (row, col), filled.
+
+    By default the polygon (its inside and its outline) becomes a new nucleus (the next
+    free id) on background pixels only, or on every pixel with ``overwrite``.
+
+    With ``replace`` (the editor's ``Q``) it acts like a brush that knows nuclei:
+
+    * **redraw** - when more than :data:`REDRAW_SHARE` of the pixels of the nucleus the
+      outline overlaps most lie inside the outline, that nucleus is redrawn as the drawn
+      shape: it keeps its id, its pixels outside the shape become background.  A
+      nucleus in ``keep`` is redrawn only when, moreover, more than that share of the
+      outline lies over it (an outline that merely overlaps expert work never
+      replaces it).
+    * **new nucleus** - otherwise the shape becomes a new nucleus.
+
+    Either way the shape takes background and the pixels of every other nucleus that
+    is *not* in ``keep`` (the ids the user verified or edited: they keep every pixel,
+    so expert work is never overwritten).  A nucleus that lost pixels keeps its
+    largest connected piece (pieces cut off become background, and so does a rest
+    smaller than :data:`MIN_AREA` px).
+
+    A nucleus must be one piece: when kept nuclei cut the fill apart, only its largest
+    piece is drawn.  The part of the polygon outside the image is ignored.
+
+    Returns
+    -------
+    OutlineEdit
+        The edit, with the id drawn, whether it was redrawn, the pixels taken from
+        each other nucleus and :attr:`OutlineEdit.message` saying so.
+
+    Raises
+    ------
+    CorrectionRefused
+        If fewer than three distinct vertices are given, the polygon covers no pixel of
+        the image, or no pixel it may fill (without ``overwrite`` or ``replace``: no
+        background; with ``replace``: only kept nuclei).
+    ValueError
+        If both ``overwrite`` and ``replace`` are set.
+    """
+    if overwrite and replace:
+        raise ValueError("polygon_nucleus: choose overwrite or replace, not both")
+    old = check_labels(labels)
+    box, inside = _polygon_mask(old.shape, points)
+    if replace:
+        return _replace_with_outline(old, box, inside, {int(i) for i in keep} - {0})
     win = old[box]
     fill = _largest(inside if overwrite else inside & (win == 0))
     if not fill.any():
-        raise CorrectionRefused(
-            "the outline covers no pixel of the image"
-            if not inside.any()
-            else "the outline covers only existing nuclei (no background to fill)"
-        )
+        raise CorrectionRefused("the outline covers only existing nuclei (no background to fill)")
+    nid = _free_id(old)
     new = old.copy()
-    new[box][fill] = _free_id(old)
-    return _make_edit(old, new, box)
+    new[box][fill] = nid
+    taken = _counts(win[fill & (win != 0)])
+    return _outline_edit(old, new, box, nid, taken=taken, gone=_gone(new, old, box, taken))
+
+
+def _counts(values: np.ndarray) -> dict[int, int]:
+    ids, n = np.unique(values, return_counts=True)
+    return {int(i): int(k) for i, k in zip(ids, n, strict=True) if i != 0}
+
+
+def _gone(new: np.ndarray, old: np.ndarray, box: Box, ids: Iterable[int]) -> tuple[int, ...]:
+    """Those of ``ids`` no longer in ``new`` (each was entirely inside ``box``)."""
+    gone = []
+    for k in sorted(ids):
+        whole = _nucleus_box(old, k, None)
+        if not (new[whole] == k).any():
+            gone.append(k)
+    return tuple(gone)
+
+
+def _redraw_target(old: np.ndarray, box: Box, inside: np.ndarray, keep: set[int]) -> int:
+    """The nucleus the outline redraws (see :func:`polygon_nucleus`), or 0."""
+    over = _counts(old[box][inside])
+    if not over:
+        return 0
+    target = max(over, key=lambda k: (over[k], -k))
+    near = _first_pixel(old[box] == target, inside, box)
+    area = _box_area(old, _nucleus_box(old, target, near), target)
+    mostly_covered = over[target] > REDRAW_SHARE * area
+    mostly_over = over[target] > REDRAW_SHARE * int(inside.sum())
+    return target if mostly_covered and (target not in keep or mostly_over) else 0
+
+
+def _first_pixel(mask: np.ndarray, inside: np.ndarray, box: Box) -> tuple[int, int]:
+    r, c = np.argwhere(mask & inside)[0]
+    return int(r) + box[0].start, int(c) + box[1].start
+
+
+def _union(a: Box, b: Box) -> Box:
+    return (
+        slice(min(a[0].start, b[0].start), max(a[0].stop, b[0].stop)),
+        slice(min(a[1].start, b[1].start), max(a[1].stop, b[1].stop)),
+    )
+
+
+def _replace_with_outline(
+    old: np.ndarray, box: Box, inside: np.ndarray, keep: set[int]
+) -> OutlineEdit:
+    """:func:`polygon_nucleus` with ``replace``: redraw a nucleus or add one (see there)."""
+    win = old[box]
+    target = _redraw_target(old, box, inside, keep)
+    protected = keep - {target}
+    blocked = np.isin(win, list(protected)) if protected else np.zeros(win.shape, bool)
+    fill = _largest(inside & ~blocked)
+    if not fill.any():
+        raise CorrectionRefused(
+            "the outline covers only verified or edited nuclei: they keep their pixels"
+        )
+    nid = target or _free_id(old)
+    new = old.copy()
+    edit_box = box
+    if target:
+        tbox = _nucleus_box(old, target, _first_pixel(win == target, inside, box))
+        new[tbox][old[tbox] == target] = 0
+        edit_box = _union(edit_box, tbox)
+    new[box][fill] = nid
+    losers = set(_counts(win[fill])) - {nid}
+    for k in sorted(losers):
+        kbox = _nucleus_box(old, k, _first_pixel(win == k, fill, box))
+        rest = new[kbox] == k
+        keep_piece = _largest(rest)
+        if int(keep_piece.sum()) < MIN_AREA:
+            keep_piece = np.zeros_like(rest)
+        new[kbox][rest & ~keep_piece] = 0
+        edit_box = _union(edit_box, kbox)
+    taken = {
+        k: int(np.count_nonzero(old[edit_box] == k)) - int(np.count_nonzero(new[edit_box] == k))
+        for k in sorted(losers)
+    }
+    gone = tuple(k for k in sorted(losers) if not (new[edit_box] == k).any())
+    spared = tuple(sorted(set(_counts(win[inside])) & protected))
+    return _outline_edit(
+        old, new, edit_box, nid, redrawn=bool(target), taken=taken, gone=gone, spared=spared
+    )

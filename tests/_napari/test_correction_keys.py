@@ -235,3 +235,70 @@ def test_tools_without_maps_or_image_refuse(make_napari_viewer, warnings):
     press(viewer, gt, "O", at=(40, 40))
     assert "no model maps and no image" in warnings[-1]
     np.testing.assert_array_equal(gt.data, before)
+
+
+def lasso(gt, points) -> None:
+    """A drag through ``points`` (data row, col) with the outline mode's mouse callback."""
+    callback = gt.mouse_drag_callbacks[-1]
+    event = SimpleNamespace(position=gt.data_to_world(points[0]), type="mouse_press")
+    gen = callback(gt, event)
+    next(gen)
+    for point in points[1:]:
+        event.type, event.position = "mouse_move", gt.data_to_world(point)
+        next(gen)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def ring(centre, radius, n=40) -> list[tuple[float, float]]:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return [(centre[0] + radius * np.sin(a), centre[1] + radius * np.cos(a)) for a in t]
+
+
+def test_outline_key_redraws_the_nucleus_under_it_in_one_undo_step(make_napari_viewer):
+    truth = discs()
+    loose = truth.copy()
+    loose[(ndi.distance_transform_edt(truth != 3) <= 4) & (truth == 0)] = 3  # too wide
+    viewer, gt, editor = setup(make_napari_viewer, loose, truth, with_maps=False)
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "Q")
+    lasso(gt, ring((80, 60), 11))
+    data = np.asarray(gt.data)
+    assert iou(data == 3, truth == 3) >= 0.9 and 4 not in editor.status  # the same id
+    np.testing.assert_array_equal(data == 1, before == 1)
+    assert editor.status[3] == "edited" and editor.status[1] == "predicted"
+    assert viewer.status == "Nucleus 3 redrawn."
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, before)
+
+
+def test_outline_key_takes_a_hidden_nucleus_from_unverified_neighbours_only(
+    make_napari_viewer,
+):
+    truth = discs()
+    over = truth.copy()
+    over[over == 2] = 1  # nucleus 2 hidden under nucleus 1's over-large outline...
+    over[(truth == 2) & (np.arange(120) > 66)] = 0  # ...which covers most of it
+    viewer, gt, editor = setup(make_napari_viewer, over, truth, with_maps=False)
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "W", at=(40, 40))  # nucleus 1 verified: Q takes none of its pixels
+    press(viewer, gt, "Q")
+    lasso(gt, ring((40, 64), 11))
+    data = np.asarray(gt.data)
+    np.testing.assert_array_equal(data == 1, before == 1)
+    assert "new nucleus 4" in viewer.status.lower() and "nucleus 1 kept its pixels" in viewer.status
+    gt.undo()
+    press(viewer, gt, "W", at=(40, 40))  # unmarked: predicted again
+    assert editor.status[1] == "predicted"
+    press(viewer, gt, "Q")
+    lasso(gt, ring((40, 64), 11))
+    data = np.asarray(gt.data)
+    assert iou(data == 4, truth == 2) >= 0.9 and iou(data == 1, truth == 1) >= 0.9
+    taken = int(((before == 1) & (data == 4)).sum())
+    assert viewer.status == f"New nucleus 4; took {taken} px from nucleus 1."
+    # the drawn nucleus is edited; the neighbour only lost pixels: still to be reviewed
+    assert editor.status[4] == "edited" and editor.status[1] == "predicted"
+    assert ndi.label(data == 1)[1] == 1
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, before)

@@ -21,8 +21,10 @@ key                   action
                       (or the image)
 ``O``                 refine the outline of the nucleus under the cursor
 ``.`` / ``,``         grow / shrink the nucleus under the cursor by one pixel
-``Q``                 outline a new nucleus: click its corners, then ``Enter`` or a
-                      double-click (or drag a lasso); ``Escape`` or ``Q`` cancels
+``Q``                 outline a nucleus: click its corners, then ``Enter`` or a
+                      double-click (or drag a lasso); ``Escape`` or ``Q`` cancels.
+                      Over most of a nucleus it redraws that one, else adds one;
+                      it never takes pixels of verified or edited nuclei
 ``H``                 fill the holes of every nucleus
 ``R``                 remove nuclei and fragments smaller than the minimum size
 ``Shift-R``           relabel sequentially (1..N)
@@ -105,7 +107,7 @@ KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
     ("O", "refine_outline_at_cursor", "refine the outline of the nucleus under the cursor"),
     (".", "grow_at_cursor", "grow the nucleus under the cursor by one pixel"),
     (",", "shrink_at_cursor", "shrink the nucleus under the cursor by one pixel"),
-    ("Q", "toggle_polygon_mode", "outline a new nucleus: clicks + Enter, or drag (Esc cancels)"),
+    ("Q", "toggle_polygon_mode", "outline or redraw a nucleus: clicks + Enter, or drag"),
     ("H", "fill_holes", "fill holes in every nucleus"),
     ("R", "remove_small", "remove nuclei/fragments below the minimum size"),
     ("Shift-R", "relabel", "relabel sequentially"),
@@ -822,14 +824,31 @@ class GroundTruthEditor:
         return n
 
     def finish_polygon(self, points: Sequence[Sequence[float]] | None = None) -> bool:
-        """Fill the outline (``points``, default: the corners clicked) as a new nucleus.
+        """Draw the outline (``points``, default: the corners clicked) as a nucleus.
 
-        A refused outline (too few corners, no background inside) keeps the mode on.
+        Replace mode of :func:`napari_medinst.correct.polygon_nucleus`: an outline over
+        most of one nucleus redraws it (same id); otherwise it is a new nucleus.  Either
+        takes pixels from neighbours that are not verified or edited; those keep every
+        pixel.  The drawn nucleus becomes *edited*; a neighbour that only lost pixels
+        keeps its status (nobody reviewed the rest of it), so the next outline may still
+        take from it.  The status bar says what happened.  A refused outline (too few
+        corners, nothing it may fill) keeps the mode on.
         """
         pts = list(self.polygon_points if points is None else points)
-        edit = correct.polygon_nucleus(self._data(), pts)
+        before = self.status
+        keep = [i for i, s in before.items() if s in ("edited", "verified")]
+        edit = correct.polygon_nucleus(self._data(), pts, replace=True, keep=keep)
         self._leave_polygon_mode()
-        return self.apply(edit, "Outline")
+        ok = self.apply(edit, "Outline")
+        if ok:
+            self._restore_status({k: before[k] for k in edit.taken if k in before})
+            self._say(edit.message[:1].upper() + edit.message[1:] + ".")
+        return ok
+
+    def _restore_status(self, status: dict[int, str]) -> None:
+        """Give nuclei (those still present) back the status they had."""
+        for value in set(status.values()):
+            self.set_status([k for k, v in status.items() if v == value], value)
 
     def cancel_polygon(self) -> bool:
         """Leave the outline mode without changing anything."""
