@@ -13,6 +13,7 @@ from conftest import bundled_tile_slide, load_script
 from napari_medinst import slide as sl
 from napari_medinst._napari import _segment_widget as sw
 from napari_medinst._napari import _slide_job as sj
+from napari_medinst._napari._common import _camera, _canvas_size
 from napari_medinst._napari._segment_widget import SegmentWidget
 from napari_medinst.segment import segment
 
@@ -104,8 +105,8 @@ def test_visible_region_lies_on_the_slide_and_equals_direct(make_napari_viewer, 
     viewer, widget, layer = open_slide_in_panel(make_napari_viewer, slide_path)
     assert not widget._sections["Whole slide"].isHidden()
     assert widget._slide._store.value.name == "s_nuclei.zarr"
-    cam = sj._camera(viewer)
-    h, _w = sj._canvas_size(viewer)
+    cam = _camera(viewer)
+    h, _w = _canvas_size(viewer)
     cam.center = (300.0, 420.0)  # µm
     cam.zoom = h / 200.0  # 200 µm of the slide in the canvas' height: 400 px at level 1
     layer.visible = False  # napari draws nothing: every read below is the panel's
@@ -185,8 +186,8 @@ def test_run_on_a_big_pyramid_never_reads_level_0(make_napari_viewer, qtbot, not
     assert not reads and widget.idle
     # a small visible region is read at level 1 (0.5 µm/px), never at level 0
     layer.visible = False  # napari draws nothing: every read below is the panel's
-    cam = sj._camera(viewer)
-    cam.center, cam.zoom = (2000.0, 2000.0), sj._canvas_size(viewer)[0] / 100.0
+    cam = _camera(viewer)
+    cam.center, cam.zoom = (2000.0, 2000.0), _canvas_size(viewer)[0] / 100.0
     widget._slide._region.native.click()
     wait_idle(qtbot, widget)
     assert reads.get(0, 0) == 0 and reads.get(1, 0) > 0
