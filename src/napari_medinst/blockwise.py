@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ._io import InputError
+from .editing import largest_part
 from .model.folder import LoadedModel
 from .model.inference import DEFAULT_TTA, CancelledError
 from .postprocess import Postprocessor, PostprocessParams
@@ -428,11 +429,7 @@ def _largest_parts(patch: np.ndarray, ids: np.ndarray) -> None:
         if box is None:
             continue
         mask = patch[box] == i
-        parts, n = ndi.label(mask)
-        if n > 1:
-            sizes = np.bincount(parts.ravel())
-            sizes[0] = 0
-            patch[box][mask & (parts != sizes.argmax())] = 0
+        patch[box][mask & ~largest_part(mask)] = 0
 
 
 def paste_block(out: np.ndarray, result: BlockResult, next_id: int) -> tuple[np.ndarray, int]:

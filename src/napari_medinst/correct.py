@@ -52,7 +52,7 @@ from skimage.morphology import h_maxima
 
 from ._flood import flood
 from ._io import check_labels
-from .editing import Edit, _make_edit, _rasterise, next_free_id
+from .editing import Edit, _make_edit, _rasterise, largest_part, next_free_id
 from .postprocess import Postprocessor, PostprocessParams
 
 __all__ = [
@@ -582,7 +582,7 @@ def _outline_candidates(
         level, spread = threshold_otsu(signal[zone]), float(signal[zone].std())
         raw += [ndi.binary_opening((signal > level + q * spread) & zone) for q in SIGNAL_OFFSETS]
     raw += list(extra)
-    cands = (_largest(_overlapping(c, own) & allowed) for c in raw)  # one piece
+    cands = (largest_part(_overlapping(c, own) & allowed) for c in raw)  # one piece
     return [c for c in cands if c.sum() >= MIN_AREA]
 
 
@@ -632,17 +632,8 @@ def _own_basins(st: _Stages, own: np.ndarray, allowed: np.ndarray) -> np.ndarray
         return core
     seeds = np.where(markers > 0, markers + 1, 0).astype(np.int32)
     seeds[core] = 1
-    region = _largest(_flood(st.energy, seeds, mask) == 1)
+    region = largest_part(_flood(st.energy, seeds, mask) == 1)
     return ndi.binary_fill_holes(region) & allowed
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    comps, n = ndi.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(comps.ravel())
-    sizes[0] = 0
-    return comps == int(np.argmax(sizes))
 
 
 def _check_px(px: int) -> int:
@@ -937,7 +928,7 @@ def polygon_nucleus(
     if replace:
         return _replace_with_outline(old, box, inside, {int(i) for i in keep} - {0})
     win = old[box]
-    fill = _largest(inside if overwrite else inside & (win == 0))
+    fill = largest_part(inside if overwrite else inside & (win == 0))
     if not fill.any():
         raise CorrectionRefused("the outline covers only existing nuclei (no background to fill)")
     nid = _free_id(old)
@@ -995,7 +986,7 @@ def _replace_with_outline(
     target = _redraw_target(old, box, inside, keep)
     protected = keep - {target}
     blocked = np.isin(win, list(protected)) if protected else np.zeros(win.shape, bool)
-    fill = _largest(inside & ~blocked)
+    fill = largest_part(inside & ~blocked)
     if not fill.any():
         raise CorrectionRefused(
             "the outline covers only verified or edited nuclei: they keep their pixels"
@@ -1012,7 +1003,7 @@ def _replace_with_outline(
     for k in sorted(losers):
         kbox = _nucleus_box(old, k, _first_pixel(win == k, fill, box))
         rest = new[kbox] == k
-        keep_piece = _largest(rest)
+        keep_piece = largest_part(rest)
         if int(keep_piece.sum()) < MIN_AREA:
             keep_piece = np.zeros_like(rest)
         new[kbox][rest & ~keep_piece] = 0

@@ -55,6 +55,7 @@ __all__ = [
     "error_bbox",
     "fill_holes",
     "label_at",
+    "largest_part",
     "merge",
     "next_free_id",
     "outcome_image",
@@ -207,6 +208,17 @@ def present_ids(labels: np.ndarray) -> np.ndarray:
         return np.flatnonzero(counts[1:]).astype(np.int64) + 1
     ids = np.unique(flat)
     return ids[ids > 0]
+
+
+def largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest connected part of ``mask`` (the first one on a tie; ``mask`` itself
+    when it has at most one part)."""
+    parts, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(parts.ravel())
+    sizes[0] = 0
+    return parts == int(np.argmax(sizes))
 
 
 def next_free_id(labels: np.ndarray) -> int:

@@ -214,6 +214,12 @@ def _crop(maps: Maps, r0: int, r1: int, c0: int, c1: int) -> Maps:
                 cut(maps.tta_std))  # fmt: skip
 
 
+def _working_span(a: int, b: int, scale: float, length: int) -> tuple[int, int]:
+    """Image px ``[a, b)`` in working px, 2 px wider each side for the bilinear
+    resampling back, clipped to the working image's ``length``."""
+    return max(0, int(np.floor(a * scale)) - 2), min(length, int(np.ceil(b * scale)) + 2)
+
+
 def grid_read_box(
     window: tuple[int, int, int, int],
     image_shape: tuple[int, int],
@@ -231,12 +237,10 @@ def grid_read_box(
     """
     scale = pixel_size / CANONICAL_PIXEL_SIZE
     out = []
+    gshape = working_shape(image_shape, scale)
     for axis, (a, b) in enumerate((window[:2], window[2:])):
-        length = image_shape[axis]
-        glen = working_shape(image_shape, scale)[axis]
-        lo = max(0, int(np.floor(a * scale)) - 2)
-        hi = min(glen, int(np.ceil(b * scale)) + 2)
-        t0, t1 = grid_span(glen, lo, hi, stride=stride)
+        length, glen = image_shape[axis], gshape[axis]
+        t0, t1 = grid_span(glen, *_working_span(a, b, scale, glen), stride=stride)
         start = max(0, min(a, int(np.floor((t0 - stride) / scale))))
         end = min(length, max(b, int(np.ceil((t1 + stride) / scale))))
         out += [start, end]
@@ -271,9 +275,10 @@ def maps_on_grid(
     xs = _rescale(x, scale)
     gshape = working_shape(image_shape, scale)
     origin = (round(r0 * scale), round(c0 * scale))
-    # the window in working px, 2 px wider for the bilinear resampling back
-    u0, u1 = max(0, int(np.floor(a0 * scale)) - 2), min(gshape[0], int(np.ceil(a1 * scale)) + 2)
-    v0, v1 = max(0, int(np.floor(b0 * scale)) - 2), min(gshape[1], int(np.ceil(b1 * scale)) + 2)
+    (u0, u1), (v0, v1) = (
+        _working_span(a0, a1, scale, gshape[0]),
+        _working_span(b0, b1, scale, gshape[1]),
+    )
     need = (u0 - origin[0], u1 - origin[0], v0 - origin[1], v1 - origin[1])
     maps = _run(model, xs, modality, pick_device(device), None, should_stop, tta,
                 grid=TileGrid(gshape, origin, need))  # fmt: skip

@@ -88,6 +88,7 @@ from .blockwise import (
     prepare_setup,
     segment_block,
 )
+from .editing import largest_part
 from .model.inference import CancelledError
 from .omezarr import label_image_attrs, level_count, pyramid
 from .preprocess import CANONICAL_PIXEL_SIZE, Modality, check_pixel_size, detect_modality
@@ -536,15 +537,6 @@ def _nuclei_of(out: Path, plan: SlidePlan, index: int, region) -> list[_Nucleus]
     return found
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    parts, n = ndi.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(parts.ravel())
-    sizes[0] = 0
-    return parts == sizes.argmax()
-
-
 class _Painter:
     """Paints nuclei in order on a region; decides each one as described in the module."""
 
@@ -572,7 +564,7 @@ class _Painter:
         free = mask & ~self.kept[where]
         self.kept[where] |= mask
         if lost and free.any():
-            free = _largest(free)
+            free = largest_part(free)
         return free
 
 

@@ -771,20 +771,22 @@ class GroundTruthEditor:
     def refine_outline_at_cursor(self) -> bool:
         return self.refine_outline_at(self.cursor_point())
 
+    def _outline_step(self, point: Sequence[float], px: int, what: str, tool) -> bool:
+        """Grow or shrink (``tool``) the nucleus at ``point`` by ``px`` pixels."""
+        self._require_idle(what)
+        i = self._nucleus_at(point, what)
+        return self.apply(tool(self._data(), i, px, near=point), f"{what} nucleus {i}")
+
     def grow_at(self, point: Sequence[float], px: int = 1) -> bool:
         """Grow the nucleus at ``point`` by ``px`` pixels into the background."""
-        self._require_idle("Grow")
-        i = self._nucleus_at(point, "Grow")
-        return self.apply(correct.grow(self._data(), i, px, near=point), f"Grow nucleus {i}")
+        return self._outline_step(point, px, "Grow", correct.grow)
 
     def grow_at_cursor(self) -> bool:
         return self.grow_at(self.cursor_point())
 
     def shrink_at(self, point: Sequence[float], px: int = 1) -> bool:
         """Shrink the nucleus at ``point`` by ``px`` pixels."""
-        self._require_idle("Shrink")
-        i = self._nucleus_at(point, "Shrink")
-        return self.apply(correct.shrink(self._data(), i, px, near=point), f"Shrink nucleus {i}")
+        return self._outline_step(point, px, "Shrink", correct.shrink)
 
     def shrink_at_cursor(self) -> bool:
         return self.shrink_at(self.cursor_point())
