@@ -154,3 +154,61 @@ def test_a_view_too_large_is_refused_with_a_message(make_napari_viewer, store, n
     assert panel.slide_region.edit_region() is None
     assert "zoom in" in notes["error"][-1] and "\n" not in notes["error"][-1]
     assert len(viewer.layers) == 1
+
+
+def test_a_corrected_region_exports_with_the_slide_pixels_under_it(make_napari_viewer, store,
+                                                                   notes, tmp_path, level_reads,
+                                                                   monkeypatch):  # fmt: skip
+    """Fine-tune export of a slide region: only that part of the slide, on the labels' grid."""
+    import tifffile
+
+    from napari_medinst._napari import _finetune_widget as fw
+
+    viewer, panel, result = open_panel(make_napari_viewer, store)
+    slide_path = next(store.parent.parent.glob("slide*/s.ome.tif"))  # the module fixture's
+    [image] = viewer.open(str(slide_path), plugin=PLUGIN)
+    assert image.multiscale
+    look_at(viewer, result, VIEW)
+    layer = panel.slide_region.edit_region()
+    assert layer is not None, notes["error"]
+    ft = fw.FinetuneWidget(viewer)
+    got: list[str] = []
+    for level in ("error", "info"):
+        monkeypatch.setattr(fw, f"show_{level}", got.append)
+    ft._image.value, ft._gt.value = image, layer
+    ft._set_folder.value = tmp_path / "set"
+    level_reads.clear()
+    res = ft.export()
+    assert res is not None, got
+    [saved] = (tmp_path / "set" / "images").iterdir()
+    exported = tifffile.imread(saved)
+    lab = np.asarray(layer.data)
+    assert exported.shape[:2] == lab.shape
+    b = layer.metadata[SR.REGION_KEY]["box"]  # labels px at 0.5 µm; slide level 0 at 0.25 µm
+    sizes = [float(image.scale[-1] * f[-1]) for f in image.downsample_factors]
+    level = sizes.index(pytest.approx(float(result.scale[-1])))  # the pyramid has that level
+    assert level > 0 and set(level_reads) == {level}  # only that level was read ...
+    want = np.asarray(image.data[level][b[0] : b[1], b[2] : b[3]])
+    np.testing.assert_array_equal(exported, want)  # ... exactly under the region
+
+    # a region between levels: the finer level, resampled to the labels' grid
+    layer.scale = tuple(np.asarray(layer.scale) * 0.75)
+    level_reads.clear()
+    img, _ = ft._image_and_gt(ft._image, ft._gt, "export")[2:]
+    assert img.shape == exported.shape and set(level_reads) == {level - 1}
+    layer.translate = (-100.0, 0.0)  # partly off the slide: refused, nothing read
+    with pytest.raises(fw.InputError, match="does not lie inside"):
+        ft._image_and_gt(ft._image, ft._gt, "export")
+
+
+def test_a_whole_slide_is_refused_for_export_without_reading_it(make_napari_viewer, store,
+                                                                tmp_path, level_reads):  # fmt: skip
+    from napari_medinst._napari import _finetune_widget as fw
+
+    viewer, _panel, _result = open_panel(make_napari_viewer, store)
+    slide_path = next(store.parent.parent.glob("slide*/s.ome.tif"))
+    [image] = viewer.open(str(slide_path), plugin=PLUGIN)
+    level_reads.clear()
+    with pytest.raises(fw.InputError, match="slide"):
+        fw._plane(image)
+    assert not level_reads

@@ -94,12 +94,58 @@ def _folder_value(edit: FileEdit) -> Path | None:
 
 
 def _plane(layer: Layer) -> np.ndarray:
-    """The 2-D (or 2-D RGB) data of a layer, or InputError."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    arr = np.asarray(data)
+    """The 2-D (or 2-D RGB) data of a layer, or InputError.
+
+    A multiscale (slide) layer is refused: its level 0 may not fit in memory; use
+    :func:`_image_under` to read the part under a ground-truth layer.
+    """
+    if getattr(layer, "multiscale", False):
+        h, w = np.shape(layer.data[0])[:2]
+        raise InputError(f"'{layer.name}' is a {w}x{h} px slide: take a region of its result "
+                         "into the ground-truth editor (Evaluate panel) and use that region")  # fmt: skip
+    arr = np.asarray(layer.data)
     spatial = arr.ndim - (1 if getattr(layer, "rgb", False) else 0)
     if spatial != 2:
         raise InputError(f"'{layer.name}' has {spatial} dimensions; use a 2-D layer")
+    return arr
+
+
+def _image_under(image: Layer, gt: Layer) -> np.ndarray:
+    """The pixels of a multiscale (slide) ``image`` under the ground-truth layer ``gt``.
+
+    Reads only the part of the finest-needed level that ``gt`` covers in the world (a
+    region taken from a slide result is placed by its scale and translation) and resamples
+    it to ``gt``'s grid when the level's pixel size differs from ``gt``'s.
+    """
+    lab_shape = np.shape(gt.data)[-2:]
+    g_scale = np.asarray(gt.scale[-2:], float)
+    g_origin = np.asarray(gt.translate[-2:], float)
+    i_scale = np.asarray(image.scale[-2:], float)
+    i_origin = np.asarray(image.translate[-2:], float)
+    level = 0
+    for k in range(len(image.data)):
+        if np.all(i_scale * np.asarray(image.downsample_factors[k][-2:]) <= g_scale * 1.01):
+            level = k
+    px = i_scale * np.asarray(image.downsample_factors[level][-2:], float)
+    start = np.round((g_origin - i_origin) / px).astype(int)
+    size = np.maximum(np.round(np.asarray(lab_shape) * g_scale / px).astype(int), 1)
+    data = image.data[level]
+    h, w = np.shape(data)[:2]
+    if start.min() < 0 or start[0] + size[0] > h or start[1] + size[1] > w:
+        raise InputError(f"'{gt.name}' does not lie inside '{image.name}': choose the slide "
+                         "the region was taken from")  # fmt: skip
+    if size.prod() > 4 * np.prod(lab_shape) + 1:
+        raise InputError(f"'{gt.name}' covers {size.prod() / 1e6:.0f} Mpx of '{image.name}': "
+                         "use a region taken from the slide's result")  # fmt: skip
+    arr = np.asarray(data[start[0] : start[0] + size[0], start[1] : start[1] + size[1]])
+    if tuple(arr.shape[:2]) != tuple(lab_shape):
+        from skimage.transform import resize
+
+        out = resize(arr, (*lab_shape, *arr.shape[2:]), order=1, preserve_range=True,
+                     anti_aliasing=bool(size[0] > lab_shape[0]))  # fmt: skip
+        if arr.dtype.kind in "ui":
+            out = np.clip(np.round(out), 0, np.iinfo(arr.dtype).max)
+        arr = out.astype(arr.dtype)
     return arr
 
 
@@ -673,7 +719,8 @@ class FinetuneWidget(Container):
         image, gt = image_w.value, gt_w.value
         if image is None or gt is None:
             raise InputError(f"choose an image layer and its ground-truth layer to {what}")
-        img, lab = _plane(image), np.asarray(_plane(gt))
+        lab = np.asarray(_plane(gt))
+        img = _image_under(image, gt) if getattr(image, "multiscale", False) else _plane(image)
         if img.shape[:2] != lab.shape:
             raise InputError(
                 f"'{image.name}' is {img.shape[0]}x{img.shape[1]} px but '{gt.name}' is "
@@ -688,6 +735,8 @@ class FinetuneWidget(Container):
         if folder is None:
             raise InputError("choose a training-set folder to export to")
         px = float(self._pixel_size.value or 0.0)
+        if px <= 0 and getattr(image, "multiscale", False) and image.metadata.get("pixel_size_um"):
+            px = float(gt.scale[-1])  # the slide's scale is in µm: so is the region's
         name = self._sample_name.value.strip() or image.name
         res = ft.export_ground_truth(
             folder,
