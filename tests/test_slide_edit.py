@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +276,19 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(store):
     (store / ed.LOCK).write_text("1@some-other-host")
     with pytest.raises(InputError, match="another process"):
         ed.write_region(store, region.box, region.labels, region.labels, {})
+
+
+def test_an_empty_lock_is_taken_over_only_once_it_is_old(store):
+    """A writer that died between creating and filling its lock does not block forever."""
+    region = ed.read_region(store, BOX)
+    lock = store / ed.LOCK
+    lock.write_text("")  # just created by a live writer: wait for it
+    with pytest.raises(InputError, match="another process"):
+        ed.write_region(store, region.box, region.labels, region.labels, {})
+    old = time.time() - 2 * ed.EMPTY_LOCK_S
+    os.utime(lock, (old, old))  # its writer is long gone
+    ed.write_region(store, region.box, region.labels, region.labels, {})
+    assert not lock.exists()
 
 
 def _result(out: Path) -> tuple:

@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,8 +350,19 @@ def _lock_holder(path: Path) -> str:
         return "?"
 
 
+#: An empty lock older than this (s) is stale: its writer fills it right after creating it
+#: and so must have died in between.
+EMPTY_LOCK_S = 10.0
+
+
 def _stale_lock(path: Path) -> bool:
-    pid, _, host = _lock_holder(path).partition("@")
+    holder = _lock_holder(path)
+    if holder == "?":
+        try:
+            return time.time() - path.stat().st_mtime > EMPTY_LOCK_S
+        except OSError:
+            return True  # gone meanwhile: free
+    pid, _, host = holder.partition("@")
     return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
 
