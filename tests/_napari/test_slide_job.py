@@ -288,16 +288,22 @@ def test_cancel_stops_and_a_second_run_resumes(make_napari_viewer, qtbot, notes,
     assert viewer.layers["c.zarr nuclei"].metadata["status"] == "complete"
 
 
-@pytest.mark.slow
-def test_closing_the_viewer_stops_the_run_and_its_cluster(make_napari_viewer, qtbot, notes,
-                                                          slide_path, tmp_path):  # fmt: skip
+def _running(make_napari_viewer, qtbot, slide_path, out):
+    """A panel whose whole-slide run into ``out`` has finished its first block."""
     viewer, widget, _layer = open_slide_in_panel(make_napari_viewer, slide_path)
     seen = []
     widget._slide._relay.progress.connect(lambda *a: seen.append(a))
     before = _children()
-    out = tmp_path / "x.zarr"
     section = start_run(widget, out)
     qtbot.waitUntil(lambda: bool(seen), timeout=RUN_TIMEOUT)  # the first block is done
+    return viewer, widget, section, before
+
+
+@pytest.mark.slow
+def test_closing_the_viewer_stops_the_run_and_its_cluster(make_napari_viewer, qtbot, notes,
+                                                          slide_path, tmp_path):  # fmt: skip
+    out = tmp_path / "x.zarr"
+    viewer, widget, section, before = _running(make_napari_viewer, qtbot, slide_path, out)
     t0 = time.monotonic()
     viewer.close()
     qtbot.waitUntil(lambda: not section.running, timeout=30_000)
@@ -305,6 +311,19 @@ def test_closing_the_viewer_stops_the_run_and_its_cluster(make_napari_viewer, qt
     assert _no_new_children(before)  # no orphan worker process
     assert store_status(out) == "incomplete"
     assert not notes.errors
+
+
+@pytest.mark.slow
+def test_removing_the_panel_stops_the_run(make_napari_viewer, qtbot, notes, slide_path,
+                                          tmp_path):  # fmt: skip
+    """Taking the Segment dock away (the panel object lives on) must not leave a run unseen."""
+    out = tmp_path / "r.zarr"
+    viewer, widget, section, before = _running(make_napari_viewer, qtbot, slide_path, out)
+    viewer.window.remove_dock_widget(widget.native)
+    qtbot.waitUntil(lambda: not section.running, timeout=30_000)
+    assert _no_new_children(before)
+    assert store_status(out) == "incomplete"
+    assert not notes.errors and "cancelled" in notes.infos[-1]
 
 
 def test_bad_output_store_is_one_line_and_starts_nothing(make_napari_viewer, notes, slide_path,

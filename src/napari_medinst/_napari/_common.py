@@ -9,6 +9,7 @@ from typing import Any
 
 from magicgui.widgets import FloatSpinBox
 from napari.layers import Image
+from qtpy.QtCore import QEvent, QObject
 
 from ..preprocess import PIXEL_SIZE_RANGE
 
@@ -29,6 +30,29 @@ def qt_alive(widget) -> bool:
     except RuntimeError:  # the C++ object is gone
         return False
     return True
+
+
+class _Undocked(QObject):
+    """Calls ``callback`` when the watched widget loses its parent (its dock was removed)."""
+
+    def __init__(self, widget, callback) -> None:
+        super().__init__(widget)
+        self._callback = callback
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+            self._callback()
+        return False
+
+
+def on_undocked(widget, callback) -> QObject:
+    """Run ``callback`` when napari removes ``widget``'s dock (the widget is kept alive).
+
+    ``remove_dock_widget`` only takes the panel out of its dock, so Qt's ``destroyed``
+    never fires; work the panel started (a whole-slide run) must still stop.
+    """
+    return _Undocked(unwrap(widget).native, callback)
 
 
 def input_images(viewer) -> list[tuple[str, Image]]:

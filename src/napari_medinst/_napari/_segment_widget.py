@@ -85,6 +85,7 @@ from ._common import (
     clear_path,
     input_images,
     model_choices,
+    on_undocked,
     pixel_size_box,
     qt_alive,
     show_pixel_size,
@@ -581,6 +582,7 @@ class SegmentWidget(Container):
         self._connect_viewer()
         registry.add_listener(self._on_models_changed)
         self.native.destroyed.connect(self._on_destroyed)
+        self._undocked = on_undocked(self, self._slide.cancel)  # a run must not go on unseen
         # the chosen model's defaults, not generic ones, from the start (issue 17, bug 3)
         self._image_layer.changed.connect(self._show_model_defaults)
         self._modality.changed.connect(self._show_model_defaults)
