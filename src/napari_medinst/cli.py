@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["main"]
@@ -237,9 +238,24 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .evaluation import add_parser as add_evaluate
+def _add_evaluate(sub) -> None:
+    """The ``evaluate`` subcommand (defined here: importing the metrics is not free)."""
+    p = sub.add_parser(
+        "evaluate",
+        help="score predicted label images against ground truth",
+        description=(
+            "Score predicted instance label images against ground truth: accuracy, "
+            "precision, recall, F1 and AP at IoU 0.50-0.95, mAP, PQ, AJI, AJI+ and Dice. "
+            "Files in folders are paired by name; a trailing '_instances' on a "
+            "prediction name is ignored."
+        ),
+    )
+    p.add_argument("--pred", required=True, type=Path, help="prediction label image or folder")
+    p.add_argument("--gt", required=True, type=Path, help="ground-truth label image or folder")
+    p.add_argument("--json", action="store_true", help="print all results as JSON")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-medinst", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--version",
@@ -251,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .slide_cli import add_parser as add_segment_slide
 
     add_segment_slide(sub)
-    add_evaluate(sub)
+    _add_evaluate(sub)
     _add_train(sub)
     _add_demo(sub)
     from .convert import add_parser as add_convert
@@ -630,8 +646,6 @@ def _px_note(args, seg, from_file: float | None) -> str:
 def run_segment(args) -> int:
     import warnings
 
-    import numpy as np
-
     from ._io import (
         InputError,
         check_free_space,
@@ -681,56 +695,89 @@ def run_segment(args) -> int:
         del arr, planes
     check_free_space(out, _estimate_bytes(pixels, args.save_maps))
     model = get_model(args.model, args.device)
-    while jobs:
-        path, planes, targets = jobs.pop(0)
-        if planes is None:
-            arr, info = open_image(path)
-            planes = _checked_planes(path, arr, info, args, [])
-            del arr
-        for note in notes[path]:
-            print(note, file=sys.stderr)
-        labels, maps, rows, said = [], [], ["label,score"], set()
-        for z, plane in planes:
-            where = f"{path}" + (f" (plane {z})" if z is not None else "")
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", PixelSizeWarning)
-                try:
-                    seg = _segment_plane(
-                        plane,
-                        model,
-                        pixel_size=_pixel_size_for(args, file_px[path]),
-                        modality=args.modality,
-                        params=params,
-                        device=args.device,
-                        tta=args.tta,
-                        block_size=args.block_size,
-                    )
-                except InputError as exc:
-                    raise InputError(f"{where}: {exc}") from exc
-            _report_warnings(caught, path, said)
-            offset = int(sum(int(lab.max()) for lab in labels))
-            labels.append(seg.labels)
-            rows += _score_rows(seg, offset, rows)
-            maps.append(seg.maps)
-            print(
-                f"{where}: {seg.result.n_instances} nuclei (modality {seg.maps.modality}, "
-                f"{seg.maps.pixel_size:.3f} µm/px{_px_note(args, seg, file_px[path])})"
-            )
-        stack = labels[0] if len(labels) == 1 else np.stack(labels)
-        if len(labels) > 1:  # ids unique across planes
-            offs = np.cumsum([0] + [int(lab.max()) for lab in labels[:-1]]).astype(np.uint32)
-            stack = np.where(stack > 0, stack + offs[:, None, None], 0).astype(np.uint32)
-        stack = stack.astype(np.uint32, copy=False)
-        extra = _format_items(targets, stack, rows, model, seg, planes[0][1])
-        _write_with_zarr(
-            targets,
-            stack,
-            None if seg.maps.pixel_size_estimated else seg.maps.pixel_size,
-            lambda: _write_outputs(targets, stack, rows, maps, args.overwrite, extra),  # noqa: B023
-            args.overwrite,
-        )
-        del planes, labels, maps, stack  # before the next image is decoded
+
+    def read(path: Path):
+        arr, info = open_image(path)
+        return _checked_planes(path, arr, info, args, [])
+
+    # The next image is decoded and the last one's outputs are written in two helper
+    # threads while the network runs (file I/O and compression release the GIL). At
+    # most one read and one write are pending; their errors surface at the next step.
+    with ThreadPoolExecutor(1, "medinst-read") as reader, \
+            ThreadPoolExecutor(1, "medinst-write") as writer:  # fmt: skip
+        ahead = writing = None
+        while jobs:
+            path, planes, targets = jobs.pop(0)
+            if planes is None:
+                planes = ahead.result() if ahead is not None else read(path)
+            ahead = reader.submit(read, jobs[0][0]) if jobs else None
+            result = _segment_one(path, planes, args, notes, file_px, params, model)
+            if writing is not None:
+                writing.result()
+            writing = writer.submit(_write_one, targets, result, model, args)
+            del planes, result  # before the next image is decoded
+        if writing is not None:
+            writing.result()
     return 0
+
+
+def _segment_one(path: Path, planes, args, notes, file_px, params, model) -> tuple:
+    """Segment an image's planes; (labels stack, score rows, maps, last result, plane 0)."""
+    import warnings
+
+    import numpy as np
+
+    from ._io import InputError
+    from .preprocess import PixelSizeWarning
+
+    for note in notes[path]:
+        print(note, file=sys.stderr)
+    labels, maps, rows, said = [], [], ["label,score"], set()
+    for z, plane in planes:
+        where = f"{path}" + (f" (plane {z})" if z is not None else "")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PixelSizeWarning)
+            try:
+                seg = _segment_plane(
+                    plane,
+                    model,
+                    pixel_size=_pixel_size_for(args, file_px[path]),
+                    modality=args.modality,
+                    params=params,
+                    device=args.device,
+                    tta=args.tta,
+                    block_size=args.block_size,
+                )
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from exc
+        _report_warnings(caught, path, said)
+        offset = int(sum(int(lab.max()) for lab in labels))
+        labels.append(seg.labels)
+        rows += _score_rows(seg, offset, rows)
+        maps.append(seg.maps)
+        print(
+            f"{where}: {seg.result.n_instances} nuclei (modality {seg.maps.modality}, "
+            f"{seg.maps.pixel_size:.3f} µm/px{_px_note(args, seg, file_px[path])})"
+        )
+    stack = labels[0] if len(labels) == 1 else np.stack(labels)
+    if len(labels) > 1:  # ids unique across planes
+        offs = np.cumsum([0] + [int(lab.max()) for lab in labels[:-1]]).astype(np.uint32)
+        stack = np.where(stack > 0, stack + offs[:, None, None], 0).astype(np.uint32)
+    stack = stack.astype(np.uint32, copy=False)
+    return stack, rows, maps, seg, planes[0][1]
+
+
+def _write_one(targets: dict[str, Path], result: tuple, model, args) -> None:
+    """Write one image's outputs (see :func:`_segment_one`)."""
+    stack, rows, maps, seg, plane = result
+    extra = _format_items(targets, stack, rows, model, seg, plane)
+    _write_with_zarr(
+        targets,
+        stack,
+        None if seg.maps.pixel_size_estimated else seg.maps.pixel_size,
+        lambda: _write_outputs(targets, stack, rows, maps, args.overwrite, extra),
+        args.overwrite,
+    )
 
 
 def _net_config(args):

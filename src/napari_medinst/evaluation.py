@@ -6,7 +6,7 @@
 * :func:`evaluate_paths` scores every pair with :func:`napari_medinst.metrics.evaluate`
   and returns a JSON-ready dict ``{"images": [...], "mean": {...}, "pooled": {...}}``.
 * :func:`format_report` renders that dict as a plain-text table.
-* :func:`add_parser` / :func:`run` implement the ``napari-medinst evaluate`` command.
+* :func:`run` runs the ``napari-medinst evaluate`` command (its parser is in :mod:`.cli`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from napari_medinst.metrics import ImageScores, combine_scores, evaluate_table, 
 __all__ = [
     "LABEL_SUFFIXES",
     "ImagePair",
-    "add_parser",
     "evaluate_paths",
     "format_report",
     "pair_files",
@@ -389,29 +388,6 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``evaluate`` subcommand to an ``argparse`` subparsers object.
-
-    The subcommand's defaults include ``func=run``, so a main program can call
-    ``args.func(args)``.
-    """
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="score predicted label images against ground truth",
-        description=(
-            "Score predicted instance label images against ground truth: accuracy, "
-            "precision, recall, F1 and AP at IoU 0.50-0.95, mAP, PQ, AJI, AJI+ and Dice. "
-            "Files in folders are paired by name; a trailing '_instances' on a "
-            "prediction name is ignored."
-        ),
-    )
-    parser.add_argument("--pred", required=True, type=Path, help="prediction label image or folder")
-    parser.add_argument("--gt", required=True, type=Path, help="ground-truth label image or folder")
-    parser.add_argument("--json", action="store_true", help="print all results as JSON")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
