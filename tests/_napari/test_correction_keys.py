@@ -144,6 +144,52 @@ def test_split_key_with_two_clicks_uses_the_maps(make_napari_viewer):
     assert (data == 3).sum() >= 0.35 * area and (data == 4).sum() >= 0.35 * area
     assert iou(data == 3, truth == 1) >= 0.9
     assert editor.status[3] == "edited" and editor.status[4] == "edited"
+    assert editor.split_mode and callback in gt.mouse_drag_callbacks  # on for the next cut
+    press(viewer, gt, "Escape")
+    assert not editor.split_mode and callback not in gt.mouse_drag_callbacks
+    assert coerce_keybinding("Escape") not in gt.keymap
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, before)
+
+
+def drag(gt, points, callback) -> None:
+    """A mouse drag through ``points`` (data row, col) via a drag callback."""
+    event = SimpleNamespace(position=gt.data_to_world(points[0]), type="mouse_press")
+    gen = callback(gt, event)
+    next(gen)
+    for point in points[1:]:
+        event.type, event.position = "mouse_move", gt.data_to_world(point)
+        next(gen)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_split_mode_stays_on_for_several_cuts(make_napari_viewer):
+    """A cluster of three merged nuclei: K, two cut lines, each its own undo step."""
+    truth = discs((60, 110), ((30, 22), (30, 55), (30, 88)), 17)
+    merged = np.where(truth > 0, 5, 0).astype(np.int32)
+    viewer, gt, editor = setup(make_napari_viewer, merged, truth, with_maps=False)
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "K")
+    callback = gt.mouse_drag_callbacks[-1]
+    drag(gt, [(5, 38), (30, 38), (55, 38)], callback)
+    after_one = np.array(gt.data, copy=True)
+    assert len(np.unique(after_one)) == 3 and editor.split_mode
+    drag(gt, [(5, 72), (30, 72), (55, 72)], callback)
+    data = np.asarray(gt.data)
+    assert len(np.unique(data)) == 4 and editor.split_mode
+    owners = set()
+    for k in (1, 2, 3):  # each disc is (all but the cut line) a piece of its own now
+        ids, n = np.unique(data[truth == k], return_counts=True)
+        assert n.max() >= 0.9 * n.sum()
+        owners.add(int(ids[n.argmax()]))
+    assert len(owners) == 3
+    press(viewer, gt, "O", at=(30, 22))  # another tool ends the split mode
+    assert not editor.split_mode and callback not in gt.mouse_drag_callbacks
+    assert gt.mouse_pan is True
+    while not np.array_equal(gt.data, after_one):  # O (if it changed anything), then a cut
+        gt.undo()
     gt.undo()
     np.testing.assert_array_equal(gt.data, before)
 
@@ -208,12 +254,14 @@ def test_refusals_change_nothing_and_say_why(make_napari_viewer, warnings):
     for seed in ((110, 110), (110, 110)):
         click(gt, seed, gt.mouse_drag_callbacks[-1])
     assert "too small to split" in warnings[-1]
-    press(viewer, gt, "K")  # re-running a tool while an edit is in progress
+    assert editor.split_mode  # the mode stays on for the next cut
+    click(gt, (45, 60), gt.mouse_drag_callbacks[-1])  # one seed: a split in progress
     press(viewer, gt, "A", at=(45, 60))
     assert "finish the split first" in warnings[-1]
     press(viewer, gt, "Q")
     assert "finish the split first" in warnings[-1] and not editor.polygon_mode
     press(viewer, gt, "K")
+    assert not editor.split_mode
     press(viewer, gt, "Q")
     press(viewer, gt, "K")
     assert "finish the outline first" in warnings[-1] and not editor.split_mode
@@ -239,16 +287,7 @@ def test_tools_without_maps_or_image_refuse(make_napari_viewer, warnings):
 
 def lasso(gt, points) -> None:
     """A drag through ``points`` (data row, col) with the outline mode's mouse callback."""
-    callback = gt.mouse_drag_callbacks[-1]
-    event = SimpleNamespace(position=gt.data_to_world(points[0]), type="mouse_press")
-    gen = callback(gt, event)
-    next(gen)
-    for point in points[1:]:
-        event.type, event.position = "mouse_move", gt.data_to_world(point)
-        next(gen)
-    event.type = "mouse_release"
-    with pytest.raises(StopIteration):
-        next(gen)
+    drag(gt, points, gt.mouse_drag_callbacks[-1])
 
 
 def ring(centre, radius, n=40) -> list[tuple[float, float]]:

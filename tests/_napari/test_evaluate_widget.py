@@ -146,6 +146,8 @@ def test_paint_merge_split_and_undo_on_the_he_sample(make_napari_viewer):
         event.type = "mouse_release"
         with pytest.raises(StopIteration):
             next(gen)
+    assert editor.split_mode  # on for the next cut until K
+    assert editor.toggle_split_mode() is False
     assert not editor.split_mode and callback not in gt.mouse_drag_callbacks
     split_ids = np.unique(gt.data[before_split == big])
     assert len(split_ids) == 2 and big in split_ids

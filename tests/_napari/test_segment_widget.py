@@ -460,6 +460,7 @@ def test_rerun_while_a_split_is_in_progress_is_refused(make_napari_viewer, qtbot
     before = layer.data.copy()
     editor = editor_for(viewer, layer)
     assert editor.toggle_split_mode()
+    editor.add_split_seed((5, 5))  # one seed clicked: a split in progress
     widget._fg_threshold.value = 0.7
     settle(qtbot, widget)
     widget._run.native.click()

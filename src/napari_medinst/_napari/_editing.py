@@ -16,7 +16,8 @@ key                   action
 ``G``                 merge the selected nuclei (with fewer than two selected:
                       merge the nucleus under the cursor into the current label)
 ``K``                 split ("knife"): then click two seeds in one nucleus, or
-                      drag a line across it; ``K`` again cancels
+                      drag a line across it; the mode stays on for the next
+                      cut until ``K`` or ``Escape``
 ``A``                 add the nucleus under the cursor, grown from the model maps
                       (or the image)
 ``O``                 refine the outline of the nucleus under the cursor
@@ -102,7 +103,7 @@ KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
     ("D", "delete_at_cursor", "delete the nucleus under the cursor"),
     ("S", "toggle_select_at_cursor", "add/remove the nucleus under the cursor to the selection"),
     ("G", "merge_at_cursor", "merge the selected nuclei"),
-    ("K", "toggle_split_mode", "split: two clicks (seeds) or a drag (cut line)"),
+    ("K", "toggle_split_mode", "split: two clicks (seeds) or drags (cut lines); K again ends"),
     ("A", "add_nucleus_at_cursor", "add the nucleus under the cursor (from the model maps)"),
     ("O", "refine_outline_at_cursor", "refine the outline of the nucleus under the cursor"),
     (".", "grow_at_cursor", "grow the nucleus under the cursor by one pixel"),
@@ -419,8 +420,8 @@ class GroundTruthEditor:
     @property
     def busy(self) -> str | None:
         """What is in progress (a split or an outline), or None when idle."""
-        if self.split_mode:
-            return "a split is in progress (finish it with two clicks, or press K to cancel)"
+        if self.split_mode and self.split_seeds:
+            return "a split is in progress (click the second seed, or press K to cancel)"
         if self.polygon_mode:
             return "an outline is in progress (finish it with Enter, or press Escape to cancel)"
         return None
@@ -629,14 +630,23 @@ class GroundTruthEditor:
             self._say("Split: click the second seed in the same nucleus.")
             return None
         seeds, self.split_seeds = self.split_seeds, []
-        self._leave_split_mode()
-        return self.split(seeds)
+        done = self.split(seeds)
+        self._say_still_splitting(done)
+        return done
+
+    def _say_still_splitting(self, done: bool) -> None:
+        if done and self.split_mode:  # the mode stays on: merged clusters take several cuts
+            self._say("Split done. Cut the next nucleus, or press K or Escape to finish.")
 
     def toggle_split_mode(self) -> bool:
-        """Enter split mode (clicks are seeds, a drag is a cut line), or leave it."""
+        """Enter split mode (clicks are seeds, a drag is a cut line), or leave it.
+
+        The mode stays on after each split or cut (a cluster of merged nuclei takes
+        several), until ``K`` again or ``Escape``; each cut is its own undo step.
+        """
         if self.split_mode:
             self._leave_split_mode()
-            self._say("Split cancelled.")
+            self._say("Split mode off.")
             return False
         self._require_idle("Split")
         layer = self.layer
@@ -649,17 +659,27 @@ class GroundTruthEditor:
         self._saved_mouse_pan = layer.mouse_pan
         layer.mouse_pan = False
         layer.mouse_drag_callbacks.append(self._split_mouse)
-        self._say("Split: click two seeds in a nucleus, or drag a line across it (K cancels).")
+        layer.bind_key("Escape", self._split_escape, overwrite=True)
+        self._say("Split: click two seeds in a nucleus, or drag lines across nuclei "
+                  "(K or Escape ends).")  # fmt: skip
         return True
+
+    def _split_escape(self, _layer=None) -> None:
+        if self.split_mode:
+            self._leave_split_mode()
+            self._say("Split mode off.")
 
     def _leave_split_mode(self) -> None:
         layer = self.layer
+        was = self.split_mode
         self.split_mode = False
         self.split_seeds = []
         if layer is None:
             return
         if self._split_mouse in layer.mouse_drag_callbacks:
             layer.mouse_drag_callbacks.remove(self._split_mouse)
+        if was:
+            layer.bind_key("Escape", None)
         layer.mouse_pan = self._saved_mouse_pan
 
     def _split_mouse(self, layer, event):
@@ -671,8 +691,8 @@ class GroundTruthEditor:
             yield
         span = np.ptp(np.asarray(path, float), axis=0).max() if len(path) > 1 else 0.0
         if span >= 3:
-            self._leave_split_mode()
-            self._guarded(lambda: self.split_along(path))
+            self.split_seeds = []  # a drag after one seed: the cut, not a seed pair
+            self._guarded(lambda: self._say_still_splitting(self.split_along(path)))
         else:
             self._guarded(lambda: self.add_split_seed(path[0]))
 
@@ -730,11 +750,16 @@ class GroundTruthEditor:
         return images[0].data if images else None
 
     def _require_idle(self, what: str) -> None:
-        """Refuse an action while a split or an outline is in progress."""
-        if self.split_mode:
+        """Refuse an action while a split or an outline is in progress.
+
+        The split mode itself (no seed clicked) is only a tool choice: another tool ends it.
+        """
+        if self.split_mode and self.split_seeds:
             raise correct.CorrectionRefused(
-                f"{what}: finish the split first (two clicks), or press K to cancel it"
+                f"{what}: finish the split first (the second seed), or press K to cancel it"
             )
+        if self.split_mode:
+            self._leave_split_mode()
         if self.polygon_mode:
             raise correct.CorrectionRefused(
                 f"{what}: finish the outline first (Enter), or press Escape to cancel it"
