@@ -424,7 +424,7 @@ def test_nuclei_table_is_written_in_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(se, "_CSV_BATCH", 4096)  # a small share of the rows, as on a slide
     tracemalloc.start()
     try:
-        assert se._write_table(out, plan) == table.size
+        assert se.write_table(out, plan) == table.size
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -436,5 +436,5 @@ def test_nuclei_table_is_written_in_batches(tmp_path, monkeypatch):
     assert lines[0].startswith("id,centroid_y_um") and "type" not in lines[0]
     assert len(lines) == table.size + 1 and lines[1].startswith("1,")
     monkeypatch.setattr(se, "_CSV_BATCH", 7)  # batch borders change nothing
-    se._write_table(out, plan)
+    se.write_table(out, plan)
     assert (out / "nuclei.csv").read_bytes() == text

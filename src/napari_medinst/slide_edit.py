@@ -669,7 +669,7 @@ def _apply(st: _Store, j: dict) -> None:
     """Write everything the journal says; each step gives the same result when run again."""
     _apply_labels(st, tuple(int(v) for v in j["box"]), j["original"], j["final"])
     _apply_tables(st, j["chunks"].tolist(), j["touched"], j["rows"], j["row_chunks"])
-    se._write_table(st.out, st)  # nuclei.csv from every chunk's rows (reads only n_chunks)
+    se.write_table(st.out, st)  # nuclei.csv from every chunk's rows (reads only n_chunks)
     _apply_review(st, json.loads(str(j["review"])))
     _apply_attrs(st, json.loads(str(j["attrs"])))
 

@@ -96,7 +96,7 @@ from .segment import get_model
 from .slide import _LEVEL_SLACK, _zarr, open_slide, read_region
 
 __all__ = ["LABELS", "MIN_TISSUE", "SlidePlan", "SlideRun", "connect", "label_levels",
-           "plan_slide", "run_slide"]  # fmt: skip
+           "plan_slide", "run_slide", "write_table"]  # fmt: skip
 
 #: A block whose core holds less tissue than this share is background (not segmented).
 MIN_TISSUE = 0.01
@@ -796,7 +796,13 @@ def _paint_phase(client, plan, out, metas, redone, failed_blocks, progress, shou
     return results, failed
 
 
-def _write_table(out: Path, plan: SlidePlan) -> int:
+def write_table(out: Path, plan: SlidePlan) -> int:
+    """Write ``nuclei.csv`` (atomically) from every chunk's rows; returns the row count.
+
+    ``plan`` is the run's plan or anything with its ``n_chunks`` (rows, columns).
+
+    Used when a run completes and by :mod:`.slide_edit` after a region is written back.
+    """
     n = plan.n_chunks[0] * plan.n_chunks[1]
     table = np.concatenate([np.load(out / "chunks" / f"{k:06d}.npy") for k in range(n)])
     table = table[np.argsort(table["id"], kind="stable")]
@@ -862,7 +868,7 @@ def run_slide(
         remove_stale_parts(out / sub)
     failed = {**failed_blocks, **{f"chunk {k}": v for k, v in failed_chunks.items()}}
     complete = not failed
-    n_nuclei = _write_table(out, plan) if complete else 0
+    n_nuclei = write_table(out, plan) if complete else 0
     _set_status(out, _store_meta(plan), "complete" if complete else "incomplete")
     return SlideRun(out=out, n_blocks=len(plan.specs), n_background=len(plan.background),
                     segmented=len(redone - plan.background), painted=len(painted),
