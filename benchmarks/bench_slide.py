@@ -31,6 +31,11 @@ the nannies) and of each worker process, wall time, blocks, Mpx of the cores of 
 segmented (not background) and nuclei. Targets: <= 1.5 GB
 per worker and <= 1 GB for the client, whatever the slide's size.
 
+Part 4, ``--tile-work``: no model runs. From the block planner alone, the number of 512 px
+model tiles all blocks of a 50,000 px (working level) slide run together, as a multiple of
+the tiles the whole-image path runs once each, per block size: the network work that exact
+seams cost (tiles on a block's border are run by each block that needs them).
+
     .venv/bin/python benchmarks/bench_slide.py --seams [--seams-size 4000] [--tta]
     .venv/bin/python benchmarks/bench_slide.py --slide [--slide-size 10000]
     nice -n 5 .venv/bin/python benchmarks/bench_slide.py --memory 10000 40000 --runs 2x1 \
@@ -423,6 +428,26 @@ def bench_memory(sizes: list[int], tissue: float, layouts: list[str], block: int
               f"{', '.join(f'{w:.0f}' for w in workers):>16} {'meets' if ok else 'misses'}")  # fmt: skip
 
 
+def tile_work(blocks: list[int], side: int = 50_000) -> None:
+    """Print model tiles run by all blocks / by the whole-image path, per block size."""
+    from napari_medinst.blockwise import HALO_UM, plan_blocks
+    from napari_medinst.model.inference import _grid_starts
+    from napari_medinst.preprocess import CANONICAL_PIXEL_SIZE
+
+    px = CANONICAL_PIXEL_SIZE  # the working level: the scale the slide engine runs at
+    halo = max(16, math.ceil(HALO_UM / px))
+
+    def tiles(lo: int, hi: int) -> int:
+        return len(_grid_starts(side, max(0, lo - 2), min(side, hi + 2), 512, 64))
+
+    whole = tiles(0, side) ** 2
+    print(f"\nmodel tiles run, {side} px working level ({px} µm/px), halo {halo} px:")
+    for block in blocks:
+        run = sum(tiles(*s.window[:2]) * tiles(*s.window[2:])
+                  for s in plan_blocks((side, side), block, halo))  # fmt: skip
+        print(f"  block {block:>5}: {run / whole:.2f}x the whole-image path's {whole} tiles")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seams", action="store_true", help="part 1: block seams")
@@ -444,11 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", type=int, nargs="+", default=None, metavar="SIZE",
                    help="part 3: peak RSS per worker and of the client for slides of these "
                    "sides (px), e.g. 10000 40000")  # fmt: skip
+    p.add_argument("--tile-work", action="store_true",
+                   help="part 4: model tiles run by the blocks / by the whole path (no model)")  # fmt: skip
     p.add_argument("--tissue", type=float, default=0.05,
                    help="share of tissue of the --memory slides (default 0.05)")  # fmt: skip
     args = p.parse_args(argv)
-    if not (args.seams or args.slide or args.memory):
-        p.error("choose --seams, --slide and/or --memory")
+    if not (args.seams or args.slide or args.memory or args.tile_work):
+        p.error("choose --seams, --slide, --memory and/or --tile-work")
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
     if args.seams:
         for tta in {"off": [False], "on": [True], "both": [False, True]}[args.tta]:
@@ -457,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_slide(args.slide_size, args.runs, args.slide_block, args.crop, args.tmp)
     if args.memory:
         bench_memory(args.memory, args.tissue, args.runs, args.slide_block, args.tmp)
+    if args.tile_work:
+        tile_work(sorted({*args.blocks, 4096, 8192}))
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
