@@ -78,6 +78,23 @@ def bundled_tile_slide(folder: Path, size: int) -> Path:
     return path
 
 
+def classical_store(folder: Path, size: int, block: int) -> Path:
+    """A complete ``segment-slide`` store (classical model, every block segmented) of
+    :func:`bundled_tile_slide`, run on one in-process dask worker: ``folder/made.zarr``."""
+    import distributed
+
+    from napari_medinst import slide_engine as se
+
+    plan = se.plan_slide(bundled_tile_slide(folder, size), "classical", block=block, tta=False,
+                         min_tissue=0)  # fmt: skip
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                       dashboard_address=None)  # fmt: skip
+    with distributed.Client(cluster) as client:
+        assert se.run_slide(plan, folder / "made.zarr", client).complete
+    cluster.close()
+    return folder / "made.zarr"
+
+
 @pytest.fixture
 def level_reads(monkeypatch):
     """Pyramid levels decoded from now on (every slide read goes through ``_read_block``)."""

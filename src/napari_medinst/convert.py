@@ -258,7 +258,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert labels between TIFF and QuPath GeoJSON (by file suffix)"
     )
-    p.add_argument("input", help="labels: .tif/.tiff, .geojson/.json or .zarr (OME-Zarr)")
+    p.add_argument("input", help="labels: .tif/.tiff, .geojson/.json or .zarr (OME-Zarr, or "
+                   "a segment-slide result: to .geojson, chunk by chunk)")  # fmt: skip
     p.add_argument("output", help="labels to write: .tif/.tiff, .geojson/.json or .zarr")
     p.add_argument("--shape", type=_pair_arg("--shape", True), default=None, metavar="HxW",
                    help="size of the label image made from GeoJSON (default: the "
@@ -294,8 +295,29 @@ def _shape_from(args) -> tuple[int, int] | None:
     return shape
 
 
+def _run_slide(args) -> int:
+    """``convert STORE.zarr OUT.geojson`` for a ``segment-slide`` result: chunk by chunk."""
+    from .slide_export import export_geojson
+
+    if Path(args.output).suffix.lower() not in (".geojson", ".json"):
+        raise InputError(f"{args.input}: a whole-slide result converts to GeoJSON only "
+                         "(.geojson); it is too large for one TIFF or label image")  # fmt: skip
+    for flag, value in (("--shape", args.shape), ("--like", args.like), ("--offset", args.offset),
+                        ("--object-types", args.object_types)):  # fmt: skip
+        if value is not None:
+            raise InputError(f"{flag} does not apply to a whole-slide result")
+    n = export_geojson(args.input, args.output, object_type=args.object_type or "detection",
+                       overwrite=args.overwrite)  # fmt: skip
+    print(f"{args.output}: {n} nuclei written (QuPath GeoJSON, slide level-0 pixels)")
+    return 0
+
+
 def run(args) -> int:
     """Run ``napari-medinst convert`` (errors are reported by ``cli.main``)."""
+    from .slide_export import is_slide_store
+
+    if is_slide_store(args.input):
+        return _run_slide(args)
     opts = ConvertOptions(
         shape=_shape_from(args),
         offset=None if args.offset is None else tuple(args.offset),

@@ -390,6 +390,7 @@ def labels_to_features(
     labels: np.ndarray,
     *,
     offset: tuple[int, int] = (0, 0),
+    scale: float = 1.0,
     object_type: str = "detection",
     status: Mapping[int, str] | None = None,
     types: Mapping[int, int] | None = None,
@@ -407,7 +408,11 @@ def labels_to_features(
     labels : ndarray
         2-D instance labels, 0 = background.
     offset : (int, int)
-        (row, col) of ``labels[0, 0]`` in the slide's level-0 pixels.
+        (row, col) of ``labels[0, 0]`` in the slide's level-0 pixels (may be fractional
+        when ``scale`` is not 1).
+    scale : float
+        Level-0 pixels per pixel of ``labels`` (labels of a coarser level: its
+        downsample); positions are then ``offset + scale * (x, y)``, floats unless 1.
     object_type : {'detection', 'annotation'}
         QuPath object type of every feature.
     status : mapping, optional
@@ -436,16 +441,20 @@ def labels_to_features(
     lab = check_labels(labels, name="labels")
     _check_export_args(lab, object_type, status, object_types)
     with _no_gc():
-        return _feature_collection(lab, offset, object_type, ids, extra={
+        return _feature_collection(lab, offset, object_type, ids, scale=scale, extra={
             "status": status, "types": types, "type_names": type_names,
             "measurements": measurements, "model": model, "object_types": object_types,
             "models": models})  # fmt: skip
 
 
-def _feature_collection(lab, offset, object_type: str, ids, extra: dict) -> dict:
+def _feature_collection(lab, offset, object_type: str, ids, extra: dict, scale=1.0) -> dict:
     """The FeatureCollection of :func:`labels_to_features` (arguments checked)."""
     rings = trace_labels(lab)
-    flat = (rings.xy + np.array([int(offset[1]), int(offset[0])])).ravel().tolist()
+    if scale == 1:
+        flat = (rings.xy + np.array([int(offset[1]), int(offset[0])])).ravel().tolist()
+    else:  # float positions: a level's downsample need not be a whole number
+        origin = np.array([float(offset[1]), float(offset[0])])
+        flat = (rings.xy * float(scale) + origin).round(3).ravel().tolist()
     coords = list(zip(flat[::2], flat[1::2], strict=True))  # tuples: far faster than lists
     groups = sorted(_grouped_polygons(lab, rings).items())
     new_ids = iter(_uuid4s(len(groups)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import bundled_tile_slide
+from conftest import classical_store
 from napari_medinst import slide_edit as ed
 from napari_medinst import slide_engine as se
 from napari_medinst._napari import _evaluate_widget as EW
@@ -41,15 +41,7 @@ def notes(monkeypatch):
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("slide")
-    plan = se.plan_slide(bundled_tile_slide(folder, SIZE), "classical", block=BLOCK, tta=False,
-                         min_tissue=0)  # fmt: skip
-    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                       dashboard_address=None)  # fmt: skip
-    with distributed.Client(cluster) as client:
-        assert se.run_slide(plan, folder / "made.zarr", client).complete
-    cluster.close()
-    return folder / "made.zarr"
+    return classical_store(tmp_path_factory.mktemp("slide"), SIZE, BLOCK)
 
 
 @pytest.fixture
@@ -156,7 +148,7 @@ def test_a_view_too_large_is_refused_with_a_message(make_napari_viewer, store, n
     assert len(viewer.layers) == 1
 
 
-def test_a_corrected_region_exports_with_the_slide_pixels_under_it(make_napari_viewer, store,
+def test_a_corrected_region_exports_with_the_slide_pixels_under_it(make_napari_viewer, store, made,
                                                                    notes, tmp_path, level_reads,
                                                                    monkeypatch):  # fmt: skip
     """Fine-tune export of a slide region: only that part of the slide, on the labels' grid."""
@@ -165,7 +157,7 @@ def test_a_corrected_region_exports_with_the_slide_pixels_under_it(make_napari_v
     from napari_medinst._napari import _finetune_widget as fw
 
     viewer, panel, result = open_panel(make_napari_viewer, store)
-    slide_path = next(store.parent.parent.glob("slide*/s.ome.tif"))  # the module fixture's
+    slide_path = made.parent / "s.ome.tif"  # the slide the store was made from
     [image] = viewer.open(str(slide_path), plugin=PLUGIN)
     assert image.multiscale
     look_at(viewer, result, VIEW)
@@ -201,12 +193,12 @@ def test_a_corrected_region_exports_with_the_slide_pixels_under_it(make_napari_v
         ft._image_and_gt(ft._image, ft._gt, "export")
 
 
-def test_a_whole_slide_is_refused_for_export_without_reading_it(make_napari_viewer, store,
+def test_a_whole_slide_is_refused_for_export_without_reading_it(make_napari_viewer, store, made,
                                                                 tmp_path, level_reads):  # fmt: skip
     from napari_medinst._napari import _finetune_widget as fw
 
     viewer, _panel, _result = open_panel(make_napari_viewer, store)
-    slide_path = next(store.parent.parent.glob("slide*/s.ome.tif"))
+    slide_path = made.parent / "s.ome.tif"
     [image] = viewer.open(str(slide_path), plugin=PLUGIN)
     level_reads.clear()
     with pytest.raises(fw.InputError, match="slide"):

@@ -1,0 +1,171 @@
+"""A whole-slide result as one QuPath GeoJSON file, written chunk by chunk.
+
+``napari-medinst segment-slide`` stores millions of nuclei as labels in a zarr store;
+QuPath imports nuclei as GeoJSON objects in the slide's level-0 pixel coordinates. A
+store's labels never fit in memory at once, so :func:`export_geojson` walks its chunks:
+each nucleus is exported by the chunk that holds its centroid (``nuclei.csv``), traced
+on the chunk grown by the largest nucleus' extent so that its outline is whole, and
+written at once. Memory is one grown chunk plus the nucleus table (about 60 bytes a
+nucleus), whatever the slide's size.
+
+Each feature carries the nucleus' id (``napari_medinst.label`` in its metadata), its
+score (and area) as measurements, its class when the model has types (names and
+colours from the model when it can be loaded, else ``Type N``) and its review status
+when the result was corrected (``review.csv``). The file is written atomically: an
+interrupted export leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import slide_edit as ed
+from . import slide_engine as se
+from ._io import InputError, _atomic_write
+from .geojson import labels_to_features
+
+__all__ = ["export_geojson", "is_slide_store"]
+
+
+def is_slide_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``segment-slide``."""
+    p = Path(path)
+    try:
+        attrs = json.loads((p / ".zattrs").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs, dict) and isinstance(attrs.get(se.STORE_KEY), dict)
+
+
+def _table(out: Path) -> np.ndarray:
+    """``nuclei.csv`` as a structured array (id, centroid and bbox in µm, score, type)."""
+    path = out / "nuclei.csv"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            names = fh.readline().strip().split(",")
+            data = np.loadtxt(fh, delimiter=",", ndmin=2) if names != [""] else None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not a nucleus table ({exc})") from None
+    need = {"id", "centroid_y_um", "centroid_x_um", "bbox_y0_um", "bbox_x0_um", "bbox_y1_um",
+            "bbox_x1_um"}  # fmt: skip
+    if not need <= set(names):
+        raise InputError(f"{path}: not a nucleus table (columns {', '.join(names)})")
+    if data is None or data.size == 0:
+        data = np.zeros((0, len(names)))
+    return {name: data[:, i] for i, name in enumerate(names)}
+
+
+def _type_names(model: str) -> dict | None:
+    """Type number -> (name, rgb) of the store's model, or None when it cannot be loaded."""
+    from .segment import get_model
+
+    try:
+        return getattr(get_model(model, "cpu"), "type_classes", None)
+    except Exception:  # a model folder moved or deleted since the run: Type N names
+        return None
+
+
+def export_geojson(
+    store: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    object_type: str = "detection",
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Write every nucleus of a ``segment-slide`` store to ``dest`` as QuPath GeoJSON.
+
+    Parameters
+    ----------
+    store : path-like
+        A complete store (an interrupted correction is finished first).
+    dest : path-like
+        The ``.geojson`` file; refused when it exists unless ``overwrite``.
+    object_type : {'detection', 'annotation'}
+        QuPath object type of the nuclei.
+    progress : callable, optional
+        Called with (chunks done, chunks) after each chunk.
+
+    Returns
+    -------
+    int
+        The number of nuclei written.
+    """
+    if object_type not in ("detection", "annotation"):
+        raise InputError(f"object type must be detection or annotation, got {object_type!r}")
+    out = Path(store).expanduser()
+    if not is_slide_store(out):
+        raise InputError(f"{out}: not a store written by napari-medinst segment-slide")
+    ed.recover(out)  # refuses an incomplete store; finishes an interrupted correction
+    st = ed._open_store(out)
+    meta = json.loads((out / ".zattrs").read_text(encoding="utf-8"))[se.STORE_KEY]
+    scale = float(meta.get("downsample", 1.0))  # level-0 px per label px
+    table = _table(out)
+    ids = table["id"].astype(np.int64)
+    cy, cx = table["centroid_y_um"] / st.px, table["centroid_x_um"] / st.px  # label px
+    extent = np.maximum(table["bbox_y1_um"] - table["bbox_y0_um"],
+                        table["bbox_x1_um"] - table["bbox_x0_um"])  # fmt: skip
+    margin = math.ceil(float(extent.max()) / st.px) + 2 if ids.size else 0
+    types = table.get("type")
+    typed = types is not None and bool((types > 0).any())
+    names = _type_names(str(meta.get("plan", {}).get("model", "default"))) if typed else None
+    status = ed._read_review(out)
+    level0 = ed._level(st, 0)
+    rows, cols = st.n_chunks
+    ch = st.chunk
+    owner = (np.clip(cy // ch, 0, rows - 1) * cols + np.clip(cx // ch, 0, cols - 1)).astype(
+        np.int64
+    )
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(rows * cols + 1))
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write('{"type":"FeatureCollection","features":[')
+            first = True
+            for k in range(rows * cols):
+                mine = order[bounds[k] : bounds[k + 1]]
+                if mine.size:
+                    r, c = divmod(k, cols)
+                    r0, c0 = max(0, r * ch - margin), max(0, c * ch - margin)
+                    r1 = min(st.shape[0], (r + 1) * ch + margin)
+                    c1 = min(st.shape[1], (c + 1) * ch + margin)
+                    lab = np.asarray(level0[r0:r1, c0:c1])
+                    keep = np.isin(lab, ids[mine])
+                    lab = np.where(keep, lab, 0)
+                    extra = {
+                        int(i): {"Score": float(table["score"][j])} | (
+                            {"Area µm^2": float(table["area_um2"][j])}
+                            if "area_um2" in table else {})
+                        for i, j in zip(ids[mine], mine, strict=True)
+                    }  # fmt: skip
+                    kinds = {int(ids[j]): int(types[j]) for j in mine} if typed else None
+                    fc = labels_to_features(
+                        lab, offset=(r0 * scale, c0 * scale), scale=scale,
+                        object_type=object_type, types=kinds, type_names=names,
+                        measurements=extra, status=status or None,
+                        model={"name": str(meta.get("plan", {}).get("model", ""))},
+                    )  # fmt: skip
+                    for feat in fc["features"]:
+                        fh.write(("" if first else ",") + json.dumps(feat, separators=(",", ":")))
+                        first = False
+                        count += 1
+                if progress is not None:
+                    progress(k + 1, rows * cols)
+            fh.write("]}\n")
+
+    dest = Path(dest).expanduser()
+    if dest.suffix.lower() not in (".geojson", ".json"):
+        raise InputError(f"{dest}: the GeoJSON file must end in .geojson or .json")
+    _atomic_write(dest, write, overwrite)
+    return count
