@@ -204,3 +204,23 @@ def test_a_whole_slide_is_refused_for_export_without_reading_it(make_napari_view
     with pytest.raises(fw.InputError, match="slide"):
         fw._plane(image)
     assert not level_reads
+
+
+def test_saving_a_slide_result_never_loads_it_whole(make_napari_viewer, store, notes, tmp_path,
+                                                    monkeypatch):  # fmt: skip
+    """File > Save on a slide result: GeoJSON from the store chunk by chunk; other formats
+    refused above the writers' limit (a real slide would not fit in memory)."""
+    import json
+
+    from napari_medinst._napari import _io_plugins as io
+
+    viewer, _panel, result = open_panel(make_napari_viewer, store)
+    viewer.layers.selection = {result}
+    dest = tmp_path / "all.geojson"
+    assert viewer.layers.save(str(dest), selected=True, plugin=PLUGIN) == [str(dest)]
+    n = len(np.unique(stored(store, (0, SIZE // 2, 0, SIZE // 2)))) - 1
+    assert len(json.loads(dest.read_text())["features"]) == n
+    monkeypatch.setattr(io, "MAX_WRITE_PIXELS", 1000)  # as a 50,000 px slide would be
+    with pytest.raises(io.LayerWriteError, match=r"too large to load.*as \.geojson"):
+        viewer.layers.save(str(tmp_path / "all.tif"), selected=True, plugin=PLUGIN)
+    assert not (tmp_path / "all.tif").exists()

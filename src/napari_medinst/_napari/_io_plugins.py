@@ -203,8 +203,26 @@ def _user_errors(write):
     return wrapper
 
 
+#: Largest labels layer (pixels of its level 0) a writer loads into memory: a whole-slide
+#: result is far larger and is refused (as GeoJSON it is exported chunk by chunk).
+MAX_WRITE_PIXELS = 200_000_000
+
+
+def _slide_store(meta: dict) -> Path | None:
+    """The ``segment-slide`` store a layer shows (opened by our reader), or None."""
+    store = (meta.get("metadata") or {}).get("slide_result")
+    return Path(store) if store else None
+
+
 def _labels_2d(path: str, data, meta: dict) -> np.ndarray:
     arr = data[0] if meta.get("multiscale") else data
+    n = int(np.prod(np.shape(arr)[-2:])) if np.ndim(arr) >= 2 else 0
+    if n > MAX_WRITE_PIXELS:
+        h, w = np.shape(arr)[-2:]
+        how = ("save it as .geojson (exported chunk by chunk) or use the store itself"
+               if _slide_store(meta) else "crop a region first")  # fmt: skip
+        raise InputError(f"{path}: layer {meta.get('name', '')!r} is {w}x{h} px, too large "
+                         f"to load for this format; {how}")  # fmt: skip
     arr = np.asarray(arr)
     if arr.ndim != 2:
         raise InputError(f"{path}: only a 2-D Labels layer can be saved this way, got {arr.shape}")
@@ -319,9 +337,19 @@ def _measurements(feats) -> dict[int, dict[str, float]] | None:
 
 @_user_errors
 def write_labels_geojson(path: str, data: Any, meta: dict) -> list[str]:
-    """npe2 writer: a Labels layer to GeoJSON polygons (QuPath detections)."""
+    """npe2 writer: a Labels layer to GeoJSON polygons (QuPath detections).
+
+    A whole-slide result is exported from its store, chunk by chunk
+    (:func:`napari_medinst.slide_export.export_geojson`), never loaded whole.
+    """
     from ..geojson import write_geojson
 
+    store = _slide_store(meta)
+    if store is not None:
+        from ..slide_export import export_geojson
+
+        export_geojson(store, path, overwrite=True)
+        return [str(path)]
     labels = _labels_2d(path, data, meta)
     feats = _features(meta)
     kwargs = {
