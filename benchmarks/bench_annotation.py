@@ -47,8 +47,10 @@ against gt
     * outline fix, trained orders with the lasso: grow / shrink when one press does,
       else a redraw - Q + one drag over the nucleus (2, no D first) - and failing that
       grow / shrink when at most 3 presses do.
-    * fp: D (1). split: S on each piece + G (editing.merge); with the lasso, Q + one drag
-      over the gt nucleus first (it redraws the largest piece and takes the others).
+    * fp: D (1). split: J + one drag through the pieces (editing.join_along) when the
+      joined pieces fit the gt nucleus (the annotator sees whether they do); else S on
+      each piece + G (editing.merge); with the lasso, Q + one drag over the gt nucleus
+      first (it redraws the largest piece and takes the others).
       miss: the outline fix of a misplaced prediction first, else D on it; then draw
       (with the lasso, Q takes a nucleus hidden under a predicted neighbour).
     * merge: two-click splits (K + 2 clicks, split_two_seeds at the gt centres) or line
@@ -547,12 +549,35 @@ class Annotator:
 
     def fix_split(self, g: Nucleus, pieces: list[int]) -> None:
         self.tally.errors["split"] += 1
+        if self.new_tools and self._join(g, pieces):
+            return
         lasso = self.new_tools and self.policy.lasso and not self.edited & set(pieces)
         if lasso and self.outline_with_q(g, "split", wrong=tuple(pieces)):
             self.note("split by Q")
             return
         self.pay("split", len(pieces) + 1)  # S on each piece + G
         self.labels = editing.merge(self.labels, pieces).labels
+
+    def _join(self, g: Nucleus, pieces: list[int]) -> bool:
+        """J + one drag through the pieces (editing.join_along), when the joined pieces
+        match ``g`` (IoU >= accept): the annotator sees whether they form the nucleus."""
+        pts = [g.deepest(g.window(self.labels) == p) for p in pieces]
+        pts = [p for p in pts if p is not None]
+        if len(pts) < 2:
+            return False
+        xy = np.array(pts, np.float64)
+        axis = np.linalg.eigh(np.cov(xy.T) + 1e-9 * np.eye(2))[1][:, -1]
+        path = xy[np.argsort(xy @ axis)]
+        try:
+            edit = editing.join_along(self.labels, path)
+        except ValueError:
+            return False
+        if g.iou(edit.labels, min(edit.changed_ids)) < self.accept or self._spoils(edit, g):
+            return False
+        self.pay("split", 2)  # J + one drag
+        self.labels = edit.labels
+        self.note("split joined (J)")
+        return True
 
     def fix_miss(self, g: Nucleus, misplaced: int | None) -> None:
         self.tally.errors["miss"] += 1

@@ -54,6 +54,7 @@ __all__ = [
     "delete_at",
     "error_bbox",
     "fill_holes",
+    "join_along",
     "label_at",
     "largest_part",
     "merge",
@@ -299,6 +300,33 @@ def merge(labels: np.ndarray, ids: Iterable[int], target: int | None = None) -> 
     box = _id_box(old, ids)
     win = new[box]
     win[np.isin(win, ids)] = target
+    return _make_edit(old, new, box)
+
+
+def join_along(labels: np.ndarray, line_points: Sequence[Sequence[float]]) -> Edit:
+    """Join every nucleus a drawn stroke touches into one (the inverse of a cut line).
+
+    The nuclei under the polyline (row, col vertices) take the smallest of their ids;
+    background pixels closing a gap of one or two pixels between them join too (only
+    where both sides are the joined nuclei, never another nucleus' pixels), so the
+    result is one piece when the parts were separated by a thin line.
+
+    Raises
+    ------
+    ValueError
+        If the stroke touches fewer than two nuclei.
+    """
+    old = _as_labels(labels)
+    path = _rasterise(np.asarray(line_points, np.float64), old.shape)
+    ids = sorted({int(i) for i in np.unique(old[path])} - {0})
+    if len(ids) < 2:
+        raise ValueError(f"draw the stroke across the pieces to join (it touches {len(ids)})")
+    box = _id_box(old, ids, pad=2)
+    new = old.copy()
+    win = new[box]
+    union = np.isin(win, ids)
+    closed = ndi.binary_closing(union, structure=np.ones((3, 3), bool), iterations=1)
+    win[union | (closed & (win == 0))] = ids[0]
     return _make_edit(old, new, box)
 
 

@@ -341,3 +341,26 @@ def test_outline_key_takes_a_hidden_nucleus_from_unverified_neighbours_only(
     assert ndi.label(data == 1)[1] == 1
     gt.undo()
     np.testing.assert_array_equal(gt.data, before)
+
+
+def test_join_mode_makes_split_pieces_one_nucleus(make_napari_viewer, warnings):
+    """J + one drag across the pieces of a split nucleus; thin gaps close; one undo step."""
+    truth = discs((60, 80), ((30, 40),), 16)
+    pred = np.where(truth > 0, 3, 0).astype(np.int32)
+    pred[:, 40:] = np.where(truth[:, 40:] > 0, 4, 0)  # the prediction split it in two ...
+    pred[:, 40] = 0  # ... with a one-pixel line between the pieces
+    viewer, gt, editor = setup(make_napari_viewer, pred, truth, with_maps=False)
+    before = np.array(gt.data, copy=True)
+    press(viewer, gt, "J")
+    assert editor.join_mode
+    callback = gt.mouse_drag_callbacks[-1]
+    drag(gt, [(30, 30), (30, 50)], callback)
+    data = np.asarray(gt.data)
+    assert set(np.unique(data)) == {0, 3} and iou(data == 3, truth == 1) > 0.97
+    assert editor.status[3] == "edited" and editor.join_mode  # on for the next stroke
+    drag(gt, [(5, 5), (5, 20)], callback)  # over background only: a message, no change
+    assert "touches 0" in warnings[-1]
+    press(viewer, gt, "Escape")
+    assert not editor.join_mode and callback not in gt.mouse_drag_callbacks
+    gt.undo()
+    np.testing.assert_array_equal(gt.data, before)

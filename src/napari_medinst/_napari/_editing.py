@@ -18,6 +18,8 @@ key                   action
 ``K``                 split ("knife"): then click two seeds in one nucleus, or
                       drag a line across it; the mode stays on for the next
                       cut until ``K`` or ``Escape``
+``J``                 join: drag across the pieces of one nucleus (a split
+                      prediction) to make them one; stays on like ``K``
 ``A``                 add the nucleus under the cursor, grown from the model maps
                       (or the image)
 ``O``                 refine the outline of the nucleus under the cursor
@@ -58,7 +60,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,7 @@ KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
     ("S", "toggle_select_at_cursor", "add/remove the nucleus under the cursor to the selection"),
     ("G", "merge_at_cursor", "merge the selected nuclei"),
     ("K", "toggle_split_mode", "split: two clicks (seeds) or drags (cut lines); K again ends"),
+    ("J", "toggle_join_mode", "join: drag across the pieces of one nucleus; J again ends"),
     ("A", "add_nucleus_at_cursor", "add the nucleus under the cursor (from the model maps)"),
     ("O", "refine_outline_at_cursor", "refine the outline of the nucleus under the cursor"),
     (".", "grow_at_cursor", "grow the nucleus under the cursor by one pixel"),
@@ -119,6 +122,15 @@ KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
 _ATTR = "_napari_medinst_editor"  # the layer keeps its editor alive (not in metadata)
 #: Metadata key of the Segment panel's outputs naming the image they were made from.
 SOURCE_KEY = "napari_medinst_source"
+
+
+def _drag_path(layer, event, path: list) -> Iterator[None]:
+    """Collect a mouse press and its drag into ``path`` (data row, col), for a callback."""
+    path.append(tuple(layer.world_to_data(event.position)[-2:]))
+    yield
+    while event.type == "mouse_move":
+        path.append(tuple(layer.world_to_data(event.position)[-2:]))
+        yield
 
 
 def status_path(labels_path: str | Path) -> Path:
@@ -283,6 +295,7 @@ class GroundTruthEditor:
         self.selection: set[int] = set()
         self.split_seeds: list[tuple[float, float]] = []
         self.split_mode = False
+        self.join_mode = False
         self.polygon_mode = False
         self.polygon_points: list[tuple[float, float]] = []
         #: Model maps for the correction tools (None: those of the source prediction).
@@ -645,56 +658,98 @@ class GroundTruthEditor:
         several), until ``K`` again or ``Escape``; each cut is its own undo step.
         """
         if self.split_mode:
-            self._leave_split_mode()
-            self._say("Split mode off.")
+            self._stroke_escape()
             return False
         self._require_idle("Split")
         layer = self.layer
         self.split_mode = True
         self.split_seeds = []
+        self._enter_stroke_mode(layer, self._split_mouse, self._stroke_escape)
+        self._say("Split: click two seeds in a nucleus, or drag lines across nuclei "
+                  "(K or Escape ends).")  # fmt: skip
+        return True
+
+    def _stroke_escape(self, _layer=None) -> None:
+        """Escape in the split or the join mode: leave it."""
+        for on, leave, name in ((self.split_mode, self._leave_split_mode, "Split"),
+                                (self.join_mode, self._leave_join_mode, "Join")):  # fmt: skip
+            if on:
+                leave()
+                self._say(f"{name} mode off.")
+
+    def _leave_split_mode(self) -> None:
+        was = self.split_mode
+        self.split_mode = False
+        self.split_seeds = []
+        self._exit_stroke_mode(self._split_mouse, was)
+
+    def _enter_stroke_mode(self, layer: Labels, callback, escape) -> None:
+        """Give the mouse to a tool mode: pan / zoom off, drags to ``callback``, Escape ends."""
         layer.mode = "pan_zoom"
         viewer = self.viewer
         if viewer is not None and layer in viewer.layers:
             viewer.layers.selection.active = layer
         self._saved_mouse_pan = layer.mouse_pan
         layer.mouse_pan = False
-        layer.mouse_drag_callbacks.append(self._split_mouse)
-        layer.bind_key("Escape", self._split_escape, overwrite=True)
-        self._say("Split: click two seeds in a nucleus, or drag lines across nuclei "
-                  "(K or Escape ends).")  # fmt: skip
-        return True
+        layer.mouse_drag_callbacks.append(callback)
+        layer.bind_key("Escape", escape, overwrite=True)
 
-    def _split_escape(self, _layer=None) -> None:
-        if self.split_mode:
-            self._leave_split_mode()
-            self._say("Split mode off.")
-
-    def _leave_split_mode(self) -> None:
+    def _exit_stroke_mode(self, callback, was: bool) -> None:
+        """Undo :meth:`_enter_stroke_mode` (``was``: the mode was on)."""
         layer = self.layer
-        was = self.split_mode
-        self.split_mode = False
-        self.split_seeds = []
         if layer is None:
             return
-        if self._split_mouse in layer.mouse_drag_callbacks:
-            layer.mouse_drag_callbacks.remove(self._split_mouse)
+        if callback in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.remove(callback)
         if was:
             layer.bind_key("Escape", None)
-        layer.mouse_pan = self._saved_mouse_pan
+            layer.mouse_pan = self._saved_mouse_pan
 
     def _split_mouse(self, layer, event):
         """Mouse callback in split mode: a click adds a seed, a drag draws a cut line."""
-        path = [tuple(layer.world_to_data(event.position)[-2:])]
-        yield
-        while event.type == "mouse_move":
-            path.append(tuple(layer.world_to_data(event.position)[-2:]))
-            yield
+        path: list[tuple[float, float]] = []
+        yield from _drag_path(layer, event, path)
         span = np.ptp(np.asarray(path, float), axis=0).max() if len(path) > 1 else 0.0
         if span >= 3:
             self.split_seeds = []  # a drag after one seed: the cut, not a seed pair
             self._guarded(lambda: self._say_still_splitting(self.split_along(path)))
         else:
             self._guarded(lambda: self.add_split_seed(path[0]))
+
+    def join_along(self, line: Sequence[Sequence[float]]) -> bool:
+        """Join the nuclei a stroke (data row, col vertices) touches into one."""
+        return self.apply(editing.join_along(self._data(), line), "Join")
+
+    def toggle_join_mode(self) -> bool:
+        """Enter join mode (each drag across pieces joins them into one nucleus), or leave it.
+
+        Like the split mode it stays on for the next stroke, until ``J`` again, ``Escape``
+        or another tool; each join is its own undo step.
+        """
+        if self.join_mode:
+            self._stroke_escape()
+            return False
+        self._require_idle("Join")
+        layer = self.layer
+        self.join_mode = True
+        self._enter_stroke_mode(layer, self._join_mouse, self._stroke_escape)
+        self._say("Join: drag across the pieces of one nucleus (J or Escape ends).")
+        return True
+
+    def _leave_join_mode(self) -> None:
+        was = self.join_mode
+        self.join_mode = False
+        self._exit_stroke_mode(self._join_mouse, was)
+
+    def _join_mouse(self, layer, event):
+        """Mouse callback in join mode: a drag joins what it touches; a click says how."""
+        path: list[tuple[float, float]] = []
+        yield from _drag_path(layer, event, path)
+        if len(path) < 2:
+            self._say("Join: drag across the pieces (a click joins nothing).")
+            return
+        if self._guarded(lambda: self.join_along(path)):
+            self._say("Joined. Drag across the next pieces, or press J or Escape to finish.")
 
     # ------------------------------------------------------------ correction tools
 
@@ -760,6 +815,8 @@ class GroundTruthEditor:
             )
         if self.split_mode:
             self._leave_split_mode()
+        if self.join_mode and what != "Join":
+            self._leave_join_mode()
         if self.polygon_mode:
             raise correct.CorrectionRefused(
                 f"{what}: finish the outline first (Enter), or press Escape to cancel it"
@@ -824,16 +881,9 @@ class GroundTruthEditor:
         layer = self.layer
         self.polygon_mode = True
         self.polygon_points = []
-        layer.mode = "pan_zoom"
-        viewer = self.viewer
-        if viewer is not None and layer in viewer.layers:
-            viewer.layers.selection.active = layer
-        self._saved_mouse_pan = layer.mouse_pan
-        layer.mouse_pan = False
-        layer.mouse_drag_callbacks.append(self._polygon_mouse)
+        self._enter_stroke_mode(layer, self._polygon_mouse, self._polygon_escape)
         layer.mouse_double_click_callbacks.append(self._polygon_double_click)
         layer.bind_key("Enter", self._polygon_enter, overwrite=True)
-        layer.bind_key("Escape", self._polygon_escape, overwrite=True)
         self._say("Outline: click the corners, then Enter or double-click; or drag a lasso.")
         return True
 
@@ -900,11 +950,8 @@ class GroundTruthEditor:
 
     def _polygon_mouse(self, layer, event):
         """Mouse callback in outline mode: a click adds a corner, a drag is a lasso."""
-        path = [tuple(layer.world_to_data(event.position)[-2:])]
-        yield
-        while event.type == "mouse_move":
-            path.append(tuple(layer.world_to_data(event.position)[-2:]))
-            yield
+        path: list[tuple[float, float]] = []
+        yield from _drag_path(layer, event, path)
         span = np.ptp(np.asarray(path, float), axis=0).max() if len(path) > 1 else 0.0
         if span >= 3:
             self._guarded(lambda: self.finish_polygon(self.polygon_points + path))
@@ -994,6 +1041,7 @@ class GroundTruthEditor:
         if layer is None:
             return
         self._leave_split_mode()
+        self._leave_join_mode()
         self._leave_polygon_mode()
         for key, _, _ in KEY_BINDINGS:
             layer.bind_key(key, None)
