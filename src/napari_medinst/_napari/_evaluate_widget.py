@@ -599,6 +599,7 @@ class EvaluateWidget(Container):
             ("Save status table (CSV)…", self.export_status),
             ("Merge selected nuclei (G)", lambda: self._edit("merge_at_cursor")),
             ("Split mode (K)", lambda: self._edit("toggle_split_mode")),
+            ("Join mode (J)", lambda: self._edit("toggle_join_mode")),
             ("Fill holes (H)", lambda: self._edit("fill_holes")),
             ("Remove small fragments (R)", lambda: self._edit("remove_small")),
             ("Relabel sequentially (Shift-R)", lambda: self._edit("relabel")),
