@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -51,10 +50,10 @@ def folders(tmp_path):
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="napari-medinst")
-    E.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The real ``napari-medinst`` command (its parser lives in the CLI module)."""
+    from napari_medinst.cli import main
+
+    return main(argv)
 
 
 # ----------------------------------------------------------------------------- pairing
