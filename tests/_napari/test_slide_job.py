@@ -340,3 +340,27 @@ def test_bad_output_store_is_one_line_and_starts_nothing(make_napari_viewer, not
         assert "\n" not in notes.errors[0] and not section.running
     assert not (tmp_path / "out.txt").exists() and not any((tmp_path / "theirs.zarr").iterdir())
     assert not _children() - before  # no cluster was started
+
+
+def test_an_error_while_undocking_is_logged_not_raised(qtbot, caplog):
+    """A Qt event filter that raised would abort the whole process (unsaved work too)."""
+    from magicgui.widgets import Container
+    from qtpy.QtWidgets import QWidget
+
+    from napari_medinst._napari._common import on_undocked
+
+    panel, dock = Container(), QWidget()
+    qtbot.addWidget(dock)
+    calls = []
+
+    def boom():
+        calls.append(1)
+        raise RuntimeError("wrapped C/C++ object has been deleted")
+
+    watcher = on_undocked(panel, boom)
+    panel.native.setParent(dock)
+    assert not calls  # docking is not undocking
+    with caplog.at_level("ERROR"):
+        panel.native.setParent(None)
+    assert calls == [1] and watcher is not None
+    assert "stopping the panel's work failed" in caplog.text

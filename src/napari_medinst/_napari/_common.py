@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,8 +42,13 @@ class _Undocked(QObject):
         widget.installEventFilter(self)
 
     def eventFilter(self, obj, event) -> bool:
-        if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
-            self._callback()
+        # An exception escaping a Qt virtual (this one) aborts the whole process under
+        # PyQt, unsaved work included: it is logged instead.
+        try:
+            if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+                self._callback()
+        except Exception:
+            logging.getLogger(__name__).exception("stopping the panel's work failed")
         return False
 
 
