@@ -49,7 +49,11 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
 
 
-def test_every_nucleus_is_exported_once_in_slide_pixels(store, tmp_path):
+@pytest.mark.parametrize("sub", [512, 48])  # a chunk traced whole / in parts of 48 px
+def test_every_nucleus_is_exported_once_in_slide_pixels(store, tmp_path, sub, monkeypatch):
+    from napari_medinst import slide_export
+
+    monkeypatch.setattr(slide_export, "SUB", sub)
     lab = labels_of(store)
     n = len(np.unique(lab)) - 1
     seen = []

@@ -30,7 +30,10 @@ from . import slide_engine as se
 from ._io import InputError, _atomic_write
 from .geojson import labels_to_features
 
-__all__ = ["export_geojson", "is_slide_store"]
+__all__ = ["SUB", "export_geojson", "is_slide_store"]
+
+#: Side (label px) of the parts of a chunk whose nuclei are traced at once.
+SUB = 512
 
 
 def is_slide_store(path: str | os.PathLike) -> bool:
@@ -128,11 +131,25 @@ def export_geojson(
     bounds = np.searchsorted(owner[order], np.arange(rows * cols + 1))
     count = 0
 
+    def features(lab: np.ndarray, origin: tuple[int, int], mine: np.ndarray) -> list:
+        """The features of nuclei ``mine`` (table rows) in ``lab`` (at ``origin``)."""
+        lab = np.where(np.isin(lab, ids[mine]), lab, 0)
+        extra = {
+            int(i): {"Score": float(table["score"][j])} | (
+                {"Area µm^2": float(table["area_um2"][j])} if "area_um2" in table else {})
+            for i, j in zip(ids[mine], mine, strict=True)
+        }  # fmt: skip
+        kinds = {int(ids[j]): int(types[j]) for j in mine} if typed else None
+        return labels_to_features(
+            lab, offset=(origin[0] * scale, origin[1] * scale), scale=scale,
+            object_type=object_type, types=kinds, type_names=names, measurements=extra,
+            status=status or None, model={"name": str(meta.get("plan", {}).get("model", ""))},
+        )["features"]  # fmt: skip
+
     def write(tmp: Path) -> None:
         nonlocal count
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write('{"type":"FeatureCollection","features":[')
-            first = True
             for k in range(rows * cols):
                 mine = order[bounds[k] : bounds[k + 1]]
                 if mine.size:
@@ -141,25 +158,21 @@ def export_geojson(
                     r1 = min(st.shape[0], (r + 1) * ch + margin)
                     c1 = min(st.shape[1], (c + 1) * ch + margin)
                     lab = np.asarray(level0[r0:r1, c0:c1])
-                    keep = np.isin(lab, ids[mine])
-                    lab = np.where(keep, lab, 0)
-                    extra = {
-                        int(i): {"Score": float(table["score"][j])} | (
-                            {"Area µm^2": float(table["area_um2"][j])}
-                            if "area_um2" in table else {})
-                        for i, j in zip(ids[mine], mine, strict=True)
-                    }  # fmt: skip
-                    kinds = {int(ids[j]): int(types[j]) for j in mine} if typed else None
-                    fc = labels_to_features(
-                        lab, offset=(r0 * scale, c0 * scale), scale=scale,
-                        object_type=object_type, types=kinds, type_names=names,
-                        measurements=extra, status=status or None,
-                        model={"name": str(meta.get("plan", {}).get("model", ""))},
-                    )  # fmt: skip
-                    for feat in fc["features"]:
-                        fh.write(("" if first else ",") + json.dumps(feat, separators=(",", ":")))
-                        first = False
-                        count += 1
+                    # traced in parts of SUB px: the features of a dense chunk at once
+                    # would take hundreds of MB of Python objects
+                    sub_r = np.clip((cy[mine] - r * ch) // SUB, 0, None).astype(np.int64)
+                    sub_c = np.clip((cx[mine] - c * ch) // SUB, 0, None).astype(np.int64)
+                    for sr, sc in sorted(set(zip(sub_r.tolist(), sub_c.tolist(), strict=True))):
+                        part = mine[(sub_r == sr) & (sub_c == sc)]
+                        a0 = max(r0, r * ch + sr * SUB - margin)
+                        b0 = max(c0, c * ch + sc * SUB - margin)
+                        a1 = min(r1, r * ch + (sr + 1) * SUB + margin)
+                        b1 = min(c1, c * ch + (sc + 1) * SUB + margin)
+                        win = lab[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
+                        for feat in features(win, (a0, b0), part):
+                            fh.write(("," if count else "") +
+                                     json.dumps(feat, separators=(",", ":")))  # fmt: skip
+                            count += 1
                 if progress is not None:
                     progress(k + 1, rows * cols)
             fh.write("]}\n")
