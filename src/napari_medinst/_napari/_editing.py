@@ -940,13 +940,10 @@ class GroundTruthEditor:
         self.polygon_points = []
         if layer is None or not was:
             return
-        if self._polygon_mouse in layer.mouse_drag_callbacks:
-            layer.mouse_drag_callbacks.remove(self._polygon_mouse)
+        self._exit_stroke_mode(self._polygon_mouse, was)
         if self._polygon_double_click in layer.mouse_double_click_callbacks:
             layer.mouse_double_click_callbacks.remove(self._polygon_double_click)
-        for key in ("Enter", "Escape"):
-            layer.bind_key(key, None)
-        layer.mouse_pan = self._saved_mouse_pan
+        layer.bind_key("Enter", None)
 
     def _polygon_mouse(self, layer, event):
         """Mouse callback in outline mode: a click adds a corner, a drag is a lasso."""
