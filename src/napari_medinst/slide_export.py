@@ -3,10 +3,11 @@
 ``napari-medinst segment-slide`` stores millions of nuclei as labels in a zarr store;
 QuPath imports nuclei as GeoJSON objects in the slide's level-0 pixel coordinates. A
 store's labels never fit in memory at once, so :func:`export_geojson` walks its chunks:
-each nucleus is exported by the chunk that holds its centroid (``nuclei.csv``), traced
-on the chunk grown by the largest nucleus' extent so that its outline is whole, and
-written at once. Memory is one grown chunk plus the nucleus table (about 60 bytes a
-nucleus), whatever the slide's size.
+each nucleus is exported by the chunk that holds its centroid (the chunk's table rows,
+``chunks/<k>.npy``, as the engine and the region edits keep them), traced on the chunk
+grown by its largest nucleus' extent so that its outline is whole (in parts of
+:data:`SUB` px), and written at once. Memory is one grown chunk, its rows and the
+features of one part, whatever the slide's size.
 
 Each feature carries the nucleus' id (``napari_medinst.label`` in its metadata), its
 score (and area) as measurements, its class when the model has types (names and
@@ -17,6 +18,7 @@ interrupted export leaves no partial file.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,32 +40,11 @@ SUB = 512
 
 def is_slide_store(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder written by ``segment-slide``."""
-    p = Path(path)
     try:
-        attrs = json.loads((p / ".zattrs").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        ed._root_attrs(Path(path))
+    except InputError:
         return False
-    return isinstance(attrs, dict) and isinstance(attrs.get(se.STORE_KEY), dict)
-
-
-def _table(out: Path) -> np.ndarray:
-    """``nuclei.csv`` as a structured array (id, centroid and bbox in µm, score, type)."""
-    path = out / "nuclei.csv"
-    try:
-        with open(path, encoding="utf-8") as fh:
-            names = fh.readline().strip().split(",")
-            data = np.loadtxt(fh, delimiter=",", ndmin=2) if names != [""] else None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise InputError(f"{path}: not a nucleus table ({exc})") from None
-    need = {"id", "centroid_y_um", "centroid_x_um", "bbox_y0_um", "bbox_x0_um", "bbox_y1_um",
-            "bbox_x1_um"}  # fmt: skip
-    if not need <= set(names):
-        raise InputError(f"{path}: not a nucleus table (columns {', '.join(names)})")
-    if data is None or data.size == 0:
-        data = np.zeros((0, len(names)))
-    return {name: data[:, i] for i, name in enumerate(names)}
+    return True
 
 
 def _type_names(model: str) -> dict | None:
@@ -109,41 +90,28 @@ def export_geojson(
         raise InputError(f"{out}: not a store written by napari-medinst segment-slide")
     ed.recover(out)  # refuses an incomplete store; finishes an interrupted correction
     st = ed._open_store(out)
-    meta = json.loads((out / ".zattrs").read_text(encoding="utf-8"))[se.STORE_KEY]
+    meta = ed._root_attrs(out)[se.STORE_KEY]
     scale = float(meta.get("downsample", 1.0))  # level-0 px per label px
-    table = _table(out)
-    ids = table["id"].astype(np.int64)
-    cy, cx = table["centroid_y_um"] / st.px, table["centroid_x_um"] / st.px  # label px
-    extent = np.maximum(table["bbox_y1_um"] - table["bbox_y0_um"],
-                        table["bbox_x1_um"] - table["bbox_x0_um"])  # fmt: skip
-    margin = math.ceil(float(extent.max()) / st.px) + 2 if ids.size else 0
-    types = table.get("type")
-    typed = types is not None and bool((types > 0).any())
-    names = _type_names(str(meta.get("plan", {}).get("model", "default"))) if typed else None
+    model = str(meta.get("plan", {}).get("model", ""))
+    names = functools.cache(lambda: _type_names(model or "default"))
     status = ed._read_review(out)
     level0 = ed._level(st, 0)
     rows, cols = st.n_chunks
     ch = st.chunk
-    owner = (np.clip(cy // ch, 0, rows - 1) * cols + np.clip(cx // ch, 0, cols - 1)).astype(
-        np.int64
-    )
-    order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(rows * cols + 1))
     count = 0
 
-    def features(lab: np.ndarray, origin: tuple[int, int], mine: np.ndarray) -> list:
-        """The features of nuclei ``mine`` (table rows) in ``lab`` (at ``origin``)."""
-        lab = np.where(np.isin(lab, ids[mine]), lab, 0)
-        extra = {
-            int(i): {"Score": float(table["score"][j])} | (
-                {"Area µm^2": float(table["area_um2"][j])} if "area_um2" in table else {})
-            for i, j in zip(ids[mine], mine, strict=True)
-        }  # fmt: skip
-        kinds = {int(ids[j]): int(types[j]) for j in mine} if typed else None
+    def features(lab: np.ndarray, origin: tuple[int, int], part: np.ndarray) -> list:
+        """The features of the nuclei of table rows ``part`` in ``lab`` (at ``origin``)."""
+        ids = part["id"].astype(np.int64)
+        lab = np.where(np.isin(lab, ids), lab, 0)
+        extra = {int(i): {"Score": round(float(s), 4), "Area µm^2": round(float(a), 4)}  # as nuclei.csv
+                 for i, s, a in zip(ids, part["score"], part["area_um2"], strict=True)}  # fmt: skip
+        typed = bool((part["type"] > 0).any())
+        kinds = dict(zip(ids.tolist(), part["type"].tolist(), strict=True)) if typed else None
         return labels_to_features(
             lab, offset=(origin[0] * scale, origin[1] * scale), scale=scale,
-            object_type=object_type, types=kinds, type_names=names, measurements=extra,
-            status=status or None, model={"name": str(meta.get("plan", {}).get("model", ""))},
+            object_type=object_type, types=kinds, type_names=names() if typed else None,
+            measurements=extra, status=status or None, model={"name": model},
         )["features"]  # fmt: skip
 
     def write(tmp: Path) -> None:
@@ -151,23 +119,26 @@ def export_geojson(
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write('{"type":"FeatureCollection","features":[')
             for k in range(rows * cols):
-                mine = order[bounds[k] : bounds[k + 1]]
-                if mine.size:
+                table = ed._load_table(st, k)  # the nuclei whose centroid lies in chunk k
+                if table.size:
                     r, c = divmod(k, cols)
+                    extent = np.maximum(table["bbox_y1_um"] - table["bbox_y0_um"],
+                                        table["bbox_x1_um"] - table["bbox_x0_um"])  # fmt: skip
+                    margin = math.ceil(float(extent.max()) / st.px) + 2
                     r0, c0 = max(0, r * ch - margin), max(0, c * ch - margin)
                     r1 = min(st.shape[0], (r + 1) * ch + margin)
                     c1 = min(st.shape[1], (c + 1) * ch + margin)
                     lab = np.asarray(level0[r0:r1, c0:c1])
                     # traced in parts of SUB px: the features of a dense chunk at once
                     # would take hundreds of MB of Python objects
-                    sub_r = np.clip((cy[mine] - r * ch) // SUB, 0, None).astype(np.int64)
-                    sub_c = np.clip((cx[mine] - c * ch) // SUB, 0, None).astype(np.int64)
+                    sub_r = np.clip((table["centroid_y_um"] / st.px - r * ch) // SUB, 0, None)
+                    sub_c = np.clip((table["centroid_x_um"] / st.px - c * ch) // SUB, 0, None)
                     for sr, sc in sorted(set(zip(sub_r.tolist(), sub_c.tolist(), strict=True))):
-                        part = mine[(sub_r == sr) & (sub_c == sc)]
-                        a0 = max(r0, r * ch + sr * SUB - margin)
-                        b0 = max(c0, c * ch + sc * SUB - margin)
-                        a1 = min(r1, r * ch + (sr + 1) * SUB + margin)
-                        b1 = min(c1, c * ch + (sc + 1) * SUB + margin)
+                        part = table[(sub_r == sr) & (sub_c == sc)]
+                        a0 = max(r0, r * ch + int(sr) * SUB - margin)
+                        b0 = max(c0, c * ch + int(sc) * SUB - margin)
+                        a1 = min(r1, r * ch + (int(sr) + 1) * SUB + margin)
+                        b1 = min(c1, c * ch + (int(sc) + 1) * SUB + margin)
                         win = lab[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
                         for feat in features(win, (a0, b0), part):
                             fh.write(("," if count else "") +
