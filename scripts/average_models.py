@@ -14,10 +14,10 @@ so that ``compare_tta.py`` and ``bundle_model.py`` take it as they take a run.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from napari_medinst.model.folder import load_model, save_model_folder
+from checkpoint_model import write_run_like  # scripts/, beside this one
+from napari_medinst.model.folder import load_model
 
 
 def main() -> None:
@@ -41,15 +41,7 @@ def main() -> None:
             mean[key] = first
     base = loaded[0]
     base.net.load_state_dict(mean)
-    args.out.mkdir(parents=True, exist_ok=False)
-    shutil.copy(args.run / "train_config.json", args.out / "train_config.json")
-    keep = {
-        k: v
-        for k, v in base.config.items()
-        if k not in ("format", "version", "net", "weights_sha256")
-    }
-    save_model_folder(args.out / "model", base.net, extra_config=keep,
-                      metrics={"averaged": [str(m) for m in args.models]})  # fmt: skip
+    write_run_like(args.out, args.run, base, {"averaged": [str(m) for m in args.models]})
     print(f"average of {len(states)} models written to {args.out / 'model'}")
 
 

@@ -25,21 +25,22 @@ def main() -> None:
     best = load_model(args.run / "model")
     ck = torch.load(args.run / "checkpoint.pt", map_location="cpu", weights_only=True)
     load_weights_into(best.net, ck["model"], args.run / "checkpoint.pt")
-    args.out.mkdir(parents=True, exist_ok=False)
-    shutil.copy(args.run / "train_config.json", args.out / "train_config.json")
+    history = json.loads(ck["history"])
+    write_run_like(args.out, args.run, best, {"epoch": int(ck["epoch"]), "history": history})
+    print(f"epoch {ck['epoch']} written to {args.out / 'model'}")
+
+
+def write_run_like(out: Path, run: Path, model, metrics: dict) -> None:
+    """``out/train_config.json`` (``run``'s) and ``out/model`` (``model``'s network and
+    config): a folder that ``compare_tta.py`` and ``bundle_model.py`` take as a run."""
+    out.mkdir(parents=True, exist_ok=False)
+    shutil.copy(run / "train_config.json", out / "train_config.json")
     keep = {
         k: v
-        for k, v in best.config.items()
+        for k, v in model.config.items()
         if k not in ("format", "version", "net", "weights_sha256")
     }
-    history = json.loads(ck["history"])
-    save_model_folder(
-        args.out / "model",
-        best.net,
-        extra_config=keep,
-        metrics={"epoch": int(ck["epoch"]), "history": history},
-    )
-    print(f"epoch {ck['epoch']} written to {args.out / 'model'}")
+    save_model_folder(out / "model", model.net, extra_config=keep, metrics=metrics)
 
 
 if __name__ == "__main__":
