@@ -32,10 +32,12 @@ segmented (not background) and nuclei. Targets: <= 1.5 GB
 per worker and <= 1 GB for the client, whatever the slide's size. Each result is then
 exported to QuPath GeoJSON (``convert STORE X.geojson``): time and peak RSS.
 
-Part 4, ``--tile-work``: no model runs. From the block planner alone, the number of 512 px
+Part 4, ``--tile-work``: no model runs. From the planners alone, the number of 512 px
 model tiles all blocks of a 50,000 px (working level) slide run together, as a multiple of
-the tiles the whole-image path runs once each, per block size: the network work that exact
-seams cost (tiles on a block's border are run by each block that needs them).
+the tiles the whole-image path runs once each, per block size: with each block running
+the tiles over its own window (tiles on a block's border run by each block that needs
+them: the engine before map regions) and with the blocks sharing map regions (each tile
+run once: the engine now).
 
     .venv/bin/python benchmarks/bench_slide.py --seams [--seams-size 4000] [--tta]
     .venv/bin/python benchmarks/bench_slide.py --slide [--slide-size 10000]
@@ -447,23 +449,31 @@ def _export_run(store: Path, tmp: Path, layout: str) -> dict:
 
 
 def tile_work(blocks: list[int], side: int = 50_000) -> None:
-    """Print model tiles run by all blocks / by the whole-image path, per block size."""
+    """Print model tiles run by all blocks / by the whole-image path, per block size:
+    each block running its own tiles (the engine before map regions) and the blocks
+    sharing map regions (:mod:`napari_medinst.tilemaps`, the engine now)."""
     from napari_medinst.blockwise import HALO_UM, plan_blocks
     from napari_medinst.model.inference import _grid_starts
     from napari_medinst.preprocess import CANONICAL_PIXEL_SIZE
+    from napari_medinst.tilemaps import plan_regions
 
     px = CANONICAL_PIXEL_SIZE  # the working level: the scale the slide engine runs at
     halo = max(16, math.ceil(HALO_UM / px))
 
-    def tiles(lo: int, hi: int) -> int:
-        return len(_grid_starts(side, max(0, lo - 2), min(side, hi + 2), 512, 64))
+    def tiles(lo: int, hi: int, margin: int = 2) -> int:
+        return len(_grid_starts(side, max(0, lo - margin), min(side, hi + margin), 512, 64))
 
     whole = tiles(0, side) ** 2
-    print(f"\nmodel tiles run, {side} px working level ({px} µm/px), halo {halo} px:")
+    print(f"\nmodel tiles run, {side} px working level ({px} µm/px), halo {halo} px, "
+          f"as a multiple of the whole-image path's {whole} tiles:")  # fmt: skip
+    print(f"  {'block':>7} {'per block':>10} {'map regions':>12}")
     for block in blocks:
-        run = sum(tiles(*s.window[:2]) * tiles(*s.window[2:])
-                  for s in plan_blocks((side, side), block, halo))  # fmt: skip
-        print(f"  block {block:>5}: {run / whole:.2f}x the whole-image path's {whole} tiles")
+        specs = plan_blocks((side, side), block, halo, 16)
+        own = sum(tiles(*s.window[:2]) * tiles(*s.window[2:]) for s in specs)
+        regions, _ = plan_regions((side, side), {s.index: s.window for s in specs},
+                                  pixel_size=px, stride=16)  # fmt: skip
+        shared = sum(tiles(*r.part[:2], 0) * tiles(*r.part[2:], 0) for r in regions)
+        print(f"  {block:>7} {own / whole:>9.2f}x {shared / whole:>11.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

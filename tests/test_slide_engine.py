@@ -16,6 +16,7 @@ from napari_medinst import slide as sl
 from napari_medinst import slide_engine as se
 from napari_medinst.blockwise import segment_blockwise
 from napari_medinst.cli import main
+from napari_medinst.segment import segment
 
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("imagecodecs")
@@ -252,6 +253,56 @@ def test_default_model_on_a_small_slide(tmp_path, tiles, client):
     lab = _labels(tmp_path / "m.zarr")
     assert run.n_nuclei > 50 and len(np.unique(lab)) - 1 == run.n_nuclei
     assert _one_piece_each(lab)
+
+
+def test_default_model_runs_each_region_once_and_equals_the_whole_image(tmp_path, tiles, client):
+    # 40x slide whose working level is level 0 (the network runs at half its resolution)
+    path, _ = mts.make_slide(tmp_path / "s.svs", 4000, "svs", tiles=tiles, mpp=0.25)
+    plan = se.plan_slide(path, "default", block=1024, tta=False, min_tissue=0)
+    assert plan.level == 0 and len(plan.specs) == 16 and len(plan.regions) == 4
+    assert {g for u in plan.uses for g in u} == {r.index for r in plan.regions}
+    out = tmp_path / "m.zarr"
+    run = se.run_slide(plan, out, client)
+    assert run.complete and not (out / "maps").exists()  # regions removed at the end
+    lab = _labels(out)
+    image = sl.read_region(path, 0, 0, 4000, 0, 4000)
+    whole = segment(image, "default", pixel_size=0.25, tta=False).labels
+    assert int(whole.max()) > 300 and _one_piece_each(lab)
+    # each nucleus of the whole-image path is one nucleus of the store, pixel for pixel
+    pairs, counts = np.unique(np.stack([whole.ravel(), lab.ravel()]), axis=1, return_counts=True)
+    area_w, area_l = np.bincount(whole.ravel()), dict(zip(*np.unique(lab, return_counts=True),
+                                                           strict=True))  # fmt: skip
+    same = sum(1 for (a, b), n in zip(pairs.T, counts, strict=True)
+               if a and b and n == area_w[a] == area_l[b])  # fmt: skip
+    assert same / int(whole.max()) >= 0.995
+
+
+def test_resume_reuses_the_regions_left_on_disk(tmp_path, tiles, client):
+    path, _ = mts.make_slide(tmp_path / "s.svs", 1600, "svs", tiles=tiles, mpp=0.5)
+    plan = se.plan_slide(path, "default", block=512, tta=False, min_tissue=0)
+    assert len(plan.regions) == 4
+    out = tmp_path / "r.zarr"
+    ref = se.run_slide(plan, tmp_path / "ref.zarr", client)
+    # an interrupted run: the regions are there, no block is
+    se._create_store(se.check_store(out, resume=False, overwrite=False), plan, False)
+    for region in plan.regions:
+        se.maps_task(plan, region.index, str(out), "cpu", None)
+    assert len(list((out / "maps").iterdir())) == 4
+    # the first region's file says "no nuclei here": a resumed run that reads it (rather
+    # than computing the region again) leaves that part of the slide empty
+    first = plan.regions[0]
+    path0 = se._map_path(out, first)
+    np.save(path0, np.zeros_like(np.load(path0)))
+    run = se.run_slide(plan, out, client, resume=True)
+    assert run.complete and ref.complete and not (out / "maps").exists()
+    lab, want = _labels(out), _labels(tmp_path / "ref.zarr")
+    _, r1, _, c1 = first.box  # the working scale is the slide's here
+    inner = (slice(0, r1 - 40), slice(0, c1 - 40))
+    assert not lab[inner].any() and np.count_nonzero(np.unique(want[inner])) > 20
+    far = (slice(r1 + 80, None), slice(None))  # (ids differ: a block's local ids shift)
+    pairs = np.unique(np.stack([lab[far].ravel(), want[far].ravel()]), axis=1)
+    assert np.array_equal(lab[far] > 0, want[far] > 0) and (pairs[0] > 0).sum() > 100
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
 
 
 def _disk(shape, centre, radius):

@@ -174,3 +174,38 @@ def test_an_interrupt_starts_no_further_block(tmp_path, client, plan):
     time.sleep(6 * DELAY_S)
     assert isinstance(info.value, KeyboardInterrupt) and _status(out) == "incomplete"
     assert len(list((out / "records").glob("*.json"))) <= 4
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_map_regions_run_changes_nothing(tmp_path, client):
+    """The default model: a region task lost with its worker is run again, and a block
+    whose region files it needs are not there yet waits for them."""
+    path = bundled_tile_slide(tmp_path, 4000)  # working level 1: 2000 px, 4 regions
+    model_plan = se.plan_slide(path, "default", block=512, tta=False, min_tissue=0)
+    assert len(model_plan.regions) == 4 and len(model_plan.specs) == 16
+    want = _result_of(se.run_slide(model_plan, tmp_path / "ref.zarr", client))
+    client.wait_for_workers(2)
+    pids = client.run(os.getpid)
+    killed: dict[str, int] = {}
+
+    def kill_a_busy_worker(what, done, total, elapsed):
+        if what != "blocks" or done != 1 or killed:
+            return
+        busy = [addr for addr, keys in client.processing().items()
+                if any("maps-region" in str(k) for k in keys) and addr in pids]  # fmt: skip
+        assert busy, "no region was being computed: the slow-down is too short"
+        killed[busy[0]] = pids[busy[0]]
+        os.kill(pids[busy[0]], signal.SIGKILL)
+
+    out = tmp_path / "k.zarr"
+    with _slowed(client, "_compute_region", DELAY_S):
+        run = se.run_slide(model_plan, out, client, progress=kill_a_busy_worker)
+    assert killed and run.complete and not run.failed
+    _same(out, want)
+    assert not (out / "maps").exists() and not [p.name for p in out.rglob("*.part")]
+    client.wait_for_workers(2)
+
+
+def _result_of(run) -> tuple[list[np.ndarray], bytes]:
+    assert run.complete
+    return _result(run.out)

@@ -6,24 +6,27 @@ it and segmented on its own: normalised with statistics of the whole image, run
 through the model at one pixel size, post-processed. A block keeps the nuclei whose
 centroid lies inside its core, with their full outline (which may reach into the
 halo); the nuclei centred in the halo belong to a neighbour. So a nucleus on a seam is
-neither cut nor counted twice, and no state is shared between blocks:
-:func:`segment_block` is a pure function of the block's pixels and a
-:class:`BlockSetup` decided once for the whole image, so that a distributed driver can
-run it in any order, anywhere. :func:`segment_blockwise` is the sequential driver for
-in-memory images used by the command line.
+neither cut nor counted twice. A block's nuclei are a pure function of its window's maps
+and a :class:`BlockSetup` decided once for the whole image
+(:func:`block_from_maps`), so that a distributed driver can run blocks in any order,
+anywhere. :func:`segment_blockwise` is the sequential driver for in-memory images used
+by the command line.
 
 Halo: :data:`HALO_UM` = 32 µm = twice a large nucleus (16 µm, about three times the
 median nucleus of MoNuSeg at 40x), so an owned nucleus and its neighbours are whole in
-the window; 128 px at 0.25 µm/px (40x). The model's context needs no halo: a block runs
-the whole image's 512 px model tiles over its window (it reads the pixels they cover,
-:attr:`BlockSpec.read`), so its maps, and with them its nuclei, are those of the
-whole-image path whatever the block size. The price is network time: the tiles that
-straddle a block's border are run by both neighbours (about 1.6x the whole-image path's
-tiles at 2048 px blocks, 40x).
+the window; 128 px at 0.25 µm/px (40x). The model's context needs no halo: a block's
+maps are the whole image's on its window, taken from *map regions*
+(:mod:`.tilemaps`): groups of the whole image's 512 px model tiles, each run once and
+kept until the last block that reads it is done, so the network does the whole-image
+path's work whatever the block size, and the nuclei are the whole-image path's.
+:func:`segment_block` (used for the classical fallback, which has no tiles) instead
+runs the whole image's tiles over its own window, reading the pixels they cover
+(:attr:`BlockSpec.read`).
 
 Memory: besides the image itself only the output labels (4 bytes a pixel) are
-full-size; everything else lives for one block (about 60 bytes a pixel of a block with
-its halo: some 400 MB for the default 2048 px blocks at 40x).
+full-size; the map regions of about one row of blocks (36 bytes a working px with a
+typed model) and one block's post-processing (about 60 bytes a pixel of a block with its
+halo: some 400 MB for the default 2048 px blocks at 40x) live at a time.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from . import tilemaps
 from ._io import InputError
 from .editing import largest_part
 from .model.folder import LoadedModel
-from .model.inference import DEFAULT_TTA, CancelledError
+from .model.inference import DEFAULT_TTA, CancelledError, Maps
 from .postprocess import Postprocessor, PostprocessParams
 from .preprocess import (
     CANONICAL_PIXEL_SIZE,
@@ -62,6 +66,7 @@ __all__ = [
     "BlockSpec",
     "BlockwiseResult",
     "Normalisation",
+    "block_from_maps",
     "plan_blocks",
     "prepare_setup",
     "segment_block",
@@ -400,6 +405,13 @@ def segment_block(
         tta=setup.tta,
     )
     del x
+    return block_from_maps(maps, spec, setup, image_shape)
+
+
+def block_from_maps(
+    maps: Maps, spec: BlockSpec, setup: BlockSetup, image_shape: tuple[int, int]
+) -> BlockResult:
+    """Post-process a block's window maps and keep the nuclei it owns."""
     has_types = maps.type_prob is not None
     pp = Postprocessor(maps.prob, maps.hv, maps.contour, maps.type_prob, setup.pixel_size)
     res = pp.run(setup.params)
@@ -464,6 +476,51 @@ def paste_block(out: np.ndarray, result: BlockResult, next_id: int) -> tuple[np.
     return keep[1:], next_id + int(keep.sum())
 
 
+class _SharedMaps:
+    """Map regions (:mod:`.tilemaps`) of an in-memory image, each kept until its last block.
+
+    Blocks go row by row, so about one row of regions (``block`` px high, the image's
+    width) is held at a time: 36 bytes a working px with a typed model.
+    """
+
+    def __init__(self, arr, specs, setup, model, block, device, should_stop) -> None:
+        self.active = isinstance(model, LoadedModel)
+        if not self.active:
+            return
+        self.arr, self.setup, self.model = arr, setup, model
+        self.device, self.should_stop = device, should_stop
+        regions, self.uses = tilemaps.plan_regions(
+            arr.shape[:2], {s.index: s.window for s in specs}, pixel_size=setup.pixel_size, stride=model.net.stride,
+            align=_grid_step(model, setup.pixel_size))  # fmt: skip
+        self.regions = {r.index: r for r in regions}
+        self.left = {g: sum(g in u for u in self.uses.values()) for g in self.regions}
+        self.cache: dict[int, np.ndarray] = {}
+
+    def _compute(self, g: int) -> np.ndarray:
+        region, s = self.regions[g], self.setup
+        r0, r1, c0, c1 = region.read
+        x = s.norm.apply(prepare_image(self.arr[r0:r1, c0:c1], name=f"region {g}"))
+        return tilemaps.region_maps(x, region, self.model, image_shape=self.arr.shape[:2],
+                                    modality=s.modality, pixel_size=s.pixel_size,
+                                    device=self.device, should_stop=self.should_stop,
+                                    tta=s.tta)  # fmt: skip
+
+    def window(self, spec: BlockSpec) -> Maps:
+        """The block's window maps; regions no later block needs are dropped."""
+        uses = self.uses[spec.index]
+        for g in uses:
+            if g not in self.cache:
+                self.cache[g] = self._compute(g)
+        maps = tilemaps.assemble(spec.window, {g: self.cache[g] for g in uses}, self.regions,
+                                 image_shape=self.arr.shape[:2],
+                                 pixel_size=self.setup.pixel_size)  # fmt: skip
+        for g in uses:
+            self.left[g] -= 1
+            if not self.left[g]:
+                del self.cache[g]
+        return maps
+
+
 def segment_blockwise(
     image: np.ndarray,
     model: str | LoadedModel = "default",
@@ -510,18 +567,22 @@ def segment_blockwise(
     )
     out = np.zeros(arr.shape[:2], np.uint32)
     scores, types, last, truncated = [], [], 0, 0
+    shared = _SharedMaps(arr, specs, setup, loaded, block, device, should_stop)
     for spec in specs:
         if should_stop is not None and should_stop():
             raise CancelledError("segmentation cancelled")
-        res = segment_block(
-            arr[spec.read_slices],
-            spec,
-            setup,
-            loaded,
-            image_shape=arr.shape[:2],
-            device=device,
-            should_stop=should_stop,
-        )
+        if shared.active:
+            res = block_from_maps(shared.window(spec), spec, setup, arr.shape[:2])
+        else:
+            res = segment_block(
+                arr[spec.read_slices],
+                spec,
+                setup,
+                loaded,
+                image_shape=arr.shape[:2],
+                device=device,
+                should_stop=should_stop,
+            )
         kept, last = paste_block(out, res, last)
         scores.append(res.scores[kept])
         if res.types is not None:

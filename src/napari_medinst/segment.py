@@ -55,10 +55,15 @@ __all__ = [
     "compute_maps",
     "default_params",
     "get_model",
+    "grid_maps",
     "grid_read_box",
     "maps_from_input",
     "maps_on_grid",
+    "maps_to_window",
     "segment",
+    "tiles_read_box",
+    "working_maps",
+    "working_need",
     "working_shape",
 ]
 
@@ -220,6 +225,12 @@ def _working_span(a: int, b: int, scale: float, length: int) -> tuple[int, int]:
     return max(0, int(np.floor(a * scale)) - 2), min(length, int(np.ceil(b * scale)) + 2)
 
 
+def _span_read(t0: int, t1: int, length: int, scale: float, stride: int) -> tuple[int, int]:
+    """Image px ``[start, end)`` holding working px ``[t0, t1)`` and ``stride`` more each side."""
+    return (max(0, int(np.floor((t0 - stride) / scale))),
+            min(length, int(np.ceil((t1 + stride) / scale))))  # fmt: skip
+
+
 def grid_read_box(
     window: tuple[int, int, int, int],
     image_shape: tuple[int, int],
@@ -241,10 +252,93 @@ def grid_read_box(
     for axis, (a, b) in enumerate((window[:2], window[2:])):
         length, glen = image_shape[axis], gshape[axis]
         t0, t1 = grid_span(glen, *_working_span(a, b, scale, glen), stride=stride)
-        start = max(0, min(a, int(np.floor((t0 - stride) / scale))))
-        end = min(length, max(b, int(np.ceil((t1 + stride) / scale))))
-        out += [start, end]
+        start, end = _span_read(t0, t1, length, scale, stride)
+        out += [min(a, start), max(b, end)]
     return tuple(out)
+
+
+def tiles_read_box(
+    need: tuple[int, int, int, int],
+    image_shape: tuple[int, int],
+    pixel_size: float,
+    stride: int,
+    align: int = 1,
+) -> tuple[int, int, int, int]:
+    """Image px to read for the whole image's maps on ``need`` (working px, half-open).
+
+    Like :func:`grid_read_box` for a box given at the working scale; the first row and
+    column are moved back to a multiple of ``align`` (the network's stride in image px,
+    the alignment every block's window has).
+    """
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    gshape = working_shape(image_shape, scale)
+    out = []
+    for axis, (lo, hi) in enumerate((need[:2], need[2:])):
+        t0, t1 = grid_span(gshape[axis], lo, hi, stride=stride)
+        start, end = _span_read(t0, t1, image_shape[axis], scale, stride)
+        out += [start // align * align, end]
+    return tuple(out)
+
+
+def working_need(
+    window: tuple[int, int, int, int], image_shape: tuple[int, int], pixel_size: float
+) -> tuple[int, int, int, int]:
+    """Working px whose maps :func:`maps_on_grid` resamples to ``window`` (image px)."""
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    gshape = working_shape(image_shape, scale)
+    return (*_working_span(window[0], window[1], scale, gshape[0]),
+            *_working_span(window[2], window[3], scale, gshape[1]))  # fmt: skip
+
+
+def grid_maps(
+    x: np.ndarray,
+    model: LoadedModel,
+    *,
+    read: tuple[int, int, int, int],
+    need: tuple[int, int, int, int],
+    image_shape: tuple[int, int],
+    modality: Modality,
+    pixel_size: float,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    tta: bool | int = DEFAULT_TTA,
+) -> tuple[Maps, tuple[int, int, int, int]]:
+    """The whole image's maps on ``need`` (working px), at the working scale, uncropped.
+
+    ``x`` is the normalised network input of the image px in ``read``, which must hold
+    the whole image's tiles that meet ``need`` (:func:`tiles_read_box`). Returns the maps
+    of the whole (rescaled) input and where ``need`` lies in them; only there are they
+    the whole image's. Each pixel's maps blend only the tiles whose kept part covers it,
+    in the whole image's order, so any two calls give the same values on the pixels of
+    their ``need`` they share.
+    """
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    xs = _rescale(x, scale)
+    origin = (round(read[0] * scale), round(read[2] * scale))
+    (u0, u1, v0, v1), (oy, ox) = need, origin
+    rel = (u0 - oy, u1 - oy, v0 - ox, v1 - ox)
+    maps = _run(model, xs, modality, pick_device(device), None, should_stop, tta,
+                grid=TileGrid(working_shape(image_shape, scale), origin, rel))  # fmt: skip
+    return maps, rel
+
+
+def working_maps(x: np.ndarray, model: LoadedModel, **kwargs) -> Maps:
+    """:func:`grid_maps` cropped to its ``need``."""
+    maps, rel = grid_maps(x, model, **kwargs)
+    return _crop(maps, *rel)
+
+
+def maps_to_window(
+    maps: Maps, need: tuple[int, int, int, int], window: tuple[int, int, int, int], scale: float
+) -> Maps:
+    """Working maps on ``need`` (:func:`working_need` of ``window``) back to the window's px."""
+    (u0, u1, v0, v1), (a0, a1, b0, b1) = need, window
+    # back to image px: the working crop starts at image px u0 / scale
+    y0, x0 = round(u0 / scale), round(v0 / scale)
+    maps = maps.resized(
+        (max(round((u1 - u0) / scale), a1 - y0), max(round((v1 - v0) / scale), b1 - x0))
+    )
+    return _crop(maps, a0 - y0, a1 - y0, b0 - x0, b1 - x0)
 
 
 def maps_on_grid(
@@ -267,28 +361,15 @@ def maps_on_grid(
     which has no tiles, is computed on the read pixels and cropped.
     """
     model = get_model(model, device)
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
     (a0, a1, b0, b1), (r0, _, c0, _) = window, read
     if model == CLASSICAL:
         maps = maps_from_input(x, model, modality=modality, pixel_size=pixel_size, tta=tta)
         return _crop(maps, a0 - r0, a1 - r0, b0 - c0, b1 - c0)
-    xs = _rescale(x, scale)
-    gshape = working_shape(image_shape, scale)
-    origin = (round(r0 * scale), round(c0 * scale))
-    (u0, u1), (v0, v1) = (
-        _working_span(a0, a1, scale, gshape[0]),
-        _working_span(b0, b1, scale, gshape[1]),
-    )
-    need = (u0 - origin[0], u1 - origin[0], v0 - origin[1], v1 - origin[1])
-    maps = _run(model, xs, modality, pick_device(device), None, should_stop, tta,
-                grid=TileGrid(gshape, origin, need))  # fmt: skip
-    maps = _crop(maps, *need)
-    # back to image px: the working crop starts at image px u0 / scale
-    y0, x0 = round(u0 / scale), round(v0 / scale)
-    maps = maps.resized(
-        (max(round((u1 - u0) / scale), a1 - y0), max(round((v1 - v0) / scale), b1 - x0))
-    )
-    return _crop(maps, a0 - y0, a1 - y0, b0 - x0, b1 - x0)
+    need = working_need(window, image_shape, pixel_size)
+    maps = working_maps(x, model, read=read, need=need, image_shape=image_shape,
+                        modality=modality, pixel_size=pixel_size, device=device,
+                        should_stop=should_stop, tta=tta)  # fmt: skip
+    return maps_to_window(maps, need, window, pixel_size / CANONICAL_PIXEL_SIZE)
 
 
 def compute_maps(

@@ -14,10 +14,17 @@ tissue in their core as background: they are recorded as complete and empty, unr
 Run (:func:`run_slide`), two phases, both on the workers, which read the slide by its
 *path* and write into the store themselves; only small summaries travel back:
 
-1. *segment* a block: read its window at the working level, run
-   :func:`~.blockwise.segment_block` (model loaded once per worker process) and save its
-   owned nuclei (centroid in the core, whole outline) as ``records/<block>.npz``, then the
-   marker ``records/<block>.json``.
+1. *segment* a block: get the whole slide's model maps on its window, post-process them
+   (:func:`~.blockwise.block_from_maps`) and save its owned nuclei (centroid in the core,
+   whole outline) as ``records/<block>.npz``, then the marker ``records/<block>.json``.
+   With a network model the maps come from *map regions* (:mod:`.tilemaps`): a region
+   task reads the pixels of a group of the slide's 512 px model tiles, runs each tile
+   once (model loaded once per worker process) and saves the maps as
+   ``maps/<region>-<part>.npy``; a block task waits for the regions its window meets and
+   reads just that part of their files. Tasks are prioritised in row order and a region's
+   file is removed when every block reading it is done, so the files of about two rows of
+   blocks exist at a time (36 bytes a working px with a typed model). The classical
+   fallback has no tiles: its blocks compute their maps from their own pixels.
 2. *paint* a chunk of ``labels``: gather the owned nuclei of every block whose window
    reaches near the chunk and paint them in one fixed order (block, then local id). A
    nucleus more than half covered by earlier ones is the same nucleus claimed by two
@@ -53,6 +60,7 @@ label image, written with :func:`~.omezarr.label_image_attrs`)::
         nuclei/        .zattrs multiscales (y, x in micrometer, working level's µm/px) +
                        image-label; 0/ (H, W) uint32|uint64 at the working level, chunks of
                        ``block`` px; 1/, 2/, ...: every 2**i-th pixel, chunks ``block/2**i``
+      maps/            while running: per map region, its model maps (removed when read)
       records/         per block: <k>.npz (owned nuclei), <k>.json (marker, written last)
       chunks/          per chunk: <k>.npy (table rows; marker, written last)
       nuclei.csv       written at the end, when every chunk is complete
@@ -60,6 +68,7 @@ label image, written with :func:`~.omezarr.label_image_attrs`)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -84,16 +93,25 @@ from .blockwise import (
     BlockSpec,
     _grid_step,
     _tile_grid,
+    block_from_maps,
     plan_blocks,
     prepare_setup,
     segment_block,
 )
 from .editing import largest_part
-from .model.inference import CancelledError
+from .model.folder import LoadedModel
+from .model.inference import CancelledError, Maps
 from .omezarr import label_image_attrs, level_count, pyramid
-from .preprocess import CANONICAL_PIXEL_SIZE, Modality, check_pixel_size, detect_modality
+from .preprocess import (
+    CANONICAL_PIXEL_SIZE,
+    Modality,
+    check_pixel_size,
+    detect_modality,
+    prepare_image,
+)
 from .segment import get_model
 from .slide import _LEVEL_SLACK, _zarr, open_slide, read_region
+from .tilemaps import MapRegion, assemble, plan_regions, region_maps
 
 __all__ = ["LABELS", "MIN_TISSUE", "SlidePlan", "SlideRun", "connect", "label_levels",
            "plan_slide", "run_slide", "write_table"]  # fmt: skip
@@ -138,6 +156,11 @@ class SlidePlan:
     stride: int
     dtype: str
     notes: tuple[str, ...] = ()
+    #: Map regions the blocks share (:mod:`.tilemaps`; empty for the classical fallback)
+    #: and, per block, the regions it reads.
+    regions: tuple[MapRegion, ...] = ()
+    uses: tuple[tuple[int, ...], ...] = ()
+    map_channels: int = 0
 
     @property
     def n_chunks(self) -> tuple[int, int]:
@@ -296,6 +319,14 @@ def plan_slide(
     grid = _tile_grid(loaded, px)
     specs = tuple(plan_blocks(shape, block, halo, _grid_step(loaded, px), grid=grid))
     stride, dtype = _ids(specs)
+    background = _background_blocks(slide, level, specs, modality, min_tissue)
+    regions, uses, channels = (), (), 0
+    if isinstance(loaded, LoadedModel):
+        windows = {s.index: s.window for s in specs if s.index not in background}
+        regions, used = plan_regions(shape, windows, pixel_size=px,
+                                     stride=loaded.net.stride, align=_grid_step(loaded, px))  # fmt: skip
+        uses = tuple(used.get(s.index, ()) for s in specs)
+        channels = 4 + (loaded.net.config.n_types or 0)
     return SlidePlan(
         path=str(Path(path).resolve()),
         stamp=(slide.path.stat().st_mtime_ns, slide.path.stat().st_size),
@@ -305,11 +336,14 @@ def plan_slide(
         setup=setup,
         model=model if isinstance(model, str) else loaded.name,
         specs=specs,
-        background=_background_blocks(slide, level, specs, modality, min_tissue),
+        background=background,
         chunk=block,
         stride=stride,
         dtype=dtype,
         notes=(note,) if note else (),
+        regions=regions,
+        uses=uses,
+        map_channels=channels,
     )
 
 
@@ -409,6 +443,7 @@ def _create_store(out: Path, plan: SlidePlan, overwrite: bool) -> None:
     _create_labels(group, plan)
     (out / "records").mkdir()
     (out / "chunks").mkdir()
+    (out / "maps").mkdir()
     _set_status(out, _store_meta(plan), "running")
 
 
@@ -421,16 +456,21 @@ def _open_for_resume(out: Path, plan: SlidePlan) -> None:
     if attrs.get("plan") != json.loads(json.dumps(plan.fingerprint())):
         raise InputError(f"{out}: was made from another slide or with other settings "
                          "(model, pixel size, block size, ...); use --overwrite")  # fmt: skip
-    for sub in ("records", "chunks"):
+    for sub in ("records", "chunks", "maps"):
         (out / sub).mkdir(exist_ok=True)
     _set_status(out, _store_meta(plan), "running")
 
 
 def _need_bytes(plan: SlidePlan) -> int:
-    """Labels plus records, compressed: about 2 bytes a pixel of the tissue blocks."""
+    """Labels plus records, compressed (about 2 bytes a pixel of the tissue blocks), and
+    the map regions held at once (about two rows of them, uncompressed)."""
     tissue = sum((s.core[1] - s.core[0]) * (s.core[3] - s.core[2])
                  for s in plan.specs if s.index not in plan.background)  # fmt: skip
-    return 2 * tissue
+    if not plan.regions:
+        return 2 * tissue
+    area = max((r.part[1] - r.part[0]) * (r.part[3] - r.part[2]) for r in plan.regions)
+    per_row = len({r.box[2:] for r in plan.regions})
+    return 2 * tissue + 2 * (per_row + 1) * area * 4 * plan.map_channels
 
 
 # ------------------------------------------------------------------ worker: phase 1
@@ -452,10 +492,40 @@ def _marker(out: Path, index: int, meta: dict) -> None:
 
 
 _THREADS: list[int] = []
+_MALLOC: list[bool] = []
+#: glibc's mallopt parameters, and the values a worker process gets (see _tune_malloc).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20
+
+
+def _tune_malloc() -> None:
+    """Once per worker process: undo the cost of dask's ``MALLOC_TRIM_THRESHOLD_``.
+
+    ``distributed`` starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to give
+    freed memory back to the system). Setting it switches off glibc's adaptive mmap
+    threshold, so every buffer above 128 KiB the network allocates is mapped and zeroed
+    anew: a tile took 1.6 times as long on this project's 2-core benchmark machine. The
+    usual ceilings of that adaptive threshold (32 MiB, and twice that for trimming) are
+    set instead, which still gives large blocks of freed memory back.
+    """
+    if _MALLOC or not sys.platform.startswith("linux") or \
+            "MALLOC_TRIM_THRESHOLD_" not in os.environ:  # fmt: skip
+        return
+    _MALLOC.append(True)
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): leave it
+        pass
 
 
 def _limit_threads(threads: int | None) -> None:
-    """Once per worker process: torch's threads, so that workers do not oversubscribe."""
+    """Once per worker process: torch's threads, so that workers do not oversubscribe,
+    and the allocator's settings (:func:`_tune_malloc`)."""
+    _tune_malloc()
     if threads and not _THREADS:
         import torch
 
@@ -463,8 +533,71 @@ def _limit_threads(threads: int | None) -> None:
         _THREADS.append(threads)
 
 
-def segment_task(plan: SlidePlan, index: int, out: str, device: str, threads: int | None) -> dict:
-    """Phase 1 on a worker: segment block ``index`` and save its owned nuclei."""
+def _map_path(out: Path, region: MapRegion) -> Path:
+    """A region's maps; the name holds what was computed, so a file never answers for
+    another part."""
+    return out / "maps" / (f"{region.index:06d}-" + "-".join(map(str, region.part)) + ".npy")
+
+
+def _compute_region(plan: SlidePlan, region: MapRegion, out: Path, device: str) -> None:
+    model = get_model(plan.model, device)
+    r0, r1, c0, c1 = region.read
+    pixels = read_region(plan.path, plan.level, r0, r1, c0, c1)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    s = plan.setup
+    x = s.norm.apply(prepare_image(pixels, name=f"region {region.index}"))
+    del pixels
+    r0, r1, c0, c1 = region.part
+    shape = (plan.map_channels, r1 - r0, c1 - c0)
+
+    def write(tmp: Path) -> None:  # straight into the file: no copy of the maps in memory
+        dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        region_maps(x, region, model, image_shape=plan.shape, modality=s.modality,
+                    pixel_size=s.pixel_size, device=device, tta=s.tta, out=dest)  # fmt: skip
+        dest.flush()
+        del dest
+
+    _atomic_write(_map_path(out, region), write, True)
+
+
+def maps_task(plan: SlidePlan, g: int, out: str, device: str, threads: int | None) -> dict:
+    """Phase 1a on a worker: the model's maps of region ``g`` into ``maps/`` (once)."""
+    t0 = time.perf_counter()
+    region = plan.regions[_region_position(plan, g)]
+    path = _map_path(Path(out), region)
+    if not path.exists():  # a resumed run, or a task run again after a worker died
+        _limit_threads(threads)
+        _compute_region(plan, region, Path(out), device)
+    return {"region": g, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _region_position(plan: SlidePlan, g: int) -> int:
+    pos = int(np.searchsorted([r.index for r in plan.regions], g))
+    if pos >= len(plan.regions) or plan.regions[pos].index != g:
+        raise KeyError(f"region {g} is not in the plan")
+    return pos
+
+
+def _shared_maps(plan: SlidePlan, index: int, out: Path, device: str) -> Maps:
+    """Block ``index``'s window maps from its regions' files (read only where needed)."""
+    regions, parts = {}, {}
+    for g in plan.uses[index]:
+        region = plan.regions[_region_position(plan, g)]
+        path = _map_path(out, region)
+        if not path.exists():  # removed by hand, or by a run that finished meanwhile
+            _compute_region(plan, region, out, device)
+        regions[g], parts[g] = region, np.load(path, mmap_mode="r")
+    return assemble(plan.specs[index].window, parts, regions, image_shape=plan.shape,
+                    pixel_size=plan.setup.pixel_size)  # fmt: skip
+
+
+def segment_task(plan: SlidePlan, index: int, out: str, device: str, threads: int | None,
+                 *regions_done: dict) -> dict:  # fmt: skip
+    """Phase 1 on a worker: segment block ``index`` and save its owned nuclei.
+
+    With map regions (a network model) the block reads its maps from the regions'
+    files (``regions_done``: their tasks' results, which make it wait for them);
+    otherwise it computes them from its pixels."""
     t0 = time.perf_counter()
     spec = plan.specs[index]
     out_p = Path(out)
@@ -473,11 +606,16 @@ def segment_task(plan: SlidePlan, index: int, out: str, device: str, threads: in
         _marker(out_p, index, meta)
         return meta
     _limit_threads(threads)
-    model = get_model(plan.model, device)
-    r0, r1, c0, c1 = spec.read_box
-    pixels = read_region(plan.path, plan.level, r0, r1, c0, c1)
-    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-    res = segment_block(pixels, spec, plan.setup, model, image_shape=plan.shape, device=device)
+    if plan.regions:
+        maps = _shared_maps(plan, index, out_p, device)
+        res = block_from_maps(maps, spec, plan.setup, plan.shape)
+    else:
+        model = get_model(plan.model, device)
+        r0, r1, c0, c1 = spec.read_box
+        pixels = read_region(plan.path, plan.level, r0, r1, c0, c1)
+        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+        res = segment_block(pixels, spec, plan.setup, model, image_shape=plan.shape,
+                            device=device)  # fmt: skip
     meta = save_record(out_p, res)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     _marker(out_p, index, meta)
@@ -609,6 +747,7 @@ def feeders(plan: SlidePlan, k: int, reach: int) -> list[int]:
 
 def paint_task(plan: SlidePlan, k: int, out: str, blocks: list[int], reach: int) -> int:
     """Phase 2 on a worker: paint chunk ``k`` from the records of ``blocks``; table rows."""
+    _tune_malloc()
     out_p = Path(out)
     box = chunk_box(plan, k)
     region = _grow(box, reach, plan.shape)
@@ -719,8 +858,12 @@ def _collect(fut, key, results: dict, failed: dict) -> None:
     fut.release()
 
 
-def _gather(client, futures: dict, what: str, progress, should_stop=None) -> tuple[dict, dict]:
+def _gather(client, futures: dict, what: str, progress, should_stop=None, *, on_result=None,
+            others=()) -> tuple[dict, dict]:  # fmt: skip
     """Results and one-line failures of ``futures`` ({future: key}), with progress.
+
+    ``on_result(key)`` is called for each success. ``others`` are futures the
+    gathered ones depend on, cancelled with them.
 
     Asks ``should_stop`` (a callable returning True to stop) at least every
     :data:`POLL_S` s: on True the outstanding tasks are cancelled and
@@ -740,10 +883,12 @@ def _gather(client, futures: dict, what: str, progress, should_stop=None) -> tup
             for fut in batch:
                 done += 1
                 _collect(fut, futures[fut], results, failed)
+                if on_result is not None and futures[fut] in results:
+                    on_result(futures[fut])
                 if progress is not None:
                     progress(what, done, total, time.perf_counter() - t0)
     except BaseException:  # interrupted (Ctrl-C, Cancel): start no further task
-        client.cancel(list(futures))
+        client.cancel([*futures, *others])
         raise
     return results, failed
 
@@ -763,13 +908,48 @@ def _done_chunks(out: Path) -> set[int]:
 
 
 def _segment_phase(client, plan, out, device, threads, progress, should_stop=None):
-    """Phase 1: blocks without a record; returns (metas of all blocks, redone, failures)."""
+    """Phase 1: blocks without a record; returns (metas of all blocks, redone, failures).
+
+    With map regions each block waits for the tasks of the regions it reads. Tasks are
+    prioritised in row order (a region just before the first block that needs it), so
+    the workers go through the slide row by row and a region's file, removed once every
+    block reading it is done, lives for about two rows of blocks.
+    """
     metas = _done_blocks(out)
     todo = [s.index for s in plan.specs if s.index not in metas]
-    futures = {client.submit(segment_task, plan, i, str(out), device, threads, retries=2,
-                             pure=False, key=f"segment-block-{i}-{time.time_ns()}"): i
-               for i in todo}  # fmt: skip
-    results, failed = _gather(client, futures, "blocks", progress, should_stop)
+    stamp, rank = time.time_ns(), [0]
+
+    def submit(fn, *args, key):
+        rank[0] += 1
+        return client.submit(fn, *args, retries=2, pure=False, priority=-rank[0],
+                             key=f"{key}-{stamp}")  # fmt: skip
+
+    map_futures: dict[int, object] = {}
+    left: dict[int, int] = {}
+    futures = {}
+    for i in todo:
+        deps = []
+        if plan.regions and i not in plan.background:
+            for g in plan.uses[i]:
+                if g not in map_futures:
+                    map_futures[g] = submit(maps_task, plan, g, str(out), device, threads,
+                                            key=f"maps-region-{g}")  # fmt: skip
+                left[g] = left.get(g, 0) + 1
+                deps.append(map_futures[g])
+        futures[submit(segment_task, plan, i, str(out), device, threads, *deps,
+                       key=f"segment-block-{i}")] = i  # fmt: skip
+
+    def done(i: int) -> None:  # a region no block still needs is removed
+        for g in plan.uses[i] if plan.regions else ():
+            left[g] -= 1
+            if not left[g]:
+                map_futures.pop(g).release()
+                # (a file still open elsewhere is removed with the folder at the end)
+                with contextlib.suppress(OSError):
+                    _map_path(out, plan.regions[_region_position(plan, g)]).unlink(missing_ok=True)
+
+    results, failed = _gather(client, futures, "blocks", progress, should_stop, on_result=done,
+                              others=list(map_futures.values()))  # fmt: skip
     metas.update(results)
     return metas, set(results), failed
 
@@ -864,10 +1044,12 @@ def run_slide(
     except BaseException:  # interrupted: what has no marker is done again by --resume
         _set_status(out, _store_meta(plan), "incomplete")
         raise
-    for sub in ("records", "chunks"):  # temporary files of a worker that died mid-write
+    for sub in ("records", "chunks", "maps"):  # temporary files of a worker that died mid-write
         remove_stale_parts(out / sub)
     failed = {**failed_blocks, **{f"chunk {k}": v for k, v in failed_chunks.items()}}
     complete = not failed
+    if complete:  # maps of regions whose blocks failed are kept for --resume until then
+        shutil.rmtree(out / "maps", ignore_errors=True)
     n_nuclei = write_table(out, plan) if complete else 0
     _set_status(out, _store_meta(plan), "complete" if complete else "incomplete")
     return SlideRun(out=out, n_blocks=len(plan.specs), n_background=len(plan.background),

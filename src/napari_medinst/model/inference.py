@@ -85,6 +85,11 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
+#: Side of the network's tiles (px at the working scale) and their overlap.
+TILE = 512
+OVERLAP = 64
+
+
 def _tile_starts(length: int, tile: int, step: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -139,7 +144,7 @@ def _grid_starts(length: int, lo: int, hi: int, tile: int, overlap: int) -> list
 
 
 def grid_span(
-    length: int, lo: int, hi: int, *, stride: int, tile: int = 512, overlap: int = 64
+    length: int, lo: int, hi: int, *, stride: int, tile: int = TILE, overlap: int = OVERLAP
 ) -> tuple[int, int]:
     """The span of a whole image (one axis) an input needs for exact maps on ``[lo, hi)``.
 
@@ -407,8 +412,8 @@ def predict_maps(
     image: np.ndarray,
     *,
     device: torch.device | str = "cpu",
-    tile: int = 512,
-    overlap: int = 64,
+    tile: int = TILE,
+    overlap: int = OVERLAP,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     tta: bool | int = False,

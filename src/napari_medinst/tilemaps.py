@@ -1,0 +1,221 @@
+"""The model's maps of a big image computed once per region and shared by the blocks.
+
+A block of :mod:`.blockwise` gets the whole image's maps on its window by running the
+whole image's model tiles over it; a tile that straddles a block's border is then run by
+each block that needs it (about 1.6 times the whole-image path's tiles at 2048 px
+blocks). Here the tiles are run once instead.
+
+Between two neighbouring tiles of the whole image's grid (:func:`~.model.inference.
+predict_maps`: 512 px tiles at the working scale, 64 px overlap) the blending weights do
+not overlap: a tile's weight is zero in the outer half of each overlap, so each pixel's
+maps come from the one tile whose *kept part* covers it, except next to the image's far
+edges, where the last tile (moved back to end there) blends with the one before it. The
+kept parts of consecutive tiles therefore cut each axis into spans with no pixel shared;
+:func:`plan_regions` groups about :data:`REGION` px worth of tiles per axis (keeping the
+last two tiles together), and a *region* is one row group times one column group.
+Regions are smaller than blocks so that a region task needs little memory (its input
+and the maps of about 1000² working px: some 60 MB with a typed model) and the tasks
+spread evenly over the workers; how many there are changes nothing else, as every tile
+is run once whatever the grouping. A region's
+maps, computed from its own tiles only, are the whole image's on every one of its pixels,
+bit for bit on the same device; a block assembles its window's maps from the regions it
+meets (:func:`assemble`) and resamples them to image px as :func:`~.segment.maps_on_grid`
+does, so its nuclei are those of the whole-image path, with every tile run once.
+
+A region is computed only where some block needs it (:attr:`MapRegion.part`: a block at
+the edge of the tissue reads only a strip of a background neighbour's region). The
+slide engine keeps regions on disk until their blocks are done; :func:`~.blockwise.
+segment_blockwise` keeps them in memory.
+
+The classical fallback has no tiles: its blocks compute their own maps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model.folder import LoadedModel
+from .model.inference import OVERLAP, TILE, Maps, _kept, _tile_starts
+from .preprocess import CANONICAL_PIXEL_SIZE, Modality
+from .segment import grid_maps, maps_to_window, tiles_read_box, working_need, working_shape
+
+__all__ = ["REGION", "MapRegion", "assemble", "from_stack", "plan_regions", "region_maps",
+           "to_stack"]  # fmt: skip
+
+#: Side of a map region, px at the working scale (2 of the 448 px steps of the tiles).
+REGION = 1024
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class MapRegion:
+    """A group of the whole image's model tiles and the maps they alone decide.
+
+    Boxes are ``(row0, row1, col0, col1)``, half-open; ``box`` and ``part`` in working
+    px (the network's scale), ``read`` in image px.
+    """
+
+    index: int  # row-major over the full grid of regions
+    box: Box  # every pixel whose maps come from this region's tiles
+    part: Box  # the pixels some block needs (inside ``box``): what is computed
+    read: Box  # the image pixels that computation reads
+
+
+def _axis_groups(length: int, target: int, stride: int) -> list[tuple[int, int]]:
+    """Kept spans ``[lo, hi)`` of about ``target`` px of tiles each, partitioning the axis."""
+    tile = max(TILE, 2 * OVERLAP + stride)
+    starts = _tile_starts(length, tile, tile - OVERLAP)
+    kept = [_kept(s, length, tile, OVERLAP) for s in starts]
+    per = max(1, round(target / (tile - OVERLAP)))
+    cuts = list(range(0, len(kept), per))[1:]
+    # the last tile blends with the one before it: never put a cut between them
+    if len(kept) >= 2 and kept[-1][0] < kept[-2][1] and cuts and cuts[-1] == len(kept) - 1:
+        cuts.pop()
+    bounds = [0, *cuts, len(kept)]
+    return [(kept[a][0], kept[b - 1][1]) for a, b in itertools.pairwise(bounds)]
+
+
+def _meet(a: Box, b: Box) -> Box | None:
+    box = (max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3]))
+    return box if box[0] < box[1] and box[2] < box[3] else None
+
+
+def _union(boxes: Iterable[Box]) -> Box:
+    boxes = list(boxes)
+    return (min(b[0] for b in boxes), max(b[1] for b in boxes),
+            min(b[2] for b in boxes), max(b[3] for b in boxes))  # fmt: skip
+
+
+def plan_regions(
+    image_shape: tuple[int, int],
+    windows: dict[int, Box],
+    *,
+    pixel_size: float,
+    stride: int,
+    align: int = 1,
+    region: int = REGION,
+) -> tuple[tuple[MapRegion, ...], dict[int, tuple[int, ...]]]:
+    """The regions the blocks ``windows`` ({block: window in image px}) need.
+
+    Returns the needed regions (in index order, each with the union of what its blocks
+    need as :attr:`MapRegion.part`) and, per block, the indices of the regions it
+    reads. ``region`` is the regions' side at the working scale.
+    """
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    gshape = working_shape(image_shape, scale)
+    rows = _axis_groups(gshape[0], region, stride)
+    cols = _axis_groups(gshape[1], region, stride)
+    row_starts = np.array([lo for lo, _ in rows])
+    col_starts = np.array([lo for lo, _ in cols])
+
+    def hits(starts: np.ndarray, lo: int, hi: int) -> range:  # groups meeting [lo, hi)
+        return range(int(np.searchsorted(starts, lo, "right")) - 1,
+                     int(np.searchsorted(starts, hi, "left")))  # fmt: skip
+
+    parts: dict[int, list[Box]] = {}
+    uses: dict[int, tuple[int, ...]] = {}
+    for b, window in windows.items():
+        need = working_need(window, image_shape, pixel_size)
+        hit = []
+        for i in hits(row_starts, need[0], need[1]):
+            for j in hits(col_starts, need[2], need[3]):
+                g = i * len(cols) + j
+                inside = _meet(need, (*rows[i], *cols[j]))
+                if inside is not None:
+                    parts.setdefault(g, []).append(inside)
+                    hit.append(g)
+        uses[b] = tuple(hit)
+    boxes = {g: (*rows[g // len(cols)], *cols[g % len(cols)]) for g in parts}
+    regions = []
+    for g in sorted(parts):
+        part = _union(parts[g])
+        read = tiles_read_box(part, image_shape, pixel_size, stride, align)
+        regions.append(MapRegion(g, boxes[g], part, read))
+    return tuple(regions), uses
+
+
+def to_stack(maps: Maps) -> np.ndarray:
+    """``(4 + types, h, w)`` float32: probability, HV, contour, type probabilities."""
+    stack = [maps.prob[None], maps.hv, maps.contour[None]]
+    if maps.type_prob is not None:
+        stack.append(maps.type_prob)
+    return np.ascontiguousarray(np.concatenate(stack), np.float32)
+
+
+def from_stack(stack: np.ndarray) -> Maps:
+    """The inverse of :func:`to_stack`."""
+    n_types = stack.shape[0] - 4
+    return Maps(prob=stack[0], hv=stack[1:3], contour=stack[3],
+                type_prob=stack[4:] if n_types else None)  # fmt: skip
+
+
+def region_maps(
+    x: np.ndarray,
+    region: MapRegion,
+    model: LoadedModel,
+    *,
+    image_shape: tuple[int, int],
+    modality: Modality,
+    pixel_size: float,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    tta: bool | int = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The stacked maps (:func:`to_stack`) of ``region.part``.
+
+    ``x`` is the normalised network input of the image pixels in ``region.read``.
+    ``out``, when given, is filled and returned: a ``(4 + types, h, w)`` float32 array
+    of the part's shape (a memory-mapped file, say), so that no other copy is made.
+    """
+    maps, (r0, r1, c0, c1) = grid_maps(x, model, read=region.read, need=region.part,
+                                       image_shape=image_shape, modality=modality,
+                                       pixel_size=pixel_size, device=device,
+                                       should_stop=should_stop, tta=tta)  # fmt: skip
+    channels = [maps.prob[None], maps.hv, maps.contour[None]]
+    if maps.type_prob is not None:
+        channels.append(maps.type_prob)
+    n = sum(c.shape[0] for c in channels)
+    shape = (n, r1 - r0, c1 - c0)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape:
+        raise ValueError(f"region {region.index}: out has shape {out.shape}, the maps {shape}")
+    k = 0
+    for c in channels:
+        out[k : k + c.shape[0]] = c[:, r0:r1, c0:c1]
+        k += c.shape[0]
+    return out
+
+
+def assemble(
+    window: Box,
+    parts: dict[int, np.ndarray],
+    regions: dict[int, MapRegion],
+    *,
+    image_shape: tuple[int, int],
+    pixel_size: float,
+) -> Maps:
+    """A window's maps (image px) from the stacked maps of the regions it meets."""
+    need = working_need(window, image_shape, pixel_size)
+    channels = {p.shape[0] for p in parts.values()}
+    if len(channels) != 1:
+        raise ValueError(f"regions disagree on their maps' channels: {sorted(channels)}")
+    out = np.full((channels.pop(), need[1] - need[0], need[3] - need[2]), np.nan, np.float32)
+    for g, stack in parts.items():
+        part = regions[g].part
+        inside = _meet(need, part)
+        if inside is None:
+            continue
+        y0, y1, x0, x1 = inside
+        out[:, y0 - need[0] : y1 - need[0], x0 - need[2] : x1 - need[2]] = stack[
+            :, y0 - part[0] : y1 - part[0], x0 - part[2] : x1 - part[2]
+        ]
+    if np.isnan(out[0]).any():
+        raise ValueError(f"the regions do not cover the maps of window {window}")
+    return maps_to_window(from_stack(out), need, window, pixel_size / CANONICAL_PIXEL_SIZE)

@@ -1,0 +1,77 @@
+"""Map regions: every model tile of a big image run once, the blocks' maps unchanged."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from napari_medinst import blockwise as bw
+from napari_medinst import tilemaps
+from napari_medinst.model import inference
+from napari_medinst.segment import segment
+from test_blockwise import _he_mosaic
+
+
+@pytest.mark.parametrize("length", [100, 512, 513, 960, 1000, 1500, 4100, 9999])
+@pytest.mark.parametrize("target", [448, 1000, 2048])
+def test_region_spans_partition_the_axis_and_keep_the_last_tiles_together(length, target):
+    spans = tilemaps._axis_groups(length, target, 16)
+    assert spans[0][0] == 0 and spans[-1][1] == length
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # no gap, no overlap
+    # every pixel's tiles (those whose kept part covers it) lie in one span's tiles
+    starts = inference._tile_starts(length, 512, 448)
+    kept = [inference._kept(s, length, 512, 64) for s in starts]
+    for lo, hi in kept:
+        owners = [k for k, (a, b) in enumerate(spans) if a < hi and lo < b]
+        if len(owners) > 1:  # a tile's kept part never straddles two spans...
+            pytest.fail(f"tile kept part {lo}-{hi} straddles spans {owners}")
+
+
+class _Count:
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = inference._forward
+
+        def counting(*args, **kw):
+            self.n += 1
+            return real(*args, **kw)
+
+        monkeypatch.setattr(inference, "_forward", counting)
+
+
+@pytest.mark.parametrize("pixel_size", [0.5, 0.25])
+def test_blocks_run_each_tile_once_and_match_the_whole_image(monkeypatch, pixel_size):
+    image = _he_mosaic(1200)
+    count = _Count(monkeypatch)
+    whole = segment(image, "default", pixel_size=pixel_size, tta=False).labels
+    n_whole, count.n = count.n, 0
+    blocks = bw.segment_blockwise(image, "default", pixel_size=pixel_size, tta=False, block=400)
+    assert blocks.n_blocks == 9
+    assert count.n == n_whole  # before the regions: every straddling tile once per block
+    assert np.array_equal(blocks.labels > 0, whole > 0)
+    pairs = np.unique(np.stack([whole.ravel(), blocks.labels.ravel()]), axis=1)
+    assert len(pairs[0][pairs[0] > 0]) == len(np.unique(pairs[0][pairs[0] > 0]))  # no nucleus cut
+
+
+def test_assemble_refuses_a_window_its_regions_do_not_cover():
+    regions, uses = tilemaps.plan_regions((1000, 1000), {0: (0, 600, 0, 600)}, region=448,
+                                          pixel_size=0.5, stride=16)  # fmt: skip
+    assert uses[0] and all(r.index in uses[0] for r in regions)
+    first = regions[0]
+    h, w = first.part[1] - first.part[0], first.part[3] - first.part[2]
+    with pytest.raises(ValueError, match="do not cover"):
+        tilemaps.assemble((0, 600, 0, 600), {first.index: np.zeros((4, h, w), np.float32)},
+                          {r.index: r for r in regions}, image_shape=(1000, 1000),
+                          pixel_size=0.5)  # fmt: skip
+
+
+def test_a_region_is_computed_only_where_blocks_need_it():
+    # one block in the top-left corner: its right neighbour's region is read as a strip
+    regions, uses = tilemaps.plan_regions((2000, 2000), {0: (0, 1000, 0, 1000)}, region=960,
+                                          pixel_size=0.5, stride=16)  # fmt: skip
+    parts = {r.index: r.part for r in regions}
+    assert len(regions) == len(uses[0]) == 4
+    strips = [p for p in parts.values() if p[0] > 0 or p[2] > 0]
+    assert all(min(p[1] - p[0], p[3] - p[2]) < 100 for p in strips)
