@@ -259,7 +259,7 @@ def test_default_model_runs_each_region_once_and_equals_the_whole_image(tmp_path
     # 40x slide whose working level is level 0 (the network runs at half its resolution)
     path, _ = mts.make_slide(tmp_path / "s.svs", 4000, "svs", tiles=tiles, mpp=0.25)
     plan = se.plan_slide(path, "default", block=1024, tta=False, min_tissue=0)
-    assert plan.level == 0 and len(plan.specs) == 16 and len(plan.regions) == 4
+    assert plan.level == 0 and len(plan.specs) == 16 and len(plan.regions) == 8
     assert {g for u in plan.uses for g in u} == {r.index for r in plan.regions}
     out = tmp_path / "m.zarr"
     run = se.run_slide(plan, out, client)
@@ -280,14 +280,14 @@ def test_default_model_runs_each_region_once_and_equals_the_whole_image(tmp_path
 def test_resume_reuses_the_regions_left_on_disk(tmp_path, tiles, client):
     path, _ = mts.make_slide(tmp_path / "s.svs", 1600, "svs", tiles=tiles, mpp=0.5)
     plan = se.plan_slide(path, "default", block=512, tta=False, min_tissue=0)
-    assert len(plan.regions) == 4
+    assert len(plan.regions) == 6
     out = tmp_path / "r.zarr"
     ref = se.run_slide(plan, tmp_path / "ref.zarr", client)
     # an interrupted run: the regions are there, no block is
     se._create_store(se.check_store(out, resume=False, overwrite=False), plan, False)
     for region in plan.regions:
         se.maps_task(plan, region.index, str(out), "cpu", None)
-    assert len(list((out / "maps").iterdir())) == 4
+    assert len(list((out / "maps").iterdir())) == 6
     # the first region's file says "no nuclei here": a resumed run that reads it (rather
     # than computing the region again) leaves that part of the slide empty
     first = plan.regions[0]

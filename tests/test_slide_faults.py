@@ -180,9 +180,9 @@ def test_an_interrupt_starts_no_further_block(tmp_path, client, plan):
 def test_a_worker_killed_while_map_regions_run_changes_nothing(tmp_path, client):
     """The default model: a region task lost with its worker is run again, and a block
     whose region files it needs are not there yet waits for them."""
-    path = bundled_tile_slide(tmp_path, 4000)  # working level 1: 2000 px, 4 regions
+    path = bundled_tile_slide(tmp_path, 4000)  # working level 1: 2000 px, 8 regions
     model_plan = se.plan_slide(path, "default", block=512, tta=False, min_tissue=0)
-    assert len(model_plan.regions) == 4 and len(model_plan.specs) == 16
+    assert len(model_plan.regions) == 8 and len(model_plan.specs) == 16
     want = _result_of(se.run_slide(model_plan, tmp_path / "ref.zarr", client))
     client.wait_for_workers(2)
     pids = client.run(os.getpid)

@@ -56,7 +56,7 @@ def test_blocks_run_each_tile_once_and_match_the_whole_image(monkeypatch, pixel_
 
 
 def test_assemble_refuses_a_window_its_regions_do_not_cover():
-    regions, uses = tilemaps.plan_regions((1000, 1000), {0: (0, 600, 0, 600)}, region=448,
+    regions, uses = tilemaps.plan_regions((1000, 1000), {0: (0, 600, 0, 600)}, region=(448, 448),
                                           pixel_size=0.5, stride=16)  # fmt: skip
     assert uses[0] and all(r.index in uses[0] for r in regions)
     first = regions[0]
@@ -69,9 +69,44 @@ def test_assemble_refuses_a_window_its_regions_do_not_cover():
 
 def test_a_region_is_computed_only_where_blocks_need_it():
     # one block in the top-left corner: its right neighbour's region is read as a strip
-    regions, uses = tilemaps.plan_regions((2000, 2000), {0: (0, 1000, 0, 1000)}, region=960,
+    regions, uses = tilemaps.plan_regions((2000, 2000), {0: (0, 1000, 0, 1000)}, region=(960, 960),
                                           pixel_size=0.5, stride=16)  # fmt: skip
     parts = {r.index: r.part for r in regions}
     assert len(regions) == len(uses[0]) == 4
     strips = [p for p in parts.values() if p[0] > 0 or p[2] > 0]
     assert all(min(p[1] - p[0], p[3] - p[2]) < 100 for p in strips)
+
+
+def test_block_edges_move_to_where_the_tiles_hand_over():
+    edges = bw._edges(3600, 1000)  # [0, 900, 1800, 2700, 3600]
+    cuts = tilemaps.clean_cuts(3600, 16)
+    assert bw.snap_edges(edges, 3600, 0.5, 16) == [0, 928, 1824, 2720, 3600]
+    assert set(bw.snap_edges(edges, 3600, 0.5, 16)[1:-1]) <= set(cuts)
+    # at half the working scale an image px is half a working px
+    assert bw.snap_edges(bw._edges(7200, 2000), 7200, 0.25, 16) == [0, 1856, 3648, 5440, 7200]
+    assert bw.snap_edges(bw._edges(3600, 400), 3600, 0.5, 16) == bw._edges(3600, 400)  # narrow
+    # regions are cut at the blocks' edges: none straddles two cores
+    specs = bw.plan_blocks((3600, 3600), 1000, 64, 16, grid=(0.5, 16))
+    regions, _ = tilemaps.plan_regions((3600, 3600), {s.index: s.window for s in specs},
+                                       pixel_size=0.5, stride=16, edges=bw.core_edges(specs))  # fmt: skip
+    for r in regions:
+        homes = [s for s in specs if tilemaps.intersect(r.box, s.core)]
+        assert len(homes) == 1
+
+
+def test_the_block_path_holds_about_one_row_of_tiles_maps(monkeypatch):
+    m = _he_mosaic(1536)
+    image = np.ascontiguousarray(np.concatenate([m, m[:, ::-1], m], axis=1)[:1536, :3600])
+    held = []
+    window = bw._SharedMaps.window
+
+    def spy(self, spec):
+        out = window(self, spec)
+        held.append(sum(a.nbytes for _, a in self.cache.values()))
+        return out
+
+    monkeypatch.setattr(bw._SharedMaps, "window", spy)
+    res = bw.segment_blockwise(image, "default", pixel_size=0.5, tta=False, block=1000)
+    assert res.n_blocks == 8 and held[-1] == 0
+    row_of_tiles = 448 * 3600 * 9 * 4  # one row of tiles' maps across the image
+    assert max(held) <= 1.1 * row_of_tiles  # (regions held whole: about twice that)

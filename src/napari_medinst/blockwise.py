@@ -24,13 +24,15 @@ runs the whole image's tiles over its own window, reading the pixels they cover
 (:attr:`BlockSpec.read`).
 
 Memory: besides the image itself only the output labels (4 bytes a pixel) are
-full-size; the map regions of about one row of blocks (36 bytes a working px with a
-typed model) and one block's post-processing (about 60 bytes a pixel of a block with its
+full-size; the maps of about one row of the model's tiles across the image (448 working
+px high, 36 bytes a working px with a typed model, kept between two rows of blocks) and
+one block's post-processing (about 60 bytes a pixel of a block with its
 halo: some 400 MB for the default 2048 px blocks at 40x) live at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -43,7 +45,7 @@ from . import tilemaps
 from ._io import InputError
 from .editing import largest_part
 from .model.folder import LoadedModel
-from .model.inference import DEFAULT_TTA, CancelledError, Maps
+from .model.inference import DEFAULT_TTA, OVERLAP, TILE, CancelledError, Maps
 from .postprocess import Postprocessor, PostprocessParams
 from .preprocess import (
     CANONICAL_PIXEL_SIZE,
@@ -55,7 +57,15 @@ from .preprocess import (
     prepare_image,
     work_dtype,
 )
-from .segment import compute_maps, default_params, get_model, grid_read_box, maps_on_grid
+from .segment import (
+    compute_maps,
+    default_params,
+    get_model,
+    grid_read_box,
+    maps_on_grid,
+    working_need,
+    working_shape,
+)
 
 __all__ = [
     "AUTO_BLOCK_PIXELS",
@@ -210,6 +220,29 @@ def _edges(length: int, block: int) -> list[int]:
     return [round(i * length / n) for i in range(n + 1)]
 
 
+def snap_edges(edges: list[int], length: int, pixel_size: float, stride: int) -> list[int]:
+    """Core edges (image px, one axis) moved to where the whole image's model tiles hand
+    over (:func:`.tilemaps.clean_cuts`), when one lies within half a tile step.
+
+    A block's core then holds whole map regions: the blocks around it read only strips
+    of theirs, and the in-memory path holds one row of tiles' maps between two rows of
+    blocks. Blocks narrower than two tile steps are left as they are.
+    """
+    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    glen = working_shape((length, length), scale)[0]
+    step = TILE - OVERLAP
+    if len(edges) <= 2 or (edges[1] - edges[0]) * scale < 2 * step:
+        return edges
+    cuts = np.array([round(c / scale) for c in tilemaps.clean_cuts(glen, stride)])
+    out = [0]
+    for e in edges[1:-1]:
+        near = cuts[np.abs(cuts - e) * scale <= step / 2] if cuts.size else cuts
+        e = int(near[np.argmin(np.abs(near - e))]) if near.size else e
+        if out[-1] < e < length:
+            out.append(e)
+    return [*out, length]
+
+
 def plan_blocks(
     shape: tuple[int, int],
     block: int,
@@ -234,6 +267,8 @@ def plan_blocks(
         raise ValueError(f"need block >= 1, halo >= 0 and align >= 1 px: {block}, {halo}, {align}")
     h, w = shape
     rows, cols = _edges(h, block), _edges(w, block)
+    if grid is not None:  # cores end where the model's tiles hand over (see snap_edges)
+        rows, cols = snap_edges(rows, h, *grid), snap_edges(cols, w, *grid)
 
     def start(x: int) -> int:
         return max(0, x - halo) // align * align
@@ -245,6 +280,12 @@ def plan_blocks(
             read = None if grid is None else grid_read_box(window, shape, *grid)
             specs.append(BlockSpec(len(specs), (r0, r1, c0, c1), window, read))
     return specs
+
+
+def core_edges(specs: list[BlockSpec]) -> tuple[list[int], list[int]]:
+    """The blocks' core edges, rows and columns (for :func:`.tilemaps.plan_regions`)."""
+    return (sorted({e for s in specs for e in s.core[:2]}),
+            sorted({e for s in specs for e in s.core[2:]}))  # fmt: skip
 
 
 def _tile_grid(model: str | LoadedModel, pixel_size: float) -> tuple[float, int] | None:
@@ -477,48 +518,67 @@ def paste_block(out: np.ndarray, result: BlockResult, next_id: int) -> tuple[np.
 
 
 class _SharedMaps:
-    """Map regions (:mod:`.tilemaps`) of an in-memory image, each kept until its last block.
+    """Map regions (:mod:`.tilemaps`) of an in-memory image, computed when a block first
+    needs them and kept only as far as later blocks need them.
 
-    Blocks go row by row, so about one row of regions (``block`` px high, the image's
-    width) is held at a time: 36 bytes a working px with a typed model.
+    Blocks go row by row and their cores end where the tiles hand over
+    (:func:`snap_edges`), so between two rows of blocks about one row of tiles' maps is
+    held (448 working px by the image's width, 36 bytes a px with a typed model).
     """
 
-    def __init__(self, arr, specs, setup, model, block, device, should_stop) -> None:
+    def __init__(self, arr, specs, setup, model, device, should_stop) -> None:
         self.active = isinstance(model, LoadedModel)
         if not self.active:
             return
         self.arr, self.setup, self.model = arr, setup, model
         self.device, self.should_stop = device, should_stop
         regions, self.uses = tilemaps.plan_regions(
-            arr.shape[:2], {s.index: s.window for s in specs}, pixel_size=setup.pixel_size, stride=model.net.stride,
-            align=_grid_step(model, setup.pixel_size))  # fmt: skip
+            arr.shape[:2], {s.index: s.window for s in specs},
+            pixel_size=setup.pixel_size, stride=model.net.stride,
+            align=_grid_step(model, setup.pixel_size), edges=core_edges(specs))  # fmt: skip
         self.regions = {r.index: r for r in regions}
-        self.left = {g: sum(g in u for u in self.uses.values()) for g in self.regions}
-        self.cache: dict[int, np.ndarray] = {}
+        self.needs = {s.index: working_need(s.window, arr.shape[:2], setup.pixel_size)
+                      for s in specs}  # fmt: skip
+        self.waiting = {g: [b for b, u in self.uses.items() if g in u] for g in self.regions}
+        self.cache: dict[int, tuple[tilemaps.MapRegion, np.ndarray]] = {}
 
-    def _compute(self, g: int) -> np.ndarray:
+    def _compute(self, g: int) -> tuple[tilemaps.MapRegion, np.ndarray]:
         region, s = self.regions[g], self.setup
         r0, r1, c0, c1 = region.read
         x = s.norm.apply(prepare_image(self.arr[r0:r1, c0:c1], name=f"region {g}"))
-        return tilemaps.region_maps(x, region, self.model, image_shape=self.arr.shape[:2],
-                                    modality=s.modality, pixel_size=s.pixel_size,
-                                    device=self.device, should_stop=self.should_stop,
-                                    tta=s.tta)  # fmt: skip
+        return region, tilemaps.region_maps(
+            x, region, self.model, image_shape=self.arr.shape[:2], modality=s.modality,
+            pixel_size=s.pixel_size, device=self.device, should_stop=self.should_stop,
+            tta=s.tta)  # fmt: skip
 
     def window(self, spec: BlockSpec) -> Maps:
-        """The block's window maps; regions no later block needs are dropped."""
+        """The block's window maps; then each region is cut to what later blocks need."""
         uses = self.uses[spec.index]
         for g in uses:
             if g not in self.cache:
                 self.cache[g] = self._compute(g)
-        maps = tilemaps.assemble(spec.window, {g: self.cache[g] for g in uses}, self.regions,
+        maps = tilemaps.assemble(spec.window, {g: self.cache[g][1] for g in uses},
+                                 {g: self.cache[g][0] for g in uses},
                                  image_shape=self.arr.shape[:2],
                                  pixel_size=self.setup.pixel_size)  # fmt: skip
         for g in uses:
-            self.left[g] -= 1
-            if not self.left[g]:
-                del self.cache[g]
+            self.waiting[g].remove(spec.index)
+            self._trim(g)
         return maps
+
+    def _trim(self, g: int) -> None:
+        region, stack = self.cache[g]
+        left = [tilemaps.intersect(self.needs[b], region.part) for b in self.waiting[g]]
+        left = [box for box in left if box is not None]
+        if not left:
+            del self.cache[g]
+            return
+        keep = tilemaps.bounding(left)
+        if keep == region.part:
+            return
+        p = region.part
+        cut = stack[:, keep[0] - p[0] : keep[1] - p[0], keep[2] - p[2] : keep[3] - p[2]]
+        self.cache[g] = (dataclasses.replace(region, part=keep), np.ascontiguousarray(cut))
 
 
 def segment_blockwise(
@@ -567,7 +627,7 @@ def segment_blockwise(
     )
     out = np.zeros(arr.shape[:2], np.uint32)
     scores, types, last, truncated = [], [], 0, 0
-    shared = _SharedMaps(arr, specs, setup, loaded, block, device, should_stop)
+    shared = _SharedMaps(arr, specs, setup, loaded, device, should_stop)
     for spec in specs:
         if should_stop is not None and should_stop():
             raise CancelledError("segmentation cancelled")

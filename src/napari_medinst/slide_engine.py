@@ -22,8 +22,9 @@ Run (:func:`run_slide`), two phases, both on the workers, which read the slide b
    once (model loaded once per worker process) and saves the maps as
    ``maps/<region>-<part>.npy``; a block task waits for the regions its window meets and
    reads just that part of their files. Tasks are prioritised in row order and a region's
-   file is removed when every block reading it is done, so the files of about two rows of
-   blocks exist at a time (36 bytes a working px with a typed model). The classical
+   file is removed when every block reading it is done, so about two rows of tiles' maps
+   across the slide and the regions of the blocks being segmented are on disk at a time
+   (36 bytes a working px with a typed model). The classical
    fallback has no tiles: its blocks compute their maps from their own pixels.
 2. *paint* a chunk of ``labels``: gather the owned nuclei of every block whose window
    reaches near the chunk and paint them in one fixed order (block, then local id). A
@@ -94,6 +95,7 @@ from .blockwise import (
     _grid_step,
     _tile_grid,
     block_from_maps,
+    core_edges,
     plan_blocks,
     prepare_setup,
     segment_block,
@@ -323,8 +325,8 @@ def plan_slide(
     regions, uses, channels = (), (), 0
     if isinstance(loaded, LoadedModel):
         windows = {s.index: s.window for s in specs if s.index not in background}
-        regions, used = plan_regions(shape, windows, pixel_size=px,
-                                     stride=loaded.net.stride, align=_grid_step(loaded, px))  # fmt: skip
+        regions, used = plan_regions(shape, windows, pixel_size=px, stride=loaded.net.stride,
+                                     align=_grid_step(loaded, px), edges=core_edges(specs))  # fmt: skip
         uses = tuple(used.get(s.index, ()) for s in specs)
         channels = 4 + (loaded.net.config.n_types or 0)
     return SlidePlan(
@@ -463,14 +465,17 @@ def _open_for_resume(out: Path, plan: SlidePlan) -> None:
 
 def _need_bytes(plan: SlidePlan) -> int:
     """Labels plus records, compressed (about 2 bytes a pixel of the tissue blocks), and
-    the map regions held at once (about two rows of them, uncompressed)."""
+    the map regions on disk at once (uncompressed): three rows of tiles' maps across the
+    slide and the regions of four blocks."""
     tissue = sum((s.core[1] - s.core[0]) * (s.core[3] - s.core[2])
                  for s in plan.specs if s.index not in plan.background)  # fmt: skip
     if not plan.regions:
         return 2 * tissue
-    area = max((r.part[1] - r.part[0]) * (r.part[3] - r.part[2]) for r in plan.regions)
-    per_row = len({r.box[2:] for r in plan.regions})
-    return 2 * tissue + 2 * (per_row + 1) * area * 4 * plan.map_channels
+    width = max(r.box[3] for r in plan.regions)  # the working level's, at the working scale
+    side = max(r.box[1] - r.box[0] for r in plan.regions)  # one row of tiles
+    block = max(s.core[1] - s.core[0] for s in plan.specs) * plan.setup.pixel_size \
+        / CANONICAL_PIXEL_SIZE  # fmt: skip
+    return 2 * tissue + int((3 * side * width + 4 * block * block) * 4 * plan.map_channels)
 
 
 # ------------------------------------------------------------------ worker: phase 1
@@ -913,7 +918,7 @@ def _segment_phase(client, plan, out, device, threads, progress, should_stop=Non
     With map regions each block waits for the tasks of the regions it reads. Tasks are
     prioritised in row order (a region just before the first block that needs it), so
     the workers go through the slide row by row and a region's file, removed once every
-    block reading it is done, lives for about two rows of blocks.
+    block reading it is done, lives while the blocks around it are segmented.
     """
     metas = _done_blocks(out)
     todo = [s.index for s in plan.specs if s.index not in metas]

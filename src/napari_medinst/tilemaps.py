@@ -46,8 +46,10 @@ from .segment import grid_maps, maps_to_window, tiles_read_box, working_need, wo
 __all__ = ["REGION", "MapRegion", "assemble", "from_stack", "plan_regions", "region_maps",
            "to_stack"]  # fmt: skip
 
-#: Side of a map region, px at the working scale (2 of the 448 px steps of the tiles).
-REGION = 1024
+#: Height and width of a map region, px at the working scale: one row of tiles (their
+#: 448 px step) by two. One row, so that between two rows of blocks (cut where the tiles'
+#: maps change) the maps held for the next row are one row of tiles.
+REGION = (448, 1024)
 
 Box = tuple[int, int, int, int]
 
@@ -66,26 +68,42 @@ class MapRegion:
     read: Box  # the image pixels that computation reads
 
 
-def _axis_groups(length: int, target: int, stride: int) -> list[tuple[int, int]]:
-    """Kept spans ``[lo, hi)`` of about ``target`` px of tiles each, partitioning the axis."""
+def _kept_spans(length: int, stride: int) -> list[tuple[int, int]]:
     tile = max(TILE, 2 * OVERLAP + stride)
-    starts = _tile_starts(length, tile, tile - OVERLAP)
-    kept = [_kept(s, length, tile, OVERLAP) for s in starts]
-    per = max(1, round(target / (tile - OVERLAP)))
-    cuts = list(range(0, len(kept), per))[1:]
-    # the last tile blends with the one before it: never put a cut between them
-    if len(kept) >= 2 and kept[-1][0] < kept[-2][1] and cuts and cuts[-1] == len(kept) - 1:
-        cuts.pop()
-    bounds = [0, *cuts, len(kept)]
-    return [(kept[a][0], kept[b - 1][1]) for a, b in itertools.pairwise(bounds)]
+    return [_kept(s, length, tile, OVERLAP) for s in _tile_starts(length, tile, tile - OVERLAP)]
 
 
-def _meet(a: Box, b: Box) -> Box | None:
+def clean_cuts(length: int, stride: int) -> list[int]:
+    """Working px (one axis) where the maps change from one group of tiles to the next:
+    the starts of the tiles' kept parts, except where the last tile blends with the one
+    before it. A cut there splits no pixel's tiles."""
+    kept = _kept_spans(length, stride)
+    return [b[0] for a, b in itertools.pairwise(kept) if a[1] == b[0]]
+
+
+def _axis_groups(
+    length: int, target: int, stride: int, forced: Iterable[int] = ()
+) -> list[tuple[int, int]]:
+    """Kept spans ``[lo, hi)`` of about ``target`` px of tiles each, partitioning the axis,
+    cut at every clean cut in ``forced`` (working px)."""
+    kept = _kept_spans(length, stride)
+    step = max(TILE, 2 * OVERLAP + stride) - OVERLAP
+    per = max(1, round(target / step))
+    clean = {k for k in range(1, len(kept)) if kept[k - 1][1] == kept[k][0]}
+    hard = sorted({k for k in clean if kept[k][0] in set(forced)} | {0, len(kept)})
+    cuts = []
+    for a, b in itertools.pairwise(hard):  # groups of ``per`` tiles between forced cuts
+        cuts += [k for k in range(a, b, per) if k in clean or k == a]
+    bounds = sorted({*cuts, len(kept)} - {0})
+    return [(kept[a][0], kept[b - 1][1]) for a, b in itertools.pairwise([0, *bounds])]
+
+
+def intersect(a: Box, b: Box) -> Box | None:
     box = (max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3]))
     return box if box[0] < box[1] and box[2] < box[3] else None
 
 
-def _union(boxes: Iterable[Box]) -> Box:
+def bounding(boxes: Iterable[Box]) -> Box:
     boxes = list(boxes)
     return (min(b[0] for b in boxes), max(b[1] for b in boxes),
             min(b[2] for b in boxes), max(b[3] for b in boxes))  # fmt: skip
@@ -98,18 +116,21 @@ def plan_regions(
     pixel_size: float,
     stride: int,
     align: int = 1,
-    region: int = REGION,
+    region: tuple[int, int] = REGION,
+    edges: tuple[Iterable[int], Iterable[int]] = ((), ()),
 ) -> tuple[tuple[MapRegion, ...], dict[int, tuple[int, ...]]]:
     """The regions the blocks ``windows`` ({block: window in image px}) need.
 
     Returns the needed regions (in index order, each with the union of what its blocks
     need as :attr:`MapRegion.part`) and, per block, the indices of the regions it
-    reads. ``region`` is the regions' side at the working scale.
+    reads. ``region`` is the regions' (height, width) at the working scale; ``edges``
+    (image px, per axis: the blocks' core edges) cut regions too where they fall on a
+    clean cut (:func:`clean_cuts`), so that no region straddles two blocks' cores.
     """
     scale = pixel_size / CANONICAL_PIXEL_SIZE
     gshape = working_shape(image_shape, scale)
-    rows = _axis_groups(gshape[0], region, stride)
-    cols = _axis_groups(gshape[1], region, stride)
+    rows, cols = (_axis_groups(gshape[a], region[a], stride,
+                               [round(e * scale) for e in edges[a]]) for a in (0, 1))  # fmt: skip
     row_starts = np.array([lo for lo, _ in rows])
     col_starts = np.array([lo for lo, _ in cols])
 
@@ -125,7 +146,7 @@ def plan_regions(
         for i in hits(row_starts, need[0], need[1]):
             for j in hits(col_starts, need[2], need[3]):
                 g = i * len(cols) + j
-                inside = _meet(need, (*rows[i], *cols[j]))
+                inside = intersect(need, (*rows[i], *cols[j]))
                 if inside is not None:
                     parts.setdefault(g, []).append(inside)
                     hit.append(g)
@@ -133,7 +154,7 @@ def plan_regions(
     boxes = {g: (*rows[g // len(cols)], *cols[g % len(cols)]) for g in parts}
     regions = []
     for g in sorted(parts):
-        part = _union(parts[g])
+        part = bounding(parts[g])
         read = tiles_read_box(part, image_shape, pixel_size, stride, align)
         regions.append(MapRegion(g, boxes[g], part, read))
     return tuple(regions), uses
@@ -209,7 +230,7 @@ def assemble(
     out = np.full((channels.pop(), need[1] - need[0], need[3] - need[2]), np.nan, np.float32)
     for g, stack in parts.items():
         part = regions[g].part
-        inside = _meet(need, part)
+        inside = intersect(need, part)
         if inside is None:
             continue
         y0, y1, x0, x1 = inside
