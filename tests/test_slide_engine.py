@@ -489,3 +489,27 @@ def test_nuclei_table_is_written_in_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(se, "_CSV_BATCH", 7)  # batch borders change nothing
     se.write_table(out, plan)
     assert (out / "nuclei.csv").read_bytes() == text
+
+
+class _Recording:
+    """A client that records what each submitted task receives."""
+
+    def __init__(self, client):
+        self._client, self.args = client, []
+
+    def submit(self, fn, *args, **kw):
+        self.args.append((fn.__name__, args))
+        return self._client.submit(fn, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_the_plan_goes_to_the_workers_once(tmp_path, slide_path, client):
+    plan = se.plan_slide(slide_path, "classical", block=BLOCK, min_tissue=0)
+    rec = _Recording(client)
+    run = se.run_slide(plan, tmp_path / "p.zarr", rec)
+    assert run.complete
+    carriers = [name for name, args in rec.args if any(a is plan for a in args)]
+    assert carriers == ["_plan_task"]  # every other task gets it as a dependency
+    assert len(rec.args) == 1 + 9 + 9  # the plan, 9 blocks, 9 chunks

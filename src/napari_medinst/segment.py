@@ -62,6 +62,7 @@ __all__ = [
     "maps_to_window",
     "segment",
     "tiles_read_box",
+    "window_geometry",
     "working_maps",
     "working_need",
     "working_shape",
@@ -332,13 +333,20 @@ def maps_to_window(
     maps: Maps, need: tuple[int, int, int, int], window: tuple[int, int, int, int], scale: float
 ) -> Maps:
     """Working maps on ``need`` (:func:`working_need` of ``window``) back to the window's px."""
+    size, crop = window_geometry(need, window, scale)
+    return _crop(maps.resized(size), *crop)
+
+
+def window_geometry(
+    need: tuple[int, int, int, int], window: tuple[int, int, int, int], scale: float
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """How :func:`maps_to_window` goes back to image px: the size the working maps on
+    ``need`` are resampled to, and the window's box in the result."""
     (u0, u1, v0, v1), (a0, a1, b0, b1) = need, window
     # back to image px: the working crop starts at image px u0 / scale
     y0, x0 = round(u0 / scale), round(v0 / scale)
-    maps = maps.resized(
-        (max(round((u1 - u0) / scale), a1 - y0), max(round((v1 - v0) / scale), b1 - x0))
-    )
-    return _crop(maps, a0 - y0, a1 - y0, b0 - x0, b1 - x0)
+    size = (max(round((u1 - u0) / scale), a1 - y0), max(round((v1 - v0) / scale), b1 - x0))
+    return size, (a0 - y0, a1 - y0, b0 - x0, b1 - x0)
 
 
 def maps_on_grid(

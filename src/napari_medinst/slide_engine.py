@@ -456,8 +456,9 @@ def _open_for_resume(out: Path, plan: SlidePlan) -> None:
                          f"{attrs.get('format')}, this one writes {STORE_FORMAT}); use "
                          "--overwrite")  # fmt: skip
     if attrs.get("plan") != json.loads(json.dumps(plan.fingerprint())):
-        raise InputError(f"{out}: was made from another slide or with other settings "
-                         "(model, pixel size, block size, ...); use --overwrite")  # fmt: skip
+        raise InputError(f"{out}: was made from another slide, with other settings "
+                         "(model, pixel size, block size, ...) or by an earlier version that "
+                         "cut the blocks differently; use --overwrite")  # fmt: skip
     for sub in ("records", "chunks", "maps"):
         (out / sub).mkdir(exist_ok=True)
     _set_status(out, _store_meta(plan), "running")
@@ -912,9 +913,17 @@ def _done_chunks(out: Path) -> set[int]:
     return {int(p.stem) for p in (out / "chunks").glob("*.npy") if p.stem.isdigit()}
 
 
-def _segment_phase(client, plan, out, device, threads, progress, should_stop=None):
+def _plan_task(plan: SlidePlan) -> SlidePlan:
+    """The plan as a task's result: every task takes it as a dependency, so it is sent once
+    to each worker instead of once with each of the run's (up to tens of thousands of)
+    tasks, and a worker that dies with it is no loss (the task runs again)."""
+    return plan
+
+
+def _segment_phase(client, plan, ref, out, device, threads, progress, should_stop=None):
     """Phase 1: blocks without a record; returns (metas of all blocks, redone, failures).
 
+    ``ref`` is the plan as a future (:func:`_plan_task`), which the tasks receive.
     With map regions each block waits for the tasks of the regions it reads. Tasks are
     prioritised in row order (a region just before the first block that needs it), so
     the workers go through the slide row by row and a region's file, removed once every
@@ -937,11 +946,11 @@ def _segment_phase(client, plan, out, device, threads, progress, should_stop=Non
         if plan.regions and i not in plan.background:
             for g in plan.uses[i]:
                 if g not in map_futures:
-                    map_futures[g] = submit(maps_task, plan, g, str(out), device, threads,
+                    map_futures[g] = submit(maps_task, ref, g, str(out), device, threads,
                                             key=f"maps-region-{g}")  # fmt: skip
                 left[g] = left.get(g, 0) + 1
                 deps.append(map_futures[g])
-        futures[submit(segment_task, plan, i, str(out), device, threads, *deps,
+        futures[submit(segment_task, ref, i, str(out), device, threads, *deps,
                        key=f"segment-block-{i}")] = i  # fmt: skip
 
     def done(i: int) -> None:  # a region no block still needs is removed
@@ -959,7 +968,8 @@ def _segment_phase(client, plan, out, device, threads, progress, should_stop=Non
     return metas, set(results), failed
 
 
-def _paint_phase(client, plan, out, metas, redone, failed_blocks, progress, should_stop=None):
+def _paint_phase(client, plan, ref, out, metas, redone, failed_blocks, progress,
+                 should_stop=None):  # fmt: skip
     """Phase 2: chunks not complete, or fed by a block segmented again in this run."""
     reach = 2 * max((m.get("max_side", 0) for m in metas.values()), default=0) + 2
     done = _done_chunks(out)
@@ -974,7 +984,7 @@ def _paint_phase(client, plan, out, metas, redone, failed_blocks, progress, shou
             blocked[k] = f"needs failed block(s) {', '.join(map(str, missing))}"
             continue
         feed = [b for b in feed if metas[b].get("n", 0) > 0]
-        futures[client.submit(paint_task, plan, k, str(out), feed, reach, retries=2, pure=False,
+        futures[client.submit(paint_task, ref, k, str(out), feed, reach, retries=2, pure=False,
                               key=f"paint-chunk-{k}-{time.time_ns()}")] = k  # fmt: skip
     results, failed = _gather(client, futures, "chunks", progress, should_stop)
     failed.update(blocked)
@@ -1041,14 +1051,17 @@ def run_slide(
         _open_for_resume(out, plan)
     else:
         _create_store(out, plan, overwrite)
+    ref = client.submit(_plan_task, plan, pure=False, key=f"slide-plan-{time.time_ns()}")
     try:
-        metas, redone, failed_blocks = _segment_phase(client, plan, out, device, threads,
+        metas, redone, failed_blocks = _segment_phase(client, plan, ref, out, device, threads,
                                                       progress, should_stop)  # fmt: skip
-        painted, failed_chunks = _paint_phase(client, plan, out, metas, redone, failed_blocks,
-                                              progress, should_stop)  # fmt: skip
+        painted, failed_chunks = _paint_phase(client, plan, ref, out, metas, redone,
+                                              failed_blocks, progress, should_stop)  # fmt: skip
     except BaseException:  # interrupted: what has no marker is done again by --resume
+        client.cancel([ref])
         _set_status(out, _store_meta(plan), "incomplete")
         raise
+    ref.release()
     for sub in ("records", "chunks", "maps"):  # temporary files of a worker that died mid-write
         remove_stale_parts(out / sub)
     failed = {**failed_blocks, **{f"chunk {k}": v for k, v in failed_chunks.items()}}

@@ -11,16 +11,18 @@ not overlap: a tile's weight is zero in the outer half of each overlap, so each 
 maps come from the one tile whose *kept part* covers it, except next to the image's far
 edges, where the last tile (moved back to end there) blends with the one before it. The
 kept parts of consecutive tiles therefore cut each axis into spans with no pixel shared;
-:func:`plan_regions` groups about :data:`REGION` px worth of tiles per axis (keeping the
-last two tiles together), and a *region* is one row group times one column group.
-Regions are smaller than blocks so that a region task needs little memory (its input
-and the maps of about 1000² working px: some 60 MB with a typed model) and the tasks
-spread evenly over the workers; how many there are changes nothing else, as every tile
-is run once whatever the grouping. A region's
-maps, computed from its own tiles only, are the whole image's on every one of its pixels,
-bit for bit on the same device; a block assembles its window's maps from the regions it
-meets (:func:`assemble`) and resamples them to image px as :func:`~.segment.maps_on_grid`
-does, so its nuclei are those of the whole-image path, with every tile run once.
+:func:`plan_regions` groups the tiles (:data:`REGION`: one row of tiles high, two wide,
+keeping the last two tiles of an axis together, and cutting at the blocks' core edges
+where they fall between tiles, see :func:`~.blockwise.snap_edges`), and a *region* is one
+row group times one column group. Regions are small so that a region task needs little
+memory (its input and the maps of about 448 × 896 working px: some 15 MB with a typed
+model), the tasks spread evenly over the workers, and between two rows of blocks only
+one row of tiles' maps waits for the next; how many there are changes nothing else, as
+every tile is run once whatever the grouping. A region's maps, computed from its own
+tiles only, are the whole image's on every one of its pixels, bit for bit on the same
+device; a block assembles its window's maps from the regions it meets (:func:`assemble`)
+and resamples them to image px as :func:`~.segment.maps_on_grid` does, so its nuclei are
+those of the whole-image path, with every tile run once.
 
 A region is computed only where some block needs it (:attr:`MapRegion.part`: a block at
 the edge of the tissue reads only a strip of a background neighbour's region). The
@@ -37,11 +39,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch.nn import functional as F
 
 from .model.folder import LoadedModel
 from .model.inference import OVERLAP, TILE, Maps, _kept, _tile_starts
 from .preprocess import CANONICAL_PIXEL_SIZE, Modality
-from .segment import grid_maps, maps_to_window, tiles_read_box, working_need, working_shape
+from .segment import grid_maps, tiles_read_box, window_geometry, working_need, working_shape
 
 __all__ = ["REGION", "MapRegion", "assemble", "from_stack", "plan_regions", "region_maps",
            "to_stack"]  # fmt: skip
@@ -239,4 +243,9 @@ def assemble(
         ]
     if np.isnan(out[0]).any():
         raise ValueError(f"the regions do not cover the maps of window {window}")
-    return maps_to_window(from_stack(out), need, window, pixel_size / CANONICAL_PIXEL_SIZE)
+    # maps_to_window's resampling and crop on the stack as it is: no copy of each channel
+    size, (r0, r1, c0, c1) = window_geometry(need, window, pixel_size / CANONICAL_PIXEL_SIZE)
+    if size != out.shape[1:]:
+        t = torch.from_numpy(out)[None]
+        out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
+    return from_stack(out[:, r0:r1, c0:c1])
