@@ -381,9 +381,10 @@ def test_seam_clashes_resolved_like_the_in_memory_path_whatever_the_chunks(tmp_p
 
 
 def test_command_line_defaults_are_the_engines():
-    from napari_medinst import blockwise, slide_cli
+    from napari_medinst import slide_cli
+    from napari_medinst._napari import _slide_job
 
-    assert slide_cli.DEFAULT_BLOCK == blockwise.DEFAULT_BLOCK
+    assert slide_cli.DEFAULT_BLOCK == se.DEFAULT_BLOCK == _slide_job.DEFAULT_BLOCK
     assert slide_cli.MIN_TISSUE == se.MIN_TISSUE
 
 

@@ -135,7 +135,7 @@ def _add_segment(sub) -> None:
         type=_block_size_arg,
         default=None,
         metavar="PX",
-        help="segment in blocks of PX px, memory bounded (default: blocks of 2048 px for "
+        help="segment in blocks of PX px, memory bounded (default: blocks of 1024 px for "
         "images above 16 Mpx; 0: never)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -16,7 +16,7 @@ __all__ = ["add_parser", "run"]
 
 # The engine's defaults, repeated so that building the parser (``--version``, ``--help``)
 # imports no torch; tests/test_slide_engine.py checks they agree.
-DEFAULT_BLOCK = 2048  # blockwise.DEFAULT_BLOCK
+DEFAULT_BLOCK = 2048  # slide_engine.DEFAULT_BLOCK
 MIN_TISSUE = 0.01  # slide_engine.MIN_TISSUE
 
 

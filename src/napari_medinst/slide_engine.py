@@ -87,7 +87,6 @@ from scipy import ndimage as ndi
 
 from ._io import InputError, _atomic_write, bytes_writer, check_free_space, remove_stale_parts
 from .blockwise import (
-    DEFAULT_BLOCK,
     HALO_UM,
     BlockResult,
     BlockSetup,
@@ -118,6 +117,10 @@ from .tilemaps import MapRegion, assemble, plan_regions, region_maps
 __all__ = ["LABELS", "MIN_TISSUE", "SlidePlan", "SlideRun", "connect", "label_levels",
            "plan_slide", "run_slide", "write_table"]  # fmt: skip
 
+#: Block and zarr chunk side of a slide, px of the working level (larger than the
+#: in-memory path's blocks: fewer, larger chunk files and tasks; a worker's peak stays
+#: near 1 GB).
+DEFAULT_BLOCK = 2048
 #: A block whose core holds less tissue than this share is background (not segmented).
 MIN_TISSUE = 0.01
 #: Side of the central crop the pixel size is estimated on (px of level 0).
