@@ -492,8 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="+", default=["1x2", "2x1"], metavar="WxT",
                    help="workers x threads per worker (default 1x2 2x1)")  # fmt: skip
     p.add_argument("--slide-block", type=int, default=2048, help="segment-slide --block-size")
-    p.add_argument("--crop", type=int, default=3990,
-                   help="yardstick crop side, px (default 3990: the most segment takes without blocks)")
+    p.add_argument(
+        "--crop",
+        type=int,
+        default=3990,
+        help="yardstick crop side, px (default 3990: the most segment takes without blocks)",
+    )
     p.add_argument("--tmp", default=None, help="folder for the temporary slide and outputs")
     p.add_argument("--memory", type=int, nargs="+", default=None, metavar="SIZE",
                    help="part 3: peak RSS per worker and of the client for slides of these "
