@@ -183,13 +183,20 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool) -> None:
-    """Part 1 at one TTA setting: block path vs whole-image path vs one-piece prediction."""
+def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool,
+                pixel_size: float = PIXEL_SIZE) -> None:  # fmt: skip
+    """Part 1 at one TTA setting: block path vs whole-image path vs one-piece prediction.
+
+    ``pixel_size`` is the one both paths are told (the mosaic is at 0.5 µm/px): a value
+    whose ratio to the model's 0.5 is not a power of two makes both resample the image.
+    """
     image = he_mosaic(size)
-    print(
-        f"\n== seams: {size}x{size} H&E mosaic at {PIXEL_SIZE} µm/px, tta={'on' if tta else 'off'}"
-    )
-    whole, t_whole = _timed(segment, image, "default", pixel_size=PIXEL_SIZE, tta=tta)
+    print(f"\n== seams: {size}x{size} H&E mosaic at {PIXEL_SIZE} µm/px, segmented as "
+          f"{pixel_size} µm/px, tta={'on' if tta else 'off'}")  # fmt: skip
+    if with_one_piece and pixel_size != PIXEL_SIZE:
+        print("  (the one-piece prediction runs at the mosaic's own scale only: skipped)")
+        with_one_piece = False
+    whole, t_whole = _timed(segment, image, "default", pixel_size=pixel_size, tta=tta)
     params = whole.maps.default_params
     ref = whole.labels
     print(f"  whole-image path (512 px model tiles): {whole.result.n_instances} nuclei, "
@@ -202,7 +209,7 @@ def bench_seams(size: int, blocks: list[int], tta: bool, with_one_piece: bool) -
               f"nuclei, {t_piece:.1f} s")  # fmt: skip
         _print_row("whole path vs one-piece", compare(piece, ref))
     for block in blocks:
-        res, t_block = _timed(segment_blockwise, image, "default", pixel_size=PIXEL_SIZE,
+        res, t_block = _timed(segment_blockwise, image, "default", pixel_size=pixel_size,
                               tta=tta, block=block, params=params)  # fmt: skip
         lines = [e for e in (round(i * size / math.ceil(size / block))
                              for i in range(1, math.ceil(size / block)))]  # fmt: skip
@@ -481,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seams", action="store_true", help="part 1: block seams")
     p.add_argument("--slide", action="store_true", help="part 2: memory and throughput")
     p.add_argument("--seams-size", type=int, default=4000, help="mosaic side, px (default 4000)")
+    p.add_argument(
+        "--seams-pixel-size",
+        type=float,
+        default=PIXEL_SIZE,
+        help="pixel size both paths are told, µm/px (default 0.5, the mosaic's)",
+    )
     p.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--tta", choices=("off", "on", "both"), default="off",
                    help="model mirror averaging in part 1 (default off; on is ~4x slower)")  # fmt: skip
@@ -512,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
     if args.seams:
         for tta in {"off": [False], "on": [True], "both": [False, True]}[args.tta]:
-            bench_seams(args.seams_size, args.blocks, tta, not args.no_one_piece)
+            bench_seams(
+                args.seams_size, args.blocks, tta, not args.no_one_piece, args.seams_pixel_size
+            )
     if args.slide:
         bench_slide(args.slide_size, args.runs, args.slide_block, args.crop, args.tmp)
     if args.memory:
