@@ -110,3 +110,28 @@ def test_the_block_path_holds_about_one_row_of_tiles_maps(monkeypatch):
     assert res.n_blocks == 8 and held[-1] == 0
     row_of_tiles = 448 * 3600 * 9 * 4  # one row of tiles' maps across the image
     assert max(held) <= 1.1 * row_of_tiles  # (regions held whole: about twice that)
+
+
+def test_network_scale_snaps_to_a_power_of_two_within_ten_percent():
+    from napari_medinst.preprocess import network_scale
+
+    assert network_scale(0.25) == 0.5 and network_scale(0.5) == 1.0
+    assert network_scale(0.2428) == 0.5 and network_scale(0.4856) == 1.0
+    assert network_scale(0.2275) == 0.5 and network_scale(0.27) == 0.5
+    assert network_scale(1.05) == 2.0 and network_scale(0.126) == 0.25
+    assert network_scale(0.3) == pytest.approx(0.6)  # far from any: left as it is
+    assert network_scale(0.37) == pytest.approx(0.74)
+
+
+@pytest.mark.parametrize("pixel_size", [0.2428, 0.504])
+def test_blocks_equal_the_whole_image_at_a_slides_real_pixel_size(pixel_size):
+    # scanners' pixel sizes are rarely exactly 0.25 / 0.5 µm/px: the network runs at the
+    # power-of-two scale, on the whole image's grid, so blocks still give its nuclei
+    image = _he_mosaic(1200)
+    whole = segment(image, "default", pixel_size=pixel_size, tta=False)
+    assert whole.maps.pixel_size == pixel_size  # measurements keep the true pixel size
+    blocks = bw.segment_blockwise(image, "default", pixel_size=pixel_size, tta=False, block=400)
+    assert np.array_equal(blocks.labels > 0, whole.labels > 0)
+    pairs = np.unique(np.stack([whole.labels.ravel(), blocks.labels.ravel()]), axis=1)
+    pairs = pairs[:, (pairs[0] > 0) & (pairs[1] > 0)]
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] > 100

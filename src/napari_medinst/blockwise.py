@@ -48,11 +48,11 @@ from .model.folder import LoadedModel
 from .model.inference import DEFAULT_TTA, OVERLAP, TILE, CancelledError, Maps
 from .postprocess import Postprocessor, PostprocessParams
 from .preprocess import (
-    CANONICAL_PIXEL_SIZE,
     Modality,
     check_pixel_size,
     colour_divisor,
     detect_modality,
+    network_scale,
     percentile_range,
     prepare_image,
     work_dtype,
@@ -230,7 +230,7 @@ def snap_edges(edges: list[int], length: int, pixel_size: float, stride: int) ->
     of theirs, and the in-memory path holds one row of tiles' maps between two rows of
     blocks. Blocks narrower than two tile steps are left as they are.
     """
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    scale = network_scale(pixel_size)
     glen = working_shape((length, length), scale)[0]
     step = TILE - OVERLAP
     if len(edges) <= 2 or (edges[1] - edges[0]) * scale < 2 * step:
@@ -299,7 +299,7 @@ def _grid_step(model: str | LoadedModel, pixel_size: float) -> int:
     """The network's stride in image pixels (1 for the classical fallback)."""
     if not isinstance(model, LoadedModel):
         return 1
-    return max(1, round(model.net.stride * CANONICAL_PIXEL_SIZE / pixel_size))
+    return max(1, round(model.net.stride / network_scale(pixel_size)))
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

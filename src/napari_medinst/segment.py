@@ -44,6 +44,7 @@ from .preprocess import (
     PixelSizeWarning,
     check_pixel_size,
     detect_modality,
+    network_scale,
     prepare_image,
     to_network_input,
 )
@@ -206,7 +207,7 @@ def maps_from_input(
     if not (0.01 <= pixel_size <= 50):
         raise InputError(f"pixel size {pixel_size} µm/px is outside the plausible 0.01-50 range")
     model = get_model(model, device)
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    scale = network_scale(pixel_size)
     dev = pick_device(device)
     maps = _run(model, _rescale(x, scale), modality, dev, progress, should_stop, tta)
     return maps.resized(x.shape[1:])
@@ -247,7 +248,7 @@ def grid_read_box(
     and the window starts on a multiple of the network's stride at the image's scale;
     otherwise within a fraction of a pixel.
     """
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    scale = network_scale(pixel_size)
     out = []
     gshape = working_shape(image_shape, scale)
     for axis, (a, b) in enumerate((window[:2], window[2:])):
@@ -271,7 +272,7 @@ def tiles_read_box(
     column are moved back to a multiple of ``align`` (the network's stride in image px,
     the alignment every block's window has).
     """
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    scale = network_scale(pixel_size)
     gshape = working_shape(image_shape, scale)
     out = []
     for axis, (lo, hi) in enumerate((need[:2], need[2:])):
@@ -285,7 +286,7 @@ def working_need(
     window: tuple[int, int, int, int], image_shape: tuple[int, int], pixel_size: float
 ) -> tuple[int, int, int, int]:
     """Working px whose maps :func:`maps_on_grid` resamples to ``window`` (image px)."""
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    scale = network_scale(pixel_size)
     gshape = working_shape(image_shape, scale)
     return (*_working_span(window[0], window[1], scale, gshape[0]),
             *_working_span(window[2], window[3], scale, gshape[1]))  # fmt: skip
@@ -313,7 +314,7 @@ def grid_maps(
     in the whole image's order, so any two calls give the same values on the pixels of
     their ``need`` they share.
     """
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    scale = network_scale(pixel_size)
     xs = _rescale(x, scale)
     origin = (round(read[0] * scale), round(read[2] * scale))
     (u0, u1, v0, v1), (oy, ox) = need, origin
@@ -377,7 +378,7 @@ def maps_on_grid(
     maps = working_maps(x, model, read=read, need=need, image_shape=image_shape,
                         modality=modality, pixel_size=pixel_size, device=device,
                         should_stop=should_stop, tta=tta)  # fmt: skip
-    return maps_to_window(maps, need, window, pixel_size / CANONICAL_PIXEL_SIZE)
+    return maps_to_window(maps, need, window, network_scale(pixel_size))
 
 
 def compute_maps(
@@ -432,7 +433,7 @@ def compute_maps(
     x = to_network_input(arr, modality)
     estimated = pixel_size is None
     if pixel_size is not None:
-        scale = pixel_size / CANONICAL_PIXEL_SIZE
+        scale = network_scale(pixel_size)
     elif modality == "he":
         scale = DEFAULT_PIXEL_SIZE / CANONICAL_PIXEL_SIZE
     else:
@@ -462,7 +463,7 @@ def compute_maps(
     return MapResult(
         maps=maps.resized(arr.shape[:2]),
         modality=modality,
-        pixel_size=scale * CANONICAL_PIXEL_SIZE,
+        pixel_size=pixel_size if pixel_size is not None else scale * CANONICAL_PIXEL_SIZE,
         pixel_size_estimated=estimated,
         model_name=model if isinstance(model, str) else model.name,
         default_params=params,

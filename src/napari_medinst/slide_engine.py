@@ -108,6 +108,7 @@ from .preprocess import (
     Modality,
     check_pixel_size,
     detect_modality,
+    network_scale,
     prepare_image,
 )
 from .segment import get_model
@@ -477,8 +478,7 @@ def _need_bytes(plan: SlidePlan) -> int:
         return 2 * tissue
     width = max(r.box[3] for r in plan.regions)  # the working level's, at the working scale
     side = max(r.box[1] - r.box[0] for r in plan.regions)  # one row of tiles
-    block = max(s.core[1] - s.core[0] for s in plan.specs) * plan.setup.pixel_size \
-        / CANONICAL_PIXEL_SIZE  # fmt: skip
+    block = max(s.core[1] - s.core[0] for s in plan.specs) * network_scale(plan.setup.pixel_size)
     return 2 * tissue + int((3 * side * width + 4 * block * block) * 4 * plan.map_channels)
 
 

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from .model.folder import LoadedModel
 from .model.inference import OVERLAP, TILE, Maps, _kept, _tile_starts
-from .preprocess import CANONICAL_PIXEL_SIZE, Modality
+from .preprocess import Modality, network_scale
 from .segment import grid_maps, tiles_read_box, window_geometry, working_need, working_shape
 
 __all__ = ["REGION", "MapRegion", "assemble", "from_stack", "plan_regions", "region_maps",
@@ -131,7 +131,7 @@ def plan_regions(
     (image px, per axis: the blocks' core edges) cut regions too where they fall on a
     clean cut (:func:`clean_cuts`), so that no region straddles two blocks' cores.
     """
-    scale = pixel_size / CANONICAL_PIXEL_SIZE
+    scale = network_scale(pixel_size)
     gshape = working_shape(image_shape, scale)
     rows, cols = (_axis_groups(gshape[a], region[a], stride,
                                [round(e * scale) for e in edges[a]]) for a in (0, 1))  # fmt: skip
@@ -244,7 +244,7 @@ def assemble(
     if np.isnan(out[0]).any():
         raise ValueError(f"the regions do not cover the maps of window {window}")
     # maps_to_window's resampling and crop on the stack as it is: no copy of each channel
-    size, (r0, r1, c0, c1) = window_geometry(need, window, pixel_size / CANONICAL_PIXEL_SIZE)
+    size, (r0, r1, c0, c1) = window_geometry(need, window, network_scale(pixel_size))
     if size != out.shape[1:]:
         t = torch.from_numpy(out)[None]
         out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
