@@ -40,21 +40,22 @@ Modality = Literal["he", "fluorescence"]
 CANONICAL_PIXEL_SIZE = 0.5
 #: A pixel size within this factor of 0.5 µm/px times a power of two is run at exactly
 #: that power of two (:func:`network_scale`).
-SCALE_SNAP = 1.1
+SCALE_SNAP = 1.12
 
 
 def network_scale(pixel_size: float) -> float:
     """The factor an image of ``pixel_size`` µm/px is resampled by for the network.
 
-    ``pixel_size / 0.5``, except within :data:`SCALE_SNAP` (10 %) of a power of two, where
-    it is that power of two: a 0.2428 µm/px slide runs at exactly half its resolution,
-    a 0.4856 µm/px level at its own. Resampling by a power of two puts every crop of an
-    image on the whole image's pixel grid, so blocks and map regions give the whole image's
-    maps exactly (at other factors each crop's samples move by a fraction of a pixel, and
-    outlines with them), and a factor of 1 needs no resampling at all. The network sees
-    nuclei at most 10 % off its 0.5 µm/px, well inside their natural spread; on MoNuSeg
-    training tiles resampled to 0.2275-0.27 µm/px, running them at the snapped scale
-    changed AJI by -0.004 to +0.004 (docs/slides.md). Measurements keep the true pixel size.
+    ``pixel_size / 0.5``, except within :data:`SCALE_SNAP` (12 %) of a power of two, where
+    it is that power of two: a 0.2428 µm/px Aperio slide runs at exactly half its
+    resolution, a 0.4530 µm/px Hamamatsu level at its own. Resampling by a power of two
+    puts every crop of an image on the whole image's pixel grid, so blocks and map regions
+    give the whole image's maps exactly (at other factors each crop's samples move by a
+    fraction of a pixel, and outlines with them), and a factor of 1 needs no resampling
+    at all. The network then sees nuclei at most 12 % off its 0.5 µm/px, inside their
+    natural spread: on 8 MoNuSeg training tiles resampled to 0.2232-0.28 µm/px, running
+    them at the snapped scale instead of their own moved AJI by -0.004 to +0.004
+    (docs/slides.md). Measurements keep the true pixel size.
     """
     scale = pixel_size / CANONICAL_PIXEL_SIZE
     if not scale > 0:
