@@ -619,9 +619,27 @@ _AJI_PLUS_TIE = (
 )
 
 
+def _aji_iou_tie():
+    """A gt nucleus of 5 px whose two predictions tie at IoU 0.2: one of 1 px inside it
+    (id 1, IoU 1 / 5), one of 19 px covering 4 of its pixels (id 3, IoU 4 / 20). Kumar AJI
+    takes the larger intersection (aji_picks), whatever the ids. (Found by hypothesis.)"""
+    gt = np.zeros((6, 9), np.int32)
+    gt[1:6, 8] = 1
+    pred = np.zeros((6, 9), np.int32)
+    pred[0:4, 4:8] = 3  # 16 px beside the nucleus, less one
+    pred[0, 4] = 0
+    pred[1:3, 8] = pred[4:6, 8] = 3  # and 4 of its pixels
+    pred[3, 8] = 1
+    return gt, pred
+
+
+_AJI_IOU_TIE = _aji_iou_tie()
+
+
 @PROPS
 @given(pair=image_pairs())
 @example(pair=_AJI_PLUS_TIE)
+@example(pair=_AJI_IOU_TIE)
 def test_against_brute_force_masks(pair):
     """Table, matching size, AJI and AJI+ equal a per-pair-mask reference."""
     gt, pred = pair
@@ -658,7 +676,8 @@ def test_against_brute_force_masks(pair):
         if iou.shape[1] == 0 or iou[a].max() == 0:
             u_sum += np.sum(gt == g)
             continue
-        b = int(np.argmax(iou[a]))
+        best = np.flatnonzero(iou[a] == iou[a].max())  # ties: the larger intersection
+        b = int(best[np.argmax(inter[a, best])])
         c_sum += inter[a, b]
         u_sum += union[a, b]
         used.add(b)
