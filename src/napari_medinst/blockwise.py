@@ -45,7 +45,7 @@ from . import tilemaps
 from ._io import InputError
 from .editing import largest_part
 from .model.folder import LoadedModel
-from .model.inference import DEFAULT_TTA, OVERLAP, TILE, CancelledError, Maps
+from .model.inference import DEFAULT_TTA, OVERLAP, CancelledError, Maps, tile_side
 from .postprocess import Postprocessor, PostprocessParams
 from .preprocess import (
     Modality,
@@ -232,7 +232,7 @@ def snap_edges(edges: list[int], length: int, pixel_size: float, stride: int) ->
     """
     scale = network_scale(pixel_size)
     glen = working_shape((length, length), scale)[0]
-    step = TILE - OVERLAP
+    step = tile_side(stride) - OVERLAP
     if len(edges) <= 2 or (edges[1] - edges[0]) * scale < 2 * step:
         return edges
     cuts = np.array([round(c / scale) for c in tilemaps.clean_cuts(glen, stride)])

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -167,6 +168,17 @@ class SlidePlan:
     regions: tuple[MapRegion, ...] = ()
     uses: tuple[tuple[int, ...], ...] = ()
     map_channels: int = 0
+
+    @functools.cached_property
+    def _region_index(self) -> dict[int, MapRegion]:
+        return {r.index: r for r in self.regions}
+
+    def region(self, g: int) -> MapRegion:
+        """Map region ``g`` (its :attr:`~.tilemaps.MapRegion.index`)."""
+        try:
+            return self._region_index[g]
+        except KeyError:
+            raise KeyError(f"region {g} is not in the plan") from None
 
     @property
     def n_chunks(self) -> tuple[int, int]:
@@ -572,7 +584,7 @@ def _compute_region(plan: SlidePlan, region: MapRegion, out: Path, device: str) 
 def maps_task(plan: SlidePlan, g: int, out: str, device: str, threads: int | None) -> dict:
     """Phase 1a on a worker: the model's maps of region ``g`` into ``maps/`` (once)."""
     t0 = time.perf_counter()
-    region = plan.regions[_region_position(plan, g)]
+    region = plan.region(g)
     path = _map_path(Path(out), region)
     if not path.exists():  # a resumed run, or a task run again after a worker died
         _limit_threads(threads)
@@ -580,18 +592,11 @@ def maps_task(plan: SlidePlan, g: int, out: str, device: str, threads: int | Non
     return {"region": g, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _region_position(plan: SlidePlan, g: int) -> int:
-    pos = int(np.searchsorted([r.index for r in plan.regions], g))
-    if pos >= len(plan.regions) or plan.regions[pos].index != g:
-        raise KeyError(f"region {g} is not in the plan")
-    return pos
-
-
 def _shared_maps(plan: SlidePlan, index: int, out: Path, device: str) -> Maps:
     """Block ``index``'s window maps from its regions' files (read only where needed)."""
     regions, parts = {}, {}
     for g in plan.uses[index]:
-        region = plan.regions[_region_position(plan, g)]
+        region = plan.region(g)
         path = _map_path(out, region)
         if not path.exists():  # removed by hand, or by a run that finished meanwhile
             _compute_region(plan, region, out, device)
@@ -963,7 +968,7 @@ def _segment_phase(client, plan, ref, out, device, threads, progress, should_sto
                 map_futures.pop(g).release()
                 # (a file still open elsewhere is removed with the folder at the end)
                 with contextlib.suppress(OSError):
-                    _map_path(out, plan.regions[_region_position(plan, g)]).unlink(missing_ok=True)
+                    _map_path(out, plan.region(g)).unlink(missing_ok=True)
 
     results, failed = _gather(client, futures, "blocks", progress, should_stop, on_result=done,
                               others=list(map_futures.values()))  # fmt: skip

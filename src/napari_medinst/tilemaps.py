@@ -43,12 +43,11 @@ import torch
 from torch.nn import functional as F
 
 from .model.folder import LoadedModel
-from .model.inference import OVERLAP, TILE, Maps, _kept, _tile_starts
+from .model.inference import OVERLAP, Maps, _kept, _tile_starts, tile_side
 from .preprocess import Modality, network_scale
 from .segment import grid_maps, tiles_read_box, window_geometry, working_need, working_shape
 
-__all__ = ["REGION", "MapRegion", "assemble", "from_stack", "plan_regions", "region_maps",
-           "to_stack"]  # fmt: skip
+__all__ = ["REGION", "MapRegion", "assemble", "plan_regions", "region_maps"]
 
 #: Height and width of a map region, px at the working scale: one row of tiles (their
 #: 448 px step) by two. One row, so that between two rows of blocks (cut where the tiles'
@@ -73,7 +72,7 @@ class MapRegion:
 
 
 def _kept_spans(length: int, stride: int) -> list[tuple[int, int]]:
-    tile = max(TILE, 2 * OVERLAP + stride)
+    tile = tile_side(stride)
     return [_kept(s, length, tile, OVERLAP) for s in _tile_starts(length, tile, tile - OVERLAP)]
 
 
@@ -91,7 +90,7 @@ def _axis_groups(
     """Kept spans ``[lo, hi)`` of about ``target`` px of tiles each, partitioning the axis,
     cut at every clean cut in ``forced`` (working px)."""
     kept = _kept_spans(length, stride)
-    step = max(TILE, 2 * OVERLAP + stride) - OVERLAP
+    step = tile_side(stride) - OVERLAP
     per = max(1, round(target / step))
     clean = {k for k in range(1, len(kept)) if kept[k - 1][1] == kept[k][0]}
     hard = sorted({k for k in clean if kept[k][0] in set(forced)} | {0, len(kept)})
@@ -164,21 +163,6 @@ def plan_regions(
     return tuple(regions), uses
 
 
-def to_stack(maps: Maps) -> np.ndarray:
-    """``(4 + types, h, w)`` float32: probability, HV, contour, type probabilities."""
-    stack = [maps.prob[None], maps.hv, maps.contour[None]]
-    if maps.type_prob is not None:
-        stack.append(maps.type_prob)
-    return np.ascontiguousarray(np.concatenate(stack), np.float32)
-
-
-def from_stack(stack: np.ndarray) -> Maps:
-    """The inverse of :func:`to_stack`."""
-    n_types = stack.shape[0] - 4
-    return Maps(prob=stack[0], hv=stack[1:3], contour=stack[3],
-                type_prob=stack[4:] if n_types else None)  # fmt: skip
-
-
 def region_maps(
     x: np.ndarray,
     region: MapRegion,
@@ -192,7 +176,8 @@ def region_maps(
     tta: bool | int = False,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The stacked maps (:func:`to_stack`) of ``region.part``.
+    """The stacked maps (:meth:`~.model.inference.Maps.channels` in one array) of
+    ``region.part``.
 
     ``x`` is the normalised network input of the image pixels in ``region.read``.
     ``out``, when given, is filled and returned: a ``(4 + types, h, w)`` float32 array
@@ -202,9 +187,7 @@ def region_maps(
                                        image_shape=image_shape, modality=modality,
                                        pixel_size=pixel_size, device=device,
                                        should_stop=should_stop, tta=tta)  # fmt: skip
-    channels = [maps.prob[None], maps.hv, maps.contour[None]]
-    if maps.type_prob is not None:
-        channels.append(maps.type_prob)
+    channels = maps.channels()
     n = sum(c.shape[0] for c in channels)
     shape = (n, r1 - r0, c1 - c0)
     if out is None:
@@ -248,4 +231,4 @@ def assemble(
     if size != out.shape[1:]:
         t = torch.from_numpy(out)[None]
         out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
-    return from_stack(out[:, r0:r1, c0:c1])
+    return Maps.from_stack(out[:, r0:r1, c0:c1], out.shape[0] - 4)

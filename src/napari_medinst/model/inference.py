@@ -38,25 +38,35 @@ class Maps:
     def shape(self) -> tuple[int, int]:
         return self.prob.shape
 
+    def channels(self) -> list[np.ndarray]:
+        """The maps as ``(k, H, W)`` arrays in stacking order: probability, HV, contour,
+        type probabilities and TTA spread (the last two when present)."""
+        parts = [self.prob[None], self.hv, self.contour[None]]
+        if self.type_prob is not None:
+            parts.append(self.type_prob)
+        if self.tta_std is not None:
+            parts.append(self.tta_std[None])
+        return parts
+
+    @classmethod
+    def from_stack(cls, stack: np.ndarray, n_types: int, std: bool = False) -> Maps:
+        """Views into a ``(C, H, W)`` stack in :meth:`channels`' order."""
+        return cls(
+            prob=stack[0],
+            hv=stack[1:3],
+            contour=stack[3],
+            type_prob=stack[4 : 4 + n_types] if n_types else None,
+            tta_std=stack[4 + n_types] if std else None,
+        )
+
     def resized(self, shape: tuple[int, int]) -> Maps:
         """Bilinearly resampled to ``shape`` (used to go back to the image's pixels)."""
         if tuple(shape) == self.shape:
             return self
-        stack = [self.prob[None], self.hv, self.contour[None]]
-        if self.type_prob is not None:
-            stack.append(self.type_prob)
-        if self.tta_std is not None:
-            stack.append(self.tta_std[None])
-        t = torch.from_numpy(np.concatenate(stack).astype(np.float32))[None]
+        t = torch.from_numpy(np.concatenate(self.channels()).astype(np.float32))[None]
         out = F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
         n_types = 0 if self.type_prob is None else self.type_prob.shape[0]
-        return Maps(
-            prob=out[0],
-            hv=out[1:3],
-            contour=out[3],
-            type_prob=out[4 : 4 + n_types] if n_types else None,
-            tta_std=out[4 + n_types] if self.tta_std is not None else None,
-        )
+        return Maps.from_stack(out, n_types, self.tta_std is not None)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -88,6 +98,12 @@ def pick_device(device: str = "auto") -> torch.device:
 #: Side of the network's tiles (px at the working scale) and their overlap.
 TILE = 512
 OVERLAP = 64
+
+
+def tile_side(stride: int, tile: int = TILE, overlap: int = OVERLAP) -> int:
+    """The tile side :func:`predict_maps` uses: ``tile``, grown to hold both overlaps and
+    one network stride."""
+    return max(tile, 2 * overlap + stride)
 
 
 def _tile_starts(length: int, tile: int, step: int) -> list[int]:
@@ -151,7 +167,7 @@ def grid_span(
     ``length`` is the whole image's side at the working scale, ``stride`` the network's
     (the tile size grows to fit the overlap as :func:`predict_maps` grows it).
     """
-    tile = max(tile, 2 * overlap + stride)
+    tile = tile_side(stride, tile, overlap)
     starts = _grid_starts(length, max(0, lo), min(length, hi), tile, overlap)
     if not starts:
         return (max(0, lo), max(0, lo))
@@ -389,7 +405,7 @@ def _layer_steps(predict):
         if progress is None and should_stop is None:
             return predict(net, image, **kw)
         opt = {**defaults, **kw}
-        tile = max(opt["tile"], 2 * opt["overlap"] + net.stride)
+        tile = tile_side(net.stride, opt["tile"], opt["overlap"])
         h, w = np.shape(image)[1:]
         n_tiles = len(_tile_boxes(h, w, tile, opt["overlap"], opt["grid"]))
         leaves = [m for m in net.modules() if next(m.children(), None) is None]
@@ -451,7 +467,7 @@ def predict_maps(
     net.eval()
     x = np.ascontiguousarray(image, np.float32)
     _, h, w = x.shape
-    tile = max(tile, 2 * overlap + net.stride)
+    tile = tile_side(net.stride, tile, overlap)
     tiles_at = _tile_boxes(h, w, tile, overlap, grid)
     n_types = net.config.n_types or 0
     std = bool(tta_std) and len(tta_flips(tta)) > 1
