@@ -496,10 +496,4 @@ def predict_maps(
         if progress is not None:
             progress(done, total)
     acc /= np.maximum(wsum, 1e-6)
-    return Maps(
-        prob=acc[0],
-        hv=acc[1:3],
-        contour=acc[3],
-        type_prob=acc[4 : 4 + n_types] if n_types else None,
-        tta_std=acc[4 + n_types] if std else None,
-    )
+    return Maps.from_stack(acc, n_types, std)
