@@ -64,7 +64,6 @@ __all__ = [
     "segment",
     "tiles_read_box",
     "window_geometry",
-    "working_maps",
     "working_need",
     "working_shape",
 ]
@@ -324,12 +323,6 @@ def grid_maps(
     return maps, rel
 
 
-def working_maps(x: np.ndarray, model: LoadedModel, **kwargs) -> Maps:
-    """:func:`grid_maps` cropped to its ``need``."""
-    maps, rel = grid_maps(x, model, **kwargs)
-    return _crop(maps, *rel)
-
-
 def maps_to_window(
     maps: Maps, need: tuple[int, int, int, int], window: tuple[int, int, int, int], scale: float
 ) -> Maps:
@@ -375,10 +368,10 @@ def maps_on_grid(
         maps = maps_from_input(x, model, modality=modality, pixel_size=pixel_size, tta=tta)
         return _crop(maps, a0 - r0, a1 - r0, b0 - c0, b1 - c0)
     need = working_need(window, image_shape, pixel_size)
-    maps = working_maps(x, model, read=read, need=need, image_shape=image_shape,
-                        modality=modality, pixel_size=pixel_size, device=device,
-                        should_stop=should_stop, tta=tta)  # fmt: skip
-    return maps_to_window(maps, need, window, network_scale(pixel_size))
+    maps, rel = grid_maps(x, model, read=read, need=need, image_shape=image_shape,
+                          modality=modality, pixel_size=pixel_size, device=device,
+                          should_stop=should_stop, tta=tta)  # fmt: skip
+    return maps_to_window(_crop(maps, *rel), need, window, network_scale(pixel_size))
 
 
 def compute_maps(
