@@ -541,7 +541,10 @@ class _SharedMaps:
         self.regions = {r.index: r for r in regions}
         self.needs = {s.index: working_need(s.window, arr.shape[:2], setup.pixel_size)
                       for s in specs}  # fmt: skip
-        self.waiting = {g: [b for b, u in self.uses.items() if g in u] for g in self.regions}
+        self.waiting: dict[int, list[int]] = {g: [] for g in self.regions}
+        for b, used in self.uses.items():  # the blocks that will read each region
+            for g in used:
+                self.waiting[g].append(b)
         self.cache: dict[int, tuple[tilemaps.MapRegion, np.ndarray]] = {}
 
     def _compute(self, g: int) -> tuple[tilemaps.MapRegion, np.ndarray]:
