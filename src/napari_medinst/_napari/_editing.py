@@ -25,15 +25,22 @@ key                   action
 ``O``                 refine the outline of the nucleus under the cursor
 ``.`` / ``,``         grow / shrink the nucleus under the cursor by one pixel
 ``Q``                 outline a nucleus: click its corners, then ``Enter`` or a
-                      double-click (or drag a lasso); ``Escape`` or ``Q`` cancels.
-                      Over most of a nucleus it redraws that one, else adds one;
-                      it never takes pixels of verified or edited nuclei
+                      double-click (or drag a lasso). Over most of a nucleus it
+                      redraws that one, else adds one; it never takes pixels of
+                      verified or edited nuclei. Stays on like ``K``: ``Q`` or
+                      ``Escape`` ends it (and drops unfinished corners)
 ``H``                 fill the holes of every nucleus
 ``R``                 remove nuclei and fragments smaller than the minimum size
 ``Shift-R``           relabel sequentially (1..N)
 ``W``                 mark the nucleus under the cursor verified (again: unmark)
 ``C``                 show / hide the review status colours
 ====================  =======================================================
+
+The three modes (``K``, ``J``, ``Q``) stay on through the one-key actions under the
+cursor (``D``, ``A``, ``O``, ``.``, ``,``, ``S``, ``G``, ``W`` ...), so a whole tile can
+be corrected in, say, the outline mode: a lasso per wrong outline and a key per false
+positive.  Choosing another mode or the brush (``N``) ends the one that is on; while a
+split seed or outline corners are pending, the other tools refuse.
 
 Per-nucleus review status (``predicted`` / ``edited`` / ``verified``) is kept in the
 layer's ``features`` table (columns ``index``, ``label``, ``status``): a nucleus changed
@@ -435,7 +442,7 @@ class GroundTruthEditor:
         """What is in progress (a split or an outline), or None when idle."""
         if self.split_mode and self.split_seeds:
             return "a split is in progress (click the second seed, or press K to cancel)"
-        if self.polygon_mode:
+        if self.polygon_mode and self.polygon_points:
             return "an outline is in progress (finish it with Enter, or press Escape to cancel)"
         return None
 
@@ -571,6 +578,7 @@ class GroundTruthEditor:
 
     def paint_new(self) -> int:
         """Select the next free id and the paint brush; returns that id."""
+        self._require_idle("New nucleus", tool="paint")
         layer = self.layer
         new_id = editing.next_free_id(self._data())
         layer.selected_label = new_id
@@ -660,7 +668,7 @@ class GroundTruthEditor:
         if self.split_mode:
             self._stroke_escape()
             return False
-        self._require_idle("Split")
+        self._require_idle("Split", tool="split")
         layer = self.layer
         self.split_mode = True
         self.split_seeds = []
@@ -691,6 +699,7 @@ class GroundTruthEditor:
             viewer.layers.selection.active = layer
         self._saved_mouse_pan = layer.mouse_pan
         layer.mouse_pan = False
+        layer.cursor = "crosshair"  # a mode stays on: the cursor shows it
         layer.mouse_drag_callbacks.append(callback)
         layer.bind_key("Escape", escape, overwrite=True)
 
@@ -704,6 +713,8 @@ class GroundTruthEditor:
         if was:
             layer.bind_key("Escape", None)
             layer.mouse_pan = self._saved_mouse_pan
+            if layer.mode == "pan_zoom":
+                layer.cursor = "standard"
 
     def _split_mouse(self, layer, event):
         """Mouse callback in split mode: a click adds a seed, a drag draws a cut line."""
@@ -724,12 +735,12 @@ class GroundTruthEditor:
         """Enter join mode (each drag across pieces joins them into one nucleus), or leave it.
 
         Like the split mode it stays on for the next stroke, until ``J`` again, ``Escape``
-        or another tool; each join is its own undo step.
+        or another mode; each join is its own undo step.
         """
         if self.join_mode:
             self._stroke_escape()
             return False
-        self._require_idle("Join")
+        self._require_idle("Join", tool="join")
         layer = self.layer
         self.join_mode = True
         self._enter_stroke_mode(layer, self._join_mouse, self._stroke_escape)
@@ -804,23 +815,30 @@ class GroundTruthEditor:
         images.sort(key=lambda x: (x.name != wanted, not x.visible))
         return images[0].data if images else None
 
-    def _require_idle(self, what: str) -> None:
-        """Refuse an action while a split or an outline is in progress.
+    def _require_idle(self, what: str, *, tool: str | None = None) -> None:
+        """Refuse an action while a split or an outline is half done.
 
-        The split mode itself (no seed clicked) is only a tool choice: another tool ends it.
+        A mode (``K`` split, ``J`` join, ``Q`` outline) is only a tool choice: it stays on
+        through the one-key actions under the cursor (``D``, ``A``, ``O``, ``.``, ``,``,
+        ``W`` ...), so a tile can be corrected without leaving it; choosing another mode
+        or the brush (``tool``: "split", "join", "outline" or "paint") ends it.
         """
         if self.split_mode and self.split_seeds:
             raise correct.CorrectionRefused(
                 f"{what}: finish the split first (the second seed), or press K to cancel it"
             )
-        if self.split_mode:
-            self._leave_split_mode()
-        if self.join_mode and what != "Join":
-            self._leave_join_mode()
-        if self.polygon_mode:
+        if self.polygon_mode and self.polygon_points:
             raise correct.CorrectionRefused(
                 f"{what}: finish the outline first (Enter), or press Escape to cancel it"
             )
+        if tool is None:
+            return
+        if self.split_mode and tool != "split":
+            self._leave_split_mode()
+        if self.join_mode and tool != "join":
+            self._leave_join_mode()
+        if self.polygon_mode and tool != "outline":
+            self._leave_polygon_mode()
 
     def _nucleus_at(self, point: Sequence[float], what: str) -> int:
         i = editing.label_at(self._data(), point)
@@ -877,7 +895,7 @@ class GroundTruthEditor:
         """Start outlining a new nucleus (clicks are corners, a drag a lasso), or cancel."""
         if self.polygon_mode:
             return self.cancel_polygon()
-        self._require_idle("Outline")
+        self._require_idle("Outline", tool="outline")
         layer = self.layer
         self.polygon_mode = True
         self.polygon_points = []
@@ -909,17 +927,19 @@ class GroundTruthEditor:
         pixel.  The drawn nucleus becomes *edited*; a neighbour that only lost pixels
         keeps its status (nobody reviewed the rest of it), so the next outline may still
         take from it.  The status bar says what happened.  A refused outline (too few
-        corners, nothing it may fill) keeps the mode on.
+        corners, nothing it may fill) keeps its corners.  Like ``K`` and ``J`` the mode
+        stays on for the next outline, until ``Q`` again, ``Escape`` or another mode.
         """
         pts = list(self.polygon_points if points is None else points)
         before = self.status
         keep = [i for i, s in before.items() if s in ("edited", "verified")]
         edit = correct.polygon_nucleus(self._data(), pts, replace=True, keep=keep)
-        self._leave_polygon_mode()
+        self.polygon_points = []
         ok = self.apply(edit, "Outline")
         if ok:
             self._restore_status({k: before[k] for k in edit.taken if k in before})
-            self._say(edit.message[:1].upper() + edit.message[1:] + ".")
+            self._say(edit.message[:1].upper() + edit.message[1:]
+                      + ". Outline the next nucleus, or press Q or Escape to finish.")  # fmt: skip
         return ok
 
     def _restore_status(self, status: dict[int, str]) -> None:
