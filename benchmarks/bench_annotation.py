@@ -28,6 +28,11 @@ both to A and O; O moves an outline to the strongest stain edge), each result ch
 against gt
     A human sees every result: a result that is not good enough is undone (1 action,
     paid on top of the attempt), and a tool that refuses costs its key press.
+    The editor's modes (Q outline, K split, J join) stay on through the one-key actions
+    under the cursor (D, A, O, ``.``, ``,``, S, G, undo), so a mode's key is paid only
+    when it is not on already; another mode or the brush (N) ends it. The errors are
+    fixed kind by kind (fp, merges, splits, misses, then loose outlines), so a run of
+    lassos costs Q once and one drag each.
 
     * draw a gt nucleus: A at its centre (1; its deepest background pixel). Not good:
       the outline fix below on the new nucleus (an IoU < 0.3 is undone at once); still
@@ -44,9 +49,10 @@ against gt
     * outline fix of a nucleus: O (1; refine_outline; kept when it improves the IoU,
       else undone: 1), then ``.`` / ``,`` (grow / shrink, 1 each) when at most 3 presses
       make it good - the annotator sees the gap in pixels, so it presses only then.
-    * outline fix, trained orders with the lasso: grow / shrink when one press does,
-      else a redraw - Q + one drag over the nucleus (2, no D first) - and failing that
-      grow / shrink when at most 3 presses do.
+    * outline fix, trained orders with the lasso: grow / shrink when fewer presses do
+      than a redraw costs - (Q +) one drag over the nucleus, no D first - else the
+      redraw (at equal cost it wins: it fits better), and failing that grow / shrink
+      when at most 3 presses do.
     * fp: D (1). split: J + one drag through the pieces (editing.join_along) when the
       joined pieces fit the gt nucleus (the annotator sees whether they do); else S on
       each piece + G (editing.merge); with the lasso, Q + one drag over the gt nucleus
@@ -79,7 +85,8 @@ kind and their share, AJI / PQ of the prediction and after each correction
 (:func:`~napari_medinst.metrics.evaluate`), and how often each new tool was accepted.
 
     .venv/bin/python benchmarks/bench_annotation.py [--split train|test|both]
-        [--limit N] [--quick] [--data DIR] [--cache DIR]
+        [--limit N] [--quick] [--data DIR] [--cache DIR] [--outline-iou X]
+        [--tools tried trained lasso]
 
 The model maps are cached per tile (``--cache``, by default a folder in the system's
 temporary directory named after the model's weights), so re-runs skip the network.
@@ -118,7 +125,6 @@ IOU_MATCH = 0.5
 IOU_TIGHT = 0.7
 MISPLACED_IOU = 0.2
 MAX_PRESSES = 3
-PRESSES_BEFORE_REDRAW = 1  # more grow / shrink presses than this: a Q redraw first
 TRY_FIX_IOU = 0.3  # an A result below this IoU is undone without trying to fix it
 MIN_PIECE = 5  # px: smaller slivers are not worth a brush stroke
 QUICK_SIZE = 320  # px: --quick crops each tile to this size
@@ -266,6 +272,8 @@ TRAINED = Policy("new tools, trained order", False, False, True, False)
 #: As TRAINED, with the lasso (Q + one drag stroke, the editor's drag mode of Q).
 LASSO = Policy("trained order + lasso", False, False, True, True)
 POLICIES = (TOOLS_FIRST, TRAINED, LASSO)
+#: ``--tools`` names of the policies.
+POLICY_NAMES = {"tried": TOOLS_FIRST, "trained": TRAINED, "lasso": LASSO}
 
 
 @dataclass
@@ -329,6 +337,9 @@ class Annotator:
         self.tally = Tally()
         #: gt ids whose Q was refused or undone: the annotator paints them instead.
         self.q_failed: set[int] = set()
+        #: The editor's mode: "Q", "K", "J" (each stays on through one-key actions under
+        #: the cursor), "paint" (N) or None; entering a mode costs its key, once.
+        self.mode: str | None = None
 
     # -------------------------------------------------------------------- bookkeeping
 
@@ -348,6 +359,10 @@ class Annotator:
 
     def pay(self, kind: str, n: int = 1) -> None:
         self.tally.actions[kind] += n
+
+    def key(self, mode: str) -> int:
+        """Actions to turn ``mode`` on: its key, or nothing when it is on already."""
+        return 0 if self.mode == mode else 1
 
     def note(self, event: str) -> None:
         self.tally.events[event] += 1
@@ -417,15 +432,18 @@ class Annotator:
         if q_first and self.q_cost(g)[0] < paint and self.outline_with_q(g, kind):
             return
         self.pay(kind, paint)
+        self.mode = "paint"  # N picks the brush: any other mode ends
         self.labels = paint_nucleus(self.labels, g, editing.next_free_id(self.labels))
         self.note("paint")
 
     def q_cost(self, g: Nucleus) -> tuple[int, np.ndarray]:
-        """Q's cost and points for ``g``: Q + one drag (lasso), or Q + clicks + Enter."""
+        """Q's cost and points for ``g``: (Q +) one drag (lasso), or (Q +) clicks + Enter.
+
+        Q is paid only when the outline mode is not on already (it stays on)."""
         if self.policy.lasso:
-            return 2, lasso_points(g.outline)
+            return self.key("Q") + 1, lasso_points(g.outline)
         clicks = polygon_clicks(g.outline)
-        return 2 + len(clicks), clicks
+        return self.key("Q") + len(clicks) + 1, clicks
 
     def outline_with_q(self, g: Nucleus, kind: str, wrong: tuple[int, ...] = ()) -> bool:
         """Q along ``g``'s outline (the editor's replace mode); True when it is kept.
@@ -439,6 +457,7 @@ class Annotator:
         keep = set(self.edited)
         edit = self.attempt(kind, cost, lambda lab: correct.polygon_nucleus(
             lab, pts, replace=True, keep=keep))  # fmt: skip
+        self.mode = "Q"
         what = "lasso" if self.policy.lasso else "polygon"
         if edit is None:
             self.q_failed.add(g.id)
@@ -479,14 +498,15 @@ class Annotator:
     def fix_shape(self, nid: int, g: Nucleus, kind: str) -> bool:
         """Fix nucleus ``nid``'s outline towards ``g``; True when it reaches ``accept``.
 
-        Trained orders: grow / shrink when at most :data:`PRESSES_BEFORE_REDRAW` presses
-        do, else a Q redraw when it is cheaper than D + N + paint, else the presses
-        (up to :data:`MAX_PRESSES`). Tried first: :meth:`fix_outline` (O first).
+        Trained orders: grow / shrink when fewer presses than a Q redraw's actions do
+        (at equal cost the redraw wins: it fits better), else a Q redraw when it is
+        cheaper than D + N + paint, else the presses (up to :data:`MAX_PRESSES`).
+        Tried first: :meth:`fix_outline` (O first).
         """
         if self.policy.refine or self.q_cost(g)[0] >= 2 + g.paint:
             return self.fix_outline(nid, g, kind)
         presses, pressed = self.presses(self.labels, nid, g)
-        if pressed is not None and presses <= PRESSES_BEFORE_REDRAW:
+        if pressed is not None and presses < self.q_cost(g)[0]:
             return self._press(self.labels, nid, g, kind)
         if self.outline_with_q(g, kind, wrong=(nid,)):
             return True
@@ -574,7 +594,8 @@ class Annotator:
             return False
         if g.iou(edit.labels, min(edit.changed_ids)) < self.accept or self._spoils(edit, g):
             return False
-        self.pay("split", 2)  # J + one drag
+        self.pay("split", self.key("J") + 1)  # (J +) one drag
+        self.mode = "J"
         self.labels = edit.labels
         self.note("split joined (J)")
         return True
@@ -691,7 +712,8 @@ class Annotator:
             if not crowded:
                 return lab, cuts
             a, b = crowded[0][:2]
-            self.pay("merge", cost if cuts == 0 else cost - 1)  # K stays on: no K again
+            self.pay("merge", self.key("K") + cost - 1)  # K stays on: no K again
+            self.mode = "K"
             cuts += 1
             try:
                 if how == "seeds":
@@ -892,8 +914,9 @@ def score(gt: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def run_image(
-    name: str, gt: np.ndarray, maps: Postprocessor, params: Any, image: np.ndarray | None = None
-) -> ImageResult:
+    name: str, gt: np.ndarray, maps: Postprocessor, params: Any, image: np.ndarray | None = None,
+    policies: tuple[Policy, ...] = POLICIES,
+) -> ImageResult:  # fmt: skip
     """Scratch and every correction (old tools and each policy, without / with outlines)."""
     pred = maps.run(params).labels
     truth = truth_nuclei(gt)
@@ -901,7 +924,7 @@ def run_image(
     old.actions["scratch"] = sum(1 + g.paint for g in truth.values())
     scratch = {"old": old}
     runs, scores = {}, {}
-    for policy in (None, *POLICIES):
+    for policy in (None, *policies):
         tools = "old" if policy is None else policy.name
         if policy is not None:
             scratch[tools] = draw_from_scratch(gt.shape, truth, maps, params, policy,
@@ -1040,7 +1063,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="a matched outline below this IoU is loose and fixed, and a drawn "
                          "nucleus must reach it (default: the issue's 0.7); a stricter "
                          "annotator leaves a better AJI at more actions")  # fmt: skip
+    ap.add_argument(
+        "--tools",
+        nargs="+",
+        choices=tuple(POLICY_NAMES),
+        default=None,
+        help="the new tool orders to run (default: all; the old tools always)",
+    )
     args = ap.parse_args(argv)
+    policies = tuple(POLICY_NAMES[t] for t in args.tools) if args.tools else POLICIES
     if not 0.5 <= args.outline_iou < 1:
         ap.error("--outline-iou must lie in [0.5, 1)")
     IOU_TIGHT = args.outline_iou
@@ -1065,7 +1096,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             maps, seconds = tile_maps(image, key, cache)
             t_model += seconds
-            res = run_image(name, gt, maps, params, image)
+            res = run_image(name, gt, maps, params, image, policies)
             results.append(res)
             cells = ", ".join(
                 f"{k} {_total(res.runs[k, True]) / res.n_gt:.2f}" for k in res.scratch
