@@ -222,6 +222,23 @@ def test_start_from_prediction_is_a_copy(make_napari_viewer):
     assert "ground_truth" not in pred.metadata
 
 
+def test_mode_buttons_turn_the_editor_modes_on_and_off(make_napari_viewer):
+    from qtpy.QtWidgets import QPushButton
+
+    viewer, gt = open_he(make_napari_viewer)
+    pred = add_prediction(viewer, perturbed(np.asarray(gt.data)))
+    widget = make_widget(viewer, pred_layer=pred)
+    layer = widget.start_from_prediction()
+    editor = editor_for(viewer, layer)
+    buttons = {b.text(): b for b in widget.native.findChildren(QPushButton)}
+    buttons["Outline mode (Q)"].click()
+    assert editor.polygon_mode
+    buttons["Split mode (K)"].click()  # another mode ends it
+    assert editor.split_mode and not editor.polygon_mode
+    buttons["Split mode (K)"].click()
+    assert not editor.split_mode and layer.mouse_pan is True
+
+
 def test_ground_truth_started_from_an_annotation_is_not_named_twice(make_napari_viewer):
     """Starting from the sample's annotation ("he sample ground truth") used to give
     "he sample ground truth ground truth"."""

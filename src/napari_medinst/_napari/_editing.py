@@ -118,7 +118,7 @@ KEY_BINDINGS: tuple[tuple[str, str, str], ...] = (
     ("O", "refine_outline_at_cursor", "refine the outline of the nucleus under the cursor"),
     (".", "grow_at_cursor", "grow the nucleus under the cursor by one pixel"),
     (",", "shrink_at_cursor", "shrink the nucleus under the cursor by one pixel"),
-    ("Q", "toggle_polygon_mode", "outline or redraw a nucleus: clicks + Enter, or drag"),
+    ("Q", "toggle_polygon_mode", "outline or redraw nuclei: clicks + Enter, or drags; Q ends"),
     ("H", "fill_holes", "fill holes in every nucleus"),
     ("R", "remove_small", "remove nuclei/fragments below the minimum size"),
     ("Shift-R", "relabel", "relabel sequentially"),

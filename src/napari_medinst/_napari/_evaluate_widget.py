@@ -600,6 +600,7 @@ class EvaluateWidget(Container):
             ("Merge selected nuclei (G)", lambda: self._edit("merge_at_cursor")),
             ("Split mode (K)", lambda: self._edit("toggle_split_mode")),
             ("Join mode (J)", lambda: self._edit("toggle_join_mode")),
+            ("Outline mode (Q)", lambda: self._edit("toggle_polygon_mode")),
             ("Fill holes (H)", lambda: self._edit("fill_holes")),
             ("Remove small fragments (R)", lambda: self._edit("remove_small")),
             ("Relabel sequentially (Shift-R)", lambda: self._edit("relabel")),
