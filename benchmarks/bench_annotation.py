@@ -30,9 +30,10 @@ against gt
     paid on top of the attempt), and a tool that refuses costs its key press.
     The editor's modes (Q outline, K split, J join) stay on through the one-key actions
     under the cursor (D, A, O, ``.``, ``,``, S, G, undo), so a mode's key is paid only
-    when it is not on already; another mode or the brush (N) ends it. The errors are
-    fixed kind by kind (fp, merges, splits, misses, then loose outlines), so a run of
-    lassos costs Q once and one drag each.
+    when it is not on already; another mode or the brush (N) ends it. By default the
+    errors are fixed kind by kind (fp, merges, splits, misses, then loose outlines), so
+    a run of lassos costs Q once and one drag each; ``--order spatial`` fixes them where
+    they lie instead, band by band, and pays every mode change that brings.
 
     * draw a gt nucleus: A at its centre (1; its deepest background pixel). Not good:
       the outline fix below on the new nucleus (an IoU < 0.3 is undone at once); still
@@ -86,7 +87,7 @@ kind and their share, AJI / PQ of the prediction and after each correction
 
     .venv/bin/python benchmarks/bench_annotation.py [--split train|test|both]
         [--limit N] [--quick] [--data DIR] [--cache DIR] [--outline-iou X]
-        [--tools tried trained lasso]
+        [--tools tried trained lasso] [--order kind|spatial]
 
 The model maps are cached per tile (``--cache``, by default a folder in the system's
 temporary directory named after the model's weights), so re-runs skip the network.
@@ -104,6 +105,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,7 @@ MISPLACED_IOU = 0.2
 MAX_PRESSES = 3
 TRY_FIX_IOU = 0.3  # an A result below this IoU is undone without trying to fix it
 MIN_PIECE = 5  # px: smaller slivers are not worth a brush stroke
+BAND = 128  # px: the spatial order's band height (about a screen's nucleus rows)
 QUICK_SIZE = 320  # px: --quick crops each tile to this size
 PIXEL_SIZE = 0.25  # µm/px, MoNuSeg at 40x
 
@@ -850,38 +853,62 @@ def misplaced_pairs(table, out) -> dict[int, int]:
 def fix_prediction(
     pred: np.ndarray, gt: np.ndarray, truth: dict[int, Nucleus], maps: Any, params: Any, *,
     policy: Policy | None, outline: bool, image: np.ndarray | None = None,
+    order: str = "kind",
 ) -> Annotator:  # fmt: skip
-    """Fix every error of ``pred``: fp, merge, split, miss, then (``outline``) loose ones."""
+    """Fix every error of ``pred``, then (``outline``) the loose outlines.
+
+    ``order``: "kind" fixes fp, merges, splits, then misses (each kind in a run, so a mode
+    stays on longest); "spatial" fixes them where they lie, in bands of :data:`BAND` px
+    from the top, left to right, as a pathologist scanning the tile would (a mode ends
+    whenever the next error needs another).
+    """
     ann = Annotator(pred, truth, maps, params, policy=policy,
                     accept=IOU_TIGHT if outline else IOU_MATCH, image=image)  # fmt: skip
     table = overlap_table(gt, pred)
     out = instance_outcomes(table, IOU_MATCH)
     misplaced = misplaced_pairs(table, out)
-    for p in out.pred_ids[out.pred_category == "fp"]:
-        if int(p) not in misplaced.values():
-            ann.fix_fp(int(p))
+    todo: list[tuple[tuple[int, int], Callable[[], None]]] = []
+    for pid in out.pred_ids[out.pred_category == "fp"]:
+        if int(pid) not in misplaced.values():
+            todo.append((_centre(pred == pid), partial(ann.fix_fp, int(pid))))
     g, p, inter = table.pair_gt_index, table.pair_pred_index, table.pair_inter
     covers = (out.gt_category[g] == "merge") & (2 * inter >= table.gt_areas[g])
     for pi in np.flatnonzero(out.pred_category == "merge"):
         gts = [truth[int(table.gt_ids[k])] for k in g[covers & (p == pi)]]
-        ann.fix_merge(int(table.pred_ids[pi]), gts)
+        pid = int(table.pred_ids[pi])
+        todo.append((_centre(pred == pid), partial(ann.fix_merge, pid, gts)))
     lies = (out.pred_category[p] == "split") & (2 * inter >= table.pred_areas[p])
     for gi in np.flatnonzero(out.gt_category == "split"):
         pieces = [int(table.pred_ids[k]) for k in p[lies & (g == gi)]]
-        ann.fix_split(truth[int(table.gt_ids[gi])], pieces)
+        nucleus = truth[int(table.gt_ids[gi])]
+        todo.append((nucleus.centre, partial(ann.fix_split, nucleus, pieces)))
     for gid in out.gt_ids[out.gt_category == "fn"]:
-        ann.fix_miss(truth[int(gid)], misplaced.get(int(gid)))
+        nucleus = truth[int(gid)]
+        todo.append((nucleus.centre, partial(ann.fix_miss, nucleus, misplaced.get(int(gid)))))
+    if order == "spatial":
+        todo.sort(key=lambda t: (t[0][0] // BAND, t[0][1]))
+    for _, fix in todo:
+        fix()
     if outline:
-        fix_loose_outlines(ann, gt)
+        fix_loose_outlines(ann, gt, order)
     return ann
 
 
-def fix_loose_outlines(ann: Annotator, gt: np.ndarray) -> None:
+def _centre(mask: np.ndarray) -> tuple[int, int]:
+    rr, cc = np.nonzero(mask)
+    return int(rr.mean()), int(cc.mean())
+
+
+def fix_loose_outlines(ann: Annotator, gt: np.ndarray, order: str = "kind") -> None:
     """Fix every matched nucleus whose IoU with its gt nucleus is below 0.7."""
     out = instance_outcomes(overlap_table(gt, ann.labels), IOU_MATCH)
     loose = (out.gt_category == "tp") & (out.gt_iou < IOU_TIGHT)
-    for gid, pid in zip(out.gt_ids[loose], out.gt_partner[loose], strict=True):
-        ann.fix_loose(int(pid), ann.truth[int(gid)])
+    pairs = [(ann.truth[int(i)], int(k)) for i, k in zip(out.gt_ids[loose], out.gt_partner[loose],
+                                                        strict=True)]  # fmt: skip
+    if order == "spatial":
+        pairs.sort(key=lambda t: (t[0].centre[0] // BAND, t[0].centre[1]))
+    for nucleus, pid in pairs:
+        ann.fix_loose(pid, nucleus)
 
 
 def draw_from_scratch(
@@ -915,7 +942,7 @@ def score(gt: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 def run_image(
     name: str, gt: np.ndarray, maps: Postprocessor, params: Any, image: np.ndarray | None = None,
-    policies: tuple[Policy, ...] = POLICIES,
+    policies: tuple[Policy, ...] = POLICIES, order: str = "kind",
 ) -> ImageResult:  # fmt: skip
     """Scratch and every correction (old tools and each policy, without / with outlines)."""
     pred = maps.run(params).labels
@@ -931,7 +958,7 @@ def run_image(
                                                image).tally  # fmt: skip
         for outline in (False, True):
             ann = fix_prediction(pred, gt, truth, maps, params, policy=policy, outline=outline,
-                                 image=image)  # fmt: skip
+                                 image=image, order=order)  # fmt: skip
             runs[tools, outline] = ann.tally
             scores[tools, outline] = score(gt, ann.labels)
     return ImageResult(name, len(truth), scratch, runs, scores, score(gt, pred))
@@ -1070,12 +1097,15 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the new tool orders to run (default: all; the old tools always)",
     )
+    ap.add_argument("--order", choices=("kind", "spatial"), default="kind",
+                    help="fix the errors kind by kind (default) or where they lie, band by "
+                         "band (modes end more often)")  # fmt: skip
     args = ap.parse_args(argv)
     policies = tuple(POLICY_NAMES[t] for t in args.tools) if args.tools else POLICIES
     if not 0.5 <= args.outline_iou < 1:
         ap.error("--outline-iou must lie in [0.5, 1)")
     IOU_TIGHT = args.outline_iou
-    print(f"loose outline: matched with IoU < {IOU_TIGHT:g}")
+    print(f"loose outline: matched with IoU < {IOU_TIGHT:g}; errors fixed in {args.order} order")
     from napari_medinst.segment import default_params
 
     params = default_params("default", "he")
@@ -1096,7 +1126,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             maps, seconds = tile_maps(image, key, cache)
             t_model += seconds
-            res = run_image(name, gt, maps, params, image, policies)
+            res = run_image(name, gt, maps, params, image, policies, args.order)
             results.append(res)
             cells = ", ".join(
                 f"{k} {_total(res.runs[k, True]) / res.n_gt:.2f}" for k in res.scratch

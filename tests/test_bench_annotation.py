@@ -207,3 +207,23 @@ def test_a_mode_key_is_paid_only_when_the_mode_is_off(bench):
     ann.draw(truth[2], "miss")
     assert ann.mode == "paint" and ann.tally.events["paint"] == 1
     assert evaluate(gt, ann.labels).aji > 0.9
+
+
+def test_spatial_order_pays_each_mode_change(bench):
+    """Miss, split, miss from left to right: kind by kind J then Q once; in place Q, J, Q."""
+    gt = disks((60, 160), ((30, 25), (30, 80), (30, 135)))
+    pred = np.zeros_like(gt)
+    col = np.arange(160)
+    pred[gt == 2] = 5
+    pred[(gt == 2) & (col >= 76)] = 6  # nucleus 2 split in three: none matches it
+    pred[(gt == 2) & (col >= 84)] = 7
+    maps = Postprocessor(*(np.zeros(gt.shape, np.float32), np.zeros((2, *gt.shape))))
+    truth = bench.truth_nuclei(gt)
+    kw = {"policy": bench.LASSO, "outline": False}
+    by_kind = bench.fix_prediction(pred, gt, truth, maps, None, **kw)
+    assert dict(by_kind.tally.actions) == {"split": 2, "miss": 2 + 1}  # J + drag; Q + 2 drags
+    in_place = bench.fix_prediction(pred, gt, truth, maps, None, order="spatial", **kw)
+    assert dict(in_place.tally.actions) == {"split": 2, "miss": 2 + 2}  # Q again after J
+    assert in_place.tally.events["split joined (J)"] == 1
+    for ann in (by_kind, in_place):
+        assert evaluate(gt, ann.labels).aji > 0.85
