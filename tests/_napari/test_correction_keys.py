@@ -193,6 +193,17 @@ def test_split_mode_stays_on_for_several_cuts(make_napari_viewer):
     press(viewer, gt, "N")  # and so does the brush
     assert not editor.polygon_mode and gt.mode == "paint"
     assert editor._polygon_mouse not in gt.mouse_drag_callbacks
+    # napari's own tools end a mode too: a drag must never both paint and cut
+    for key, tool in (("K", "erase"), ("J", "fill"), ("Q", "paint")):
+        gt.mode = "pan_zoom"
+        press(viewer, gt, key)
+        assert editor.split_mode or editor.join_mode or editor.polygon_mode
+        gt.mode = tool
+        assert not (editor.split_mode or editor.join_mode or editor.polygon_mode)
+        assert not {editor._split_mouse, editor._join_mouse, editor._polygon_mouse} & set(
+            gt.mouse_drag_callbacks
+        )
+        assert gt.mouse_pan is False and f"napari's {tool} tool" in viewer.status
     while not np.array_equal(gt.data, after_one):  # O (if it changed anything), then a cut
         gt.undo()
     gt.undo()

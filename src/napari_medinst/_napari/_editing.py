@@ -337,6 +337,7 @@ class GroundTruthEditor:
         layer.events.paint.connect(self._on_paint)
         layer.events.data.connect(self._on_data)
         layer.events.set_data.connect(self._on_set_data)
+        layer.events.mode.connect(self._on_layer_mode)
         if bind_keys:
             self._bind_keys(layer)
 
@@ -676,6 +677,27 @@ class GroundTruthEditor:
         self._say("Split: click two seeds in a nucleus, or drag lines across nuclei "
                   "(K or Escape ends).")  # fmt: skip
         return True
+
+    def _on_layer_mode(self, _event=None) -> None:
+        """napari's own tool (paint, erase, fill ...) chosen: a mode of ours ends.
+
+        Otherwise one drag would both paint and cut (or outline).  napari's tool keeps the
+        mouse as napari set it.
+        """
+        layer = self.layer
+        if layer is None or layer.mode == "pan_zoom":
+            return
+        modes = (
+            (self.split_mode, self._leave_split_mode, "Split"),
+            (self.join_mode, self._leave_join_mode, "Join"),
+            (self.polygon_mode, self._leave_polygon_mode, "Outline"),
+        )
+        for on, leave, name in modes:
+            if on:
+                pan, cursor = layer.mouse_pan, layer.cursor
+                leave()
+                layer.mouse_pan, layer.cursor = pan, cursor
+                self._say(f"{name} mode off: napari's {layer.mode} tool is on.")
 
     def _stroke_escape(self, _layer=None) -> None:
         """Escape in the split or the join mode: leave it."""
@@ -1066,6 +1088,7 @@ class GroundTruthEditor:
             (layer.events.paint, self._on_paint),
             (layer.events.data, self._on_data),
             (layer.events.set_data, self._on_set_data),
+            (layer.events.mode, self._on_layer_mode),
         ):
             emitter.disconnect(cb)
         if getattr(layer, _ATTR, None) is self:
