@@ -204,6 +204,17 @@ def test_split_mode_stays_on_for_several_cuts(make_napari_viewer):
             gt.mouse_drag_callbacks
         )
         assert gt.mouse_pan is False and f"napari's {tool} tool" in viewer.status
+    # a mode chosen on a hidden layer shows it first: napari's tool, remembered while it
+    # was hidden, does not come back at the first edit and end the mode
+    gt.mode = "paint"
+    gt.visible = False
+    press(viewer, gt, "Q")
+    assert gt.visible and editor.polygon_mode and gt.mode == "pan_zoom"
+    before_dot = np.array(gt.data, copy=True)
+    press(viewer, gt, ".", at=(30, 22))
+    assert not np.array_equal(gt.data, before_dot)  # an edit (it shows the layer)
+    assert editor.polygon_mode and gt.mode == "pan_zoom"
+    press(viewer, gt, "Escape")
     while not np.array_equal(gt.data, after_one):  # O (if it changed anything), then a cut
         gt.undo()
     gt.undo()

@@ -39,8 +39,10 @@ key                   action
 The three modes (``K``, ``J``, ``Q``) stay on through the one-key actions under the
 cursor (``D``, ``A``, ``O``, ``.``, ``,``, ``S``, ``G``, ``W`` ...), so a whole tile can
 be corrected in, say, the outline mode: a lasso per wrong outline and a key per false
-positive.  Choosing another mode or the brush (``N``) ends the one that is on; while a
-split seed or outline corners are pending, the other tools refuse.
+positive.  Choosing another mode, the brush (``N``) or one of napari's own tools ends
+the one that is on; while a split seed or outline corners are pending, the tools that
+redraw outlines (``A``, ``O``, ``.``, ``,``, ``K``, ``J``, ``Q``, ``N``) refuse.  In a mode a
+drag draws: zoom with the wheel, or leave the mode (``Escape``) to pan.
 
 Per-nucleus review status (``predicted`` / ``edited`` / ``verified``) is kept in the
 layer's ``features`` table (columns ``index``, ``label``, ``status``): a nucleus changed
@@ -331,6 +333,7 @@ class GroundTruthEditor:
         self._status_cmap = None
         self._saved_cmap = None
         self._saved_mouse_pan = True
+        self._entering = False  # a mode is being entered: its own tool changes are not napari's
         layer.metadata[GT_KEY] = True
         self._sync_status(edited=())
         self.rebase()
@@ -685,7 +688,7 @@ class GroundTruthEditor:
         mouse as napari set it.
         """
         layer = self.layer
-        if layer is None or layer.mode == "pan_zoom":
+        if layer is None or layer.mode == "pan_zoom" or self._entering:
             return
         modes = (
             (self.split_mode, self._leave_split_mode, "Split"),
@@ -715,7 +718,14 @@ class GroundTruthEditor:
 
     def _enter_stroke_mode(self, layer: Labels, callback, escape) -> None:
         """Give the mouse to a tool mode: pan / zoom off, drags to ``callback``, Escape ends."""
-        layer.mode = "pan_zoom"
+        # shown first: napari gives an unhidden layer back the tool it had when hidden,
+        # which would end the mode at the first edit (each edit shows the layer)
+        self._entering = True
+        try:
+            layer.visible = True
+            layer.mode = "pan_zoom"
+        finally:
+            self._entering = False
         viewer = self.viewer
         if viewer is not None and layer in viewer.layers:
             viewer.layers.selection.active = layer
@@ -960,8 +970,9 @@ class GroundTruthEditor:
         ok = self.apply(edit, "Outline")
         if ok:
             self._restore_status({k: before[k] for k in edit.taken if k in before})
-            self._say(edit.message[:1].upper() + edit.message[1:]
-                      + ". Outline the next nucleus, or press Q or Escape to finish.")  # fmt: skip
+            more = " Outline the next nucleus, or press Q or Escape to finish."
+            self._say(edit.message[:1].upper() + edit.message[1:] + "."
+                      + (more if self.polygon_mode else ""))  # fmt: skip
         return ok
 
     def _restore_status(self, status: dict[int, str]) -> None:
