@@ -243,9 +243,15 @@ def test_outline_mode_clicks_enter_and_escape(make_napari_viewer):
     press(viewer, gt, "D", at=(105, 20))  # one-key actions work in the mode
     assert not (np.asarray(gt.data) == 4).any() and editor.polygon_mode
     gt.undo()
+    space = gt.keymap[coerce_keybinding("Space")](gt)  # held: the mouse pans
+    next(space)
+    assert gt.mouse_pan is True and callback not in gt.mouse_drag_callbacks
+    with pytest.raises(StopIteration):  # released: it draws again
+        next(space)
+    assert gt.mouse_pan is False and callback in gt.mouse_drag_callbacks
     press(viewer, gt, "Q")  # Q again ends the mode
     assert not editor.polygon_mode and coerce_keybinding("Enter") not in gt.keymap
-    assert gt.cursor == "standard"
+    assert coerce_keybinding("Space") not in gt.keymap and gt.cursor == "standard"
     assert callback not in gt.mouse_drag_callbacks and gt.mouse_pan is True
     gt.undo()
     np.testing.assert_array_equal(gt.data, before)

@@ -42,7 +42,7 @@ be corrected in, say, the outline mode: a lasso per wrong outline and a key per 
 positive.  Choosing another mode, the brush (``N``) or one of napari's own tools ends
 the one that is on; while a split seed or outline corners are pending, the tools that
 redraw outlines (``A``, ``O``, ``.``, ``,``, ``K``, ``J``, ``Q``, ``N``) refuse.  In a mode a
-drag draws: zoom with the wheel, or leave the mode (``Escape``) to pan.
+drag draws: hold ``Space`` to pan with the mouse, as elsewhere in napari.
 
 Per-nucleus review status (``predicted`` / ``edited`` / ``verified``) is kept in the
 layer's ``features`` table (columns ``index``, ``label``, ``status``): a nucleus changed
@@ -734,6 +734,25 @@ class GroundTruthEditor:
         layer.cursor = "crosshair"  # a mode stays on: the cursor shows it
         layer.mouse_drag_callbacks.append(callback)
         layer.bind_key("Escape", escape, overwrite=True)
+        layer.bind_key("Space", self._hold_to_pan, overwrite=True)
+
+    def _hold_to_pan(self, layer: Labels):
+        """Space held in a mode: the mouse pans and zooms, as napari's Space does elsewhere.
+
+        (napari's own hold-to-pan does nothing here: the layer is in pan / zoom already.)
+        """
+        ours = (self._split_mouse, self._join_mouse, self._polygon_mouse)
+        taken = [cb for cb in layer.mouse_drag_callbacks if cb in ours]
+        for cb in taken:
+            layer.mouse_drag_callbacks.remove(cb)
+        layer.mouse_pan = True
+        yield
+        on = {self._split_mouse: self.split_mode, self._join_mouse: self.join_mode,
+              self._polygon_mouse: self.polygon_mode}  # fmt: skip
+        back = [cb for cb in taken if on[cb] and cb not in layer.mouse_drag_callbacks]
+        layer.mouse_drag_callbacks.extend(back)
+        if back:
+            layer.mouse_pan = False
 
     def _exit_stroke_mode(self, callback, was: bool) -> None:
         """Undo :meth:`_enter_stroke_mode` (``was``: the mode was on)."""
@@ -744,6 +763,7 @@ class GroundTruthEditor:
             layer.mouse_drag_callbacks.remove(callback)
         if was:
             layer.bind_key("Escape", None)
+            layer.bind_key("Space", None)
             layer.mouse_pan = self._saved_mouse_pan
             if layer.mode == "pan_zoom":
                 layer.cursor = "standard"
