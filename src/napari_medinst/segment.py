@@ -226,12 +226,6 @@ def _working_span(a: int, b: int, scale: float, length: int) -> tuple[int, int]:
     return max(0, int(np.floor(a * scale)) - 2), min(length, int(np.ceil(b * scale)) + 2)
 
 
-def _span_read(t0: int, t1: int, length: int, scale: float, stride: int) -> tuple[int, int]:
-    """Image px ``[start, end)`` holding working px ``[t0, t1)`` and ``stride`` more each side."""
-    return (max(0, int(np.floor((t0 - stride) / scale))),
-            min(length, int(np.ceil((t1 + stride) / scale))))  # fmt: skip
-
-
 def grid_read_box(
     window: tuple[int, int, int, int],
     image_shape: tuple[int, int],
@@ -247,15 +241,10 @@ def grid_read_box(
     and the window starts on a multiple of the network's stride at the image's scale;
     otherwise within a fraction of a pixel.
     """
-    scale = network_scale(pixel_size)
-    out = []
-    gshape = working_shape(image_shape, scale)
-    for axis, (a, b) in enumerate((window[:2], window[2:])):
-        length, glen = image_shape[axis], gshape[axis]
-        t0, t1 = grid_span(glen, *_working_span(a, b, scale, glen), stride=stride)
-        start, end = _span_read(t0, t1, length, scale, stride)
-        out += [min(a, start), max(b, end)]
-    return tuple(out)
+    need = working_need(window, image_shape, pixel_size)
+    r0, r1, c0, c1 = tiles_read_box(need, image_shape, pixel_size, stride)
+    a0, a1, b0, b1 = window
+    return min(a0, r0), max(a1, r1), min(b0, c0), max(b1, c1)
 
 
 def tiles_read_box(
@@ -275,8 +264,10 @@ def tiles_read_box(
     gshape = working_shape(image_shape, scale)
     out = []
     for axis, (lo, hi) in enumerate((need[:2], need[2:])):
+        # the tiles' span and ``stride`` working px more each side, in image px
         t0, t1 = grid_span(gshape[axis], lo, hi, stride=stride)
-        start, end = _span_read(t0, t1, image_shape[axis], scale, stride)
+        start = max(0, int(np.floor((t0 - stride) / scale)))
+        end = min(image_shape[axis], int(np.ceil((t1 + stride) / scale)))
         out += [start // align * align, end]
     return tuple(out)
 

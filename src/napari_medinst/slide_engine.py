@@ -560,14 +560,17 @@ def _map_path(out: Path, region: MapRegion) -> Path:
     return out / "maps" / (f"{region.index:06d}-" + "-".join(map(str, region.part)) + ".npy")
 
 
+def _read_box(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The working level's pixels in ``box`` (a one-channel image keeps its channel axis:
+    prepare_image drops it)."""
+    r0, r1, c0, c1 = box
+    return read_region(plan.path, plan.level, r0, r1, c0, c1)
+
+
 def _compute_region(plan: SlidePlan, region: MapRegion, out: Path, device: str) -> None:
     model = get_model(plan.model, device)
-    r0, r1, c0, c1 = region.read
-    pixels = read_region(plan.path, plan.level, r0, r1, c0, c1)
-    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
     s = plan.setup
-    x = s.norm.apply(prepare_image(pixels, name=f"region {region.index}"))
-    del pixels
+    x = s.norm.apply(prepare_image(_read_box(plan, region.read), name=f"region {region.index}"))
     r0, r1, c0, c1 = region.part
     shape = (plan.map_channels, r1 - r0, c1 - c0)
 
@@ -625,11 +628,8 @@ def segment_task(plan: SlidePlan, index: int, out: str, device: str, threads: in
         res = block_from_maps(maps, spec, plan.setup, plan.shape)
     else:
         model = get_model(plan.model, device)
-        r0, r1, c0, c1 = spec.read_box
-        pixels = read_region(plan.path, plan.level, r0, r1, c0, c1)
-        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-        res = segment_block(pixels, spec, plan.setup, model, image_shape=plan.shape,
-                            device=device)  # fmt: skip
+        res = segment_block(_read_box(plan, spec.read_box), spec, plan.setup, model,
+                            image_shape=plan.shape, device=device)  # fmt: skip
     meta = save_record(out_p, res)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     _marker(out_p, index, meta)

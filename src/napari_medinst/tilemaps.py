@@ -39,11 +39,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
 from .model.folder import LoadedModel
-from .model.inference import OVERLAP, Maps, _kept, _tile_starts, tile_side
+from .model.inference import OVERLAP, Maps, _kept, _tile_starts, resample_stack, tile_side
 from .preprocess import Modality, network_scale
 from .segment import grid_maps, tiles_read_box, window_geometry, working_need, working_shape
 
@@ -76,12 +74,17 @@ def _kept_spans(length: int, stride: int) -> list[tuple[int, int]]:
     return [_kept(s, length, tile, OVERLAP) for s in _tile_starts(length, tile, tile - OVERLAP)]
 
 
+def _clean(kept: list[tuple[int, int]]) -> list[int]:
+    """Indices of the kept spans that start where the one before ends (not blended)."""
+    return [k for k in range(1, len(kept)) if kept[k - 1][1] == kept[k][0]]
+
+
 def clean_cuts(length: int, stride: int) -> list[int]:
     """Working px (one axis) where the maps change from one group of tiles to the next:
     the starts of the tiles' kept parts, except where the last tile blends with the one
     before it. A cut there splits no pixel's tiles."""
     kept = _kept_spans(length, stride)
-    return [b[0] for a, b in itertools.pairwise(kept) if a[1] == b[0]]
+    return [kept[k][0] for k in _clean(kept)]
 
 
 def _axis_groups(
@@ -92,7 +95,7 @@ def _axis_groups(
     kept = _kept_spans(length, stride)
     step = tile_side(stride) - OVERLAP
     per = max(1, round(target / step))
-    clean = {k for k in range(1, len(kept)) if kept[k - 1][1] == kept[k][0]}
+    clean = set(_clean(kept))
     hard = sorted({k for k in clean if kept[k][0] in set(forced)} | {0, len(kept)})
     cuts = []
     for a, b in itertools.pairwise(hard):  # groups of ``per`` tiles between forced cuts
@@ -228,7 +231,5 @@ def assemble(
         raise ValueError(f"the regions do not cover the maps of window {window}")
     # maps_to_window's resampling and crop on the stack as it is: no copy of each channel
     size, (r0, r1, c0, c1) = window_geometry(need, window, network_scale(pixel_size))
-    if size != out.shape[1:]:
-        t = torch.from_numpy(out)[None]
-        out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
+    out = resample_stack(out, size)
     return Maps.from_stack(out[:, r0:r1, c0:c1], out.shape[0] - 4)

@@ -63,10 +63,18 @@ class Maps:
         """Bilinearly resampled to ``shape`` (used to go back to the image's pixels)."""
         if tuple(shape) == self.shape:
             return self
-        t = torch.from_numpy(np.concatenate(self.channels()).astype(np.float32))[None]
-        out = F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
+        out = resample_stack(np.concatenate(self.channels()).astype(np.float32), shape)
         n_types = 0 if self.type_prob is None else self.type_prob.shape[0]
         return Maps.from_stack(out, n_types, self.tta_std is not None)
+
+
+def resample_stack(stack: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A ``(C, H, W)`` float32 stack of maps bilinearly resampled to ``shape`` (as is, when
+    it has that shape already)."""
+    if tuple(shape) == stack.shape[1:]:
+        return stack
+    t = torch.from_numpy(stack)[None]
+    return F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
 
 
 def pick_device(device: str = "auto") -> torch.device:
