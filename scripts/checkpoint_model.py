@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from napari_medinst.model.folder import load_model, load_weights_into, save_model_folder
+from napari_medinst.model.folder import load_model, load_weights_into, own_config, save_model_folder
 
 
 def main() -> None:
@@ -35,12 +35,7 @@ def write_run_like(out: Path, run: Path, model, metrics: dict) -> None:
     config): a folder that ``compare_tta.py`` and ``bundle_model.py`` take as a run."""
     out.mkdir(parents=True, exist_ok=False)
     shutil.copy(run / "train_config.json", out / "train_config.json")
-    keep = {
-        k: v
-        for k, v in model.config.items()
-        if k not in ("format", "version", "net", "weights_sha256")
-    }
-    save_model_folder(out / "model", model.net, extra_config=keep, metrics=metrics)
+    save_model_folder(out / "model", model.net, extra_config=own_config(model), metrics=metrics)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from napari_medinst.class_metrics import centroid_pairs, class_counts, type_scores, type_table
-from napari_medinst.metrics import overlap_table
+from napari_medinst.class_metrics import type_scores
 from napari_medinst.model.data import load_folder
 from napari_medinst.model.folder import load_model
 from napari_medinst.model.inference import pick_device
@@ -25,6 +24,7 @@ from napari_medinst.model.train import (
     _predict_samples,
     split_samples,
 )
+from napari_medinst.model.type_head import type_counts
 
 
 def main() -> None:
@@ -36,24 +36,15 @@ def main() -> None:
     cfg = TrainConfig.from_dict(json.loads((args.run / "train_config.json").read_text()))
     samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
     _, val = split_samples(samples, cfg.val_fraction, cfg.val_label_sources)
-    typed = [s for s in val if s.types is not None and s.native is not None]
+    typed = [s for s in val if s.types is not None]
     model = load_model(args.model or args.run / "model")
     if not model.net.config.n_types:
         raise SystemExit(f"{model.path}: the model has no type head")
     maps = _predict_samples(model.net, typed, pick_device("cpu"), tta=args.tta)
     params = model.params_for("he")
-    per_image, per_centre = [], []
-    for s, (pp, labels) in zip(typed, _native_postprocessors(maps, typed), strict=True):
-        res = pp.run(params)
-        gt_types = type_table(labels, s.native[1])
-        pred_types = dict(enumerate(res.types.tolist(), start=1))
-        table = overlap_table(labels, res.labels)
-        counts = class_counts(table, gt_types, pred_types)
-        # HoVer-Net's pairing: centroids within 3 µm (12 px at 40x)
-        near = centroid_pairs(labels, res.labels, table, 3.0 / pp.pixel_size)
-        centre = class_counts(table, gt_types, pred_types, pairs=near)
-        per_image.append(counts)
-        per_centre.append(centre)
+    posts = _native_postprocessors(maps, typed)
+    per_image, per_centre = type_counts(posts, typed, params)
+    for s, counts, centre in zip(typed, per_image, per_centre, strict=True):
         print(
             f"{s.name}: F1_d {counts.f1_d:.3f} (centroid pairs {centre.f1_d:.3f}), "
             f"mPQ {counts.mpq:.3f}",

@@ -9,14 +9,17 @@ import tifffile
 import torch
 
 from conftest import disk_labels
+from napari_medinst._io import InputError
 from napari_medinst.class_metrics import class_counts, type_scores, type_table
 from napari_medinst.cli import main
 from napari_medinst.metrics import evaluate, evaluate_dataset, overlap_table
 from napari_medinst.model.augment import copy_paste
-from napari_medinst.model.data import load_folder
+from napari_medinst.model.data import Sample, load_folder
+from napari_medinst.model.folder import ModelError
 from napari_medinst.model.losses import hovernet_loss
 from napari_medinst.model.network import NetConfig, NucleusNet
 from napari_medinst.model.train import TrainConfig, _Sampler, split_samples, train
+from napari_medinst.model.type_head import class_weights
 
 
 def _write(path, arr):
@@ -144,7 +147,8 @@ def test_images_without_types_add_no_type_loss():
     assert "type_ce" not in none
 
 
-def test_training_adds_a_type_head_to_an_untyped_model(tmp_path):
+def _tiny_typed_run(tmp_path):
+    """Three typed tiles and the settings of a training run over them that takes seconds."""
     folder, _ = _patched_folder(tmp_path, tiles=3)
     cfg = dict(
         data=[f"{folder}@0.5"],
@@ -157,6 +161,11 @@ def test_training_adds_a_type_head_to_an_untyped_model(tmp_path):
         net=NetConfig(widths=(8, 16, 16)),
         device="cpu",
     )
+    return folder, cfg
+
+
+def test_training_adds_a_type_head_to_an_untyped_model(tmp_path):
+    folder, cfg = _tiny_typed_run(tmp_path)
     first = train(TrainConfig(out=str(tmp_path / "a"), **cfg), verbose=False)
     typed = train(
         TrainConfig(out=str(tmp_path / "b"), init=str(first), type_names=["x", "y", "z"], **cfg),
@@ -288,3 +297,91 @@ def test_centroid_pairing_counts_a_loose_outline_as_detected():
     by_centre = class_counts(table, {1: 1, 2: 1}, {5: 1, 6: 1}, pairs=(gi, pi))
     assert (by_iou.det_tp, by_centre.det_tp) == (0, 1)
     assert by_centre.counts[1].tp_c == 1 and by_centre.counts[1].pq == by_iou.counts[1].pq == 0
+
+
+def test_training_the_type_head_alone_keeps_the_segmentation(tmp_path):
+    folder, cfg = _tiny_typed_run(tmp_path)
+    first = train(
+        TrainConfig(out=str(tmp_path / "a"), type_names=["x", "y", "z"], **cfg), verbose=False
+    )
+    head = train(
+        TrainConfig(
+            out=str(tmp_path / "b"),
+            init=str(first),
+            type_head_only=True,
+            type_balance=0.5,
+            lr=0.05,
+            **{**cfg, "epochs": 2},
+        ),
+        verbose=False,
+    )
+    before = torch.load(first / "weights.pt", weights_only=True)
+    after = torch.load(head / "weights.pt", weights_only=True)
+    assert before.keys() == after.keys()
+    for k in before:  # every weight but the head's, bit for bit (batch-norm statistics too)
+        same = torch.equal(before[k], after[k])
+        assert same != k.startswith("head_type."), k
+    assert (head / "postprocess.json").read_text() == (first / "postprocess.json").read_text()
+    metrics = json.loads((head / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2]
+    assert all(0.0 <= r["val_mpq"] <= 1.0 for r in metrics["history"])
+    config = json.loads((head / "config.json").read_text())
+    assert [t["name"] for t in config["types"]] == ["x", "y", "z"]
+
+    # a model without a type head, no --init, new classes, or no typed data: clear errors
+    untyped = train(TrainConfig(out=str(tmp_path / "c"), **cfg), verbose=False)
+    with pytest.raises(ModelError, match="type head"):
+        train(
+            TrainConfig(out=str(tmp_path / "d"), init=str(untyped), type_head_only=True, **cfg),
+            verbose=False,
+        )
+    with pytest.raises(ValueError, match="--init"):
+        train(TrainConfig(out=str(tmp_path / "e"), type_head_only=True, **cfg), verbose=False)
+    with pytest.raises(ValueError, match="keeps the model's classes"):
+        train(
+            TrainConfig(
+                out=str(tmp_path / "f"),
+                init=str(first),
+                type_head_only=True,
+                type_names=["p", "q", "r"],
+                **cfg,
+            ),
+            verbose=False,
+        )
+    plain = tmp_path / "plain"
+    for sub in ("images", "labels"):
+        for p in sorted((folder / sub).iterdir())[:4]:
+            _write(plain / sub / p.name, tifffile.imread(p))
+    with pytest.raises(InputError, match="no image has nucleus types"):
+        train(
+            TrainConfig(
+                out=str(tmp_path / "g"),
+                init=str(first),
+                type_head_only=True,
+                **{**cfg, "data": [f"{plain}@0.5"]},
+            ),
+            verbose=False,
+        )
+
+
+def test_class_weights_favour_rare_classes():
+    folder_labels = np.zeros((20, 20), np.int32)
+    folder_labels[:10, :10] = 1  # 100 px of class 1
+    folder_labels[15:17, 15:17] = 2  # 4 px of class 2
+    sample = Sample(
+        name="s",
+        image=np.zeros((3, 20, 20), np.float32),
+        labels=folder_labels,
+        modality="he",
+        scale=1.0,
+        sha256="",
+        types=np.array([7, 1, 2], np.int16),  # (entry 0 is never background's class)
+    )
+    assert class_weights([sample], 4, 0.0) is None
+    w = class_weights([sample], 4, 0.5).numpy()
+    counts = np.array([296, 100, 4, 0])
+    share = counts / counts.sum()
+    assert w[2] > w[1] > w[0] and w[3] > 0  # a class without pixels keeps a weight
+    assert float((share * w).sum()) == pytest.approx(1.0, rel=1e-5)
+    assert w[2] / w[1] == pytest.approx((100 / 4) ** 0.5, rel=1e-5)
+    assert w[1] / w[0] == pytest.approx((296 / 100) ** 0.5, rel=1e-5)

@@ -187,6 +187,20 @@ def _add_train(sub) -> None:
         "type head (default: none, or the --init model's kept)",
     )
     p.add_argument(
+        "--type-head-only",
+        action="store_true",
+        help="train only the --init model's type head on the typed images; its segmentation "
+        "stays exactly as it is and checkpoints are chosen by validation mPQ",
+    )
+    p.add_argument(
+        "--type-balance",
+        type=float,
+        default=0.0,
+        metavar="B",
+        help="weigh each nucleus class by its pixel share to the power -B in the type loss "
+        "(0: alike, the default; 0.5: inverse square root; at most 1)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="random seed of crops and weights (default: 0)"
     )
     p.add_argument("--device", default="auto", help=_DEVICE_HELP)
@@ -808,6 +822,8 @@ def run_train(args) -> int:
         device=args.device,
         threads=args.threads,
         type_names=list(args.type_names or []),
+        type_head_only=args.type_head_only,
+        type_balance=args.type_balance,
         name=args.name or Path(args.out).name,
     )
     model_dir = train(cfg)

@@ -288,7 +288,9 @@ def load_folder(
         px = index_pixel_size(row, folder / "index.csv", key) or folder_px
         labels, _ = relabel_sequential(labels)
         types = None if type_map is None else _type_table(labels, type_map, str(files[-1]))
-        native = (labels, type_map) if mosaic else None  # no single label file to score on
+        # a mosaic has no single label file to score on, and types are scored on the
+        # image's own pixels
+        native = (labels, type_map) if mosaic or type_map is not None else None
         if px is not None:
             scale = px / CANONICAL_PIXEL_SIZE
         else:

@@ -38,6 +38,7 @@ __all__ = [
     "load_model",
     "load_weights_into",
     "model_defaults",
+    "own_config",
     "resolve_model_dir",
     "save_model_folder",
 ]
@@ -312,3 +313,13 @@ def save_model_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+#: config keys that :func:`save_model_folder` writes itself
+_WRITTEN_KEYS = ("format", "version", "net", "weights_sha256")
+
+
+def own_config(model: LoadedModel) -> dict[str, Any]:
+    """A loaded model's config without the keys :func:`save_model_folder` writes, to
+    pass back as ``extra_config`` when the folder (or a copy) is written again."""
+    return {k: v for k, v in model.config.items() if k not in _WRITTEN_KEYS}

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from .network import NetOutput
 
-__all__ = ["LossWeights", "hovernet_loss"]
+__all__ = ["LossWeights", "hovernet_loss", "type_loss", "type_loss_parts"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ def hovernet_loss(
     contour: torch.Tensor,
     types: torch.Tensor | None = None,
     weights: LossWeights | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts.
 
@@ -79,6 +80,8 @@ def hovernet_loss(
     types : (N, H, W) long tensor of classes, or None. An image whose nuclei have no
         types (every pixel -1) adds no type loss; the type terms are averaged over the
         typed images only.
+    class_weights : (K,) tensor, optional
+        Per-class weights of the type cross-entropy (background first).
     """
     w = weights or LossWeights()
     parts: dict[str, torch.Tensor] = {}
@@ -91,14 +94,44 @@ def hovernet_loss(
     c_logit = out.contour_logits[:, 0]
     parts["contour_bce"] = F.binary_cross_entropy_with_logits(c_logit, contour)
     parts["contour_dice"] = _soft_dice(torch.sigmoid(c_logit)[:, None], contour[:, None])
-    typed = None if types is None else (types >= 0).flatten(1).all(1)
-    if out.type_logits is not None and typed is not None and bool(typed.any()):
-        k = out.type_logits.shape[1]
-        logits, t = out.type_logits[typed], types[typed]
-        parts["type_ce"] = F.cross_entropy(logits, t)
-        t_prob = logits.softmax(1)
-        parts["type_dice"] = _soft_dice(
-            t_prob, F.one_hot(t, k).permute(0, 3, 1, 2).to(t_prob.dtype)
-        )
+    if out.type_logits is not None and types is not None:
+        parts.update(type_loss_parts(out.type_logits, types, class_weights))
+    return _total(parts, w)
+
+
+def _total(parts: dict[str, torch.Tensor], w: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
     total = sum(getattr(w, name) * value for name, value in parts.items())
     return total, {name: float(value.detach()) for name, value in parts.items()}
+
+
+def type_loss_parts(
+    logits: torch.Tensor, types: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The type terms (CE + Dice) over the typed images of a batch; none when no image
+    in it is typed (every pixel of an untyped image is -1). ``class_weights`` (one per
+    class, background first) weigh the cross-entropy, so rare classes count more."""
+    typed = (types >= 0).flatten(1).all(1)
+    if not bool(typed.any()):
+        return {}
+    k = logits.shape[1]
+    logits, t = logits[typed], types[typed]
+    weight = None if class_weights is None else class_weights.to(logits.device, logits.dtype)
+    t_prob = logits.softmax(1)
+    return {
+        "type_ce": F.cross_entropy(logits, t, weight=weight),
+        "type_dice": _soft_dice(t_prob, F.one_hot(t, k).permute(0, 3, 1, 2).to(t_prob.dtype)),
+    }
+
+
+def type_loss(
+    logits: torch.Tensor,
+    types: torch.Tensor,
+    weights: LossWeights | None = None,
+    class_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Only the type terms, weighted as in :func:`hovernet_loss` (training the type head
+    alone); zero when no image of the batch is typed."""
+    parts = type_loss_parts(logits, types, class_weights)
+    if not parts:
+        return logits.sum() * 0.0, {}
+    return _total(parts, weights or LossWeights())

@@ -210,13 +210,18 @@ class NucleusNet(nn.Module):
         """Input sizes that are multiples of this avoid padding inside the network."""
         return 2 ** (len(self.config.widths) - 1)
 
-    def forward(self, x: torch.Tensor) -> NetOutput:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's full-resolution features, which every head reads."""
         skips = [self.stem(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
         y = skips.pop()
         for up in self.up:
             y = up(y, skips.pop())
+        return y
+
+    def forward(self, x: torch.Tensor) -> NetOutput:
+        y = self.features(x)
         return NetOutput(
             np_logits=self.head_np(y),
             hv=self.head_hv(y),

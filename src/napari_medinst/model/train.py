@@ -24,13 +24,15 @@ import numpy as np
 import torch
 
 from .._io import InputError, read_labels
+from ..class_metrics import type_scores
 from ..metrics import evaluate as evaluate_instances
 from ..postprocess import Postprocessor, PostprocessParams
 from ..preprocess import CANONICAL_PIXEL_SIZE
 from ..targets import contour_map, hv_maps, relabel_sequential
+from . import type_head
 from .augment import AugmentConfig, copy_paste, photometric, random_crop
 from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
-from .folder import ModelError, load_model, load_weights_into, save_model_folder
+from .folder import ModelError, load_model, load_weights_into, own_config, save_model_folder
 from .inference import DEFAULT_TTA, CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
 from .network import NET_LIMITS, NetConfig, NucleusNet
@@ -69,6 +71,12 @@ class TrainConfig:
     #: validated on (e.g. MoNuSeg's second rasterisation, which differs from the test
     #: labels' convention by about a pixel)
     val_label_sources: list[str] = field(default_factory=lambda: ["", "xml"])
+    #: train the type head alone, the rest frozen (segmentation stays exactly the
+    #: ``init`` model's): typed images only, checkpoints chosen by validation mPQ
+    type_head_only: bool = False
+    #: weigh the type cross-entropy by each class's pixel share to the power -type_balance
+    #: (0: all classes alike, 0.5: inverse square root, 1: inverse share)
+    type_balance: float = 0.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -80,6 +88,7 @@ class TrainConfig:
             ("weight_decay", 0 <= self.weight_decay <= 10, "between 0 and 10"),
             ("he_fraction", 0.0 <= self.he_fraction <= 1.0, "between 0 and 1"),
             ("val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)"),
+            ("type_balance", 0.0 <= self.type_balance <= 1.0, "between 0 and 1"),
         )
         for name, ok, rule in checks:
             if not ok:
@@ -231,7 +240,7 @@ def _native_postprocessors(maps_list, samples: list[Sample]):
     out = []
     for maps, s in zip(maps_list, samples, strict=True):
         labels, px = s.labels, CANONICAL_PIXEL_SIZE
-        if getattr(s, "native", None) is not None:  # a mosaic of patches
+        if getattr(s, "native", None) is not None:  # a mosaic of patches, or typed
             labels, px = s.native[0], CANONICAL_PIXEL_SIZE * s.scale
         elif s.label_path and Path(s.label_path).is_file():
             labels = relabel_sequential(read_labels(s.label_path))[0]
@@ -307,6 +316,8 @@ def _identity(cfg: TrainConfig) -> str:
     """What must not change when a run is resumed (epochs, steps, lr may)."""
     keys = ("data", "init", "exclude_splits", "net", "crop", "seed", "val_fraction")
     d = cfg.to_dict()
+    if cfg.type_head_only:  # (runs from before the option keep their identity)
+        keys += ("type_head_only",)
     return json.dumps({k: d[k] for k in keys}, sort_keys=True)
 
 
@@ -428,7 +439,9 @@ def train(
 ) -> Path:
     """Train (or resume) and return the model folder ``cfg.out``.
 
-    ``on_epoch`` receives ``{"epoch", "loss", "val_aji", "best_aji"}`` after each epoch;
+    ``on_epoch`` receives ``{"epoch", "loss", "val_aji", "best_aji"}`` after each epoch
+    (``val_mpq`` and ``best_mpq`` for a type-head-only run; the checkpoint keeps the best
+    score under ``best_aji`` either way);
     ``should_stop`` is polled every step (Cancel): the last checkpoint and the best model
     folder stay valid.
     """
@@ -453,16 +466,22 @@ def train(
     ]
 
     net = NucleusNet(cfg.net)
-    parent, type_info = None, _type_info(cfg.type_names)
+    parent, type_info, init = None, _type_info(cfg.type_names), None
     if cfg.init:
         init = load_model(cfg.init)
         net, kept_types = _from_init(init, cfg)
         type_info = type_info or kept_types
         parent = str(init.path)
+    head_only = cfg.type_head_only
+    if head_only:
+        train_s, val_s, he_params = _head_only_setup(cfg, init, train_s, val_s)
+    trainable = type_head.freeze_all_but_type_head(net) if head_only else net.parameters()
+    n_classes = net.config.n_types
+    class_w = type_head.class_weights(train_s, n_classes, cfg.type_balance)
     net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    start_epoch, best_aji, history = 0, -1.0, []
+    start_epoch, best, history = 0, -1.0, []
     if ckpt_path.exists():
         ck = _read_checkpoint(ckpt_path)
         if "identity" in ck and ck["identity"] != _identity(cfg):
@@ -470,7 +489,7 @@ def train(
                 f"{out} holds a training run with other data or another network; "
                 "choose a new --out folder (or the same arguments to resume it)"
             )
-        start_epoch, best_aji, history = _resume(ck, ckpt_path, net, opt, sched)
+        start_epoch, best, history = _resume(ck, ckpt_path, net, opt, sched)
         rng = np.random.default_rng([cfg.seed, start_epoch])
         torch.manual_seed(cfg.seed + start_epoch)
         if verbose:
@@ -486,16 +505,25 @@ def train(
         extra["types"] = type_info
 
     for epoch in range(start_epoch, cfg.epochs):
-        net.train()
+        net.train(not head_only)  # a frozen network keeps its batch-norm statistics
         t0, losses = time.time(), []
         for step in range(cfg.steps_per_epoch):
             if should_stop is not None and should_stop():
                 raise CancelledError("training cancelled")
             b = {k: v.to(device) for k, v in sampler.batch().items()}
-            out_t = net(b["image"])
-            loss, _ = hovernet_loss(
-                out_t, b["fg"], b["hv"], b["contour"], types=b["types"], weights=cfg.loss
-            )
+            if head_only:
+                loss = type_head.head_loss(net, b, cfg.loss, class_w)
+            else:
+                out_t = net(b["image"])
+                loss, _ = hovernet_loss(
+                    out_t,
+                    b["fg"],
+                    b["hv"],
+                    b["contour"],
+                    types=b["types"],
+                    weights=cfg.loss,
+                    class_weights=class_w,
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -512,45 +540,83 @@ def train(
                     t0,
                 )
         maps = _predict_samples(net, val_s, device)
-        val_aji = _score(maps, val_s, PostprocessParams())
-        record = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            "val_aji": val_aji,
-            "seconds": time.time() - t0,
-        }
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+        if head_only:  # the segmentation is frozen: choose by the types
+            what = "val_mpq"
+            val_score = _val_mpq(maps, val_s, he_params)
+        else:
+            what = "val_aji"
+            val_score = _score(maps, val_s, PostprocessParams())
+        record[what] = val_score
+        record["seconds"] = time.time() - t0
         history.append(record)
-        if val_aji > best_aji or not val_s:  # no held-in split: keep the latest
-            best_aji = val_aji
+        if val_score > best or not val_s:  # no held-in split: keep the latest
+            best = val_score
             save_model_folder(
                 out / "model",
                 net,
                 extra_config=extra,
-                metrics={"val_aji_default_params": val_aji, "epoch": epoch + 1, "history": history},
+                metrics={
+                    f"{what}_default_params": val_score,
+                    "epoch": epoch + 1,
+                    "history": history,
+                },
             )
-        record["best_aji"] = best_aji
+        record["best_mpq" if head_only else "best_aji"] = best
         _atomic_torch_save(
             {
                 "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "epoch": epoch + 1,
-                "best_aji": best_aji,
+                "best_aji": best,
                 "history": json.dumps(history),
                 "identity": _identity(cfg),
             },
             ckpt_path,
         )
         if verbose:
+            label = "val mPQ" if head_only else "val AJI"
             print(
-                f"\nepoch {epoch + 1}: loss {record['loss']:.4f} val AJI {val_aji:.4f} (best {best_aji:.4f})",
+                f"\nepoch {epoch + 1}: loss {record['loss']:.4f} {label} {val_score:.4f} "
+                f"(best {best:.4f})",
                 file=sys.stderr,
                 flush=True,
             )
         if on_epoch is not None:
             on_epoch(record)
-    finalize(out / "model", val_s, device, history)
+    if head_only:
+        type_head.keep_postprocessing(out / "model", init, history)
+    else:
+        finalize(out / "model", val_s, device, history)
     return out / "model"
+
+
+def _head_only_setup(cfg: TrainConfig, init, train_s: list[Sample], val_s: list[Sample]):
+    """Typed training and validation images, and the H&E post-processing to score
+    types with, for a run that trains the type head alone."""
+    if init is None:
+        raise ValueError("--type-head-only trains the type head of a model: give --init")
+    if cfg.type_names:
+        raise ValueError(
+            "--type-head-only keeps the model's classes; to change them, train with "
+            "--type-names but without --type-head-only"
+        )
+    train_t, val_t = type_head.typed(train_s), type_head.typed(val_s)
+    if not train_t:
+        raise InputError(
+            f"{', '.join(map(str, cfg.data))}: no image has nucleus types (types/ folder); "
+            "--type-head-only has nothing to learn from"
+        )
+    return train_t, val_t, init.params_for("he")
+
+
+def _val_mpq(maps_list, samples: list[Sample], params: PostprocessParams) -> float:
+    """mPQ of the types on validation images, counts pooled (IoU > 0.5 pairs)."""
+    if not samples:
+        return 0.0
+    by_iou, _ = type_head.type_counts(_native_postprocessors(maps_list, samples), samples, params)
+    return float(type_scores(by_iou).mpq)
 
 
 def retune(
@@ -595,11 +661,7 @@ def finalize(model_dir: Path, val_s: list[Sample], device: torch.device, history
     save_model_folder(
         model_dir,
         model.net,
-        extra_config={
-            k: v
-            for k, v in model.config.items()
-            if k not in ("format", "version", "net", "weights_sha256")
-        },
+        extra_config=own_config(model),
         postprocess=post,
         metrics=metrics,
     )
