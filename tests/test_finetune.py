@@ -168,6 +168,7 @@ def test_finetune_records_parent_resumes_and_refuses_other_runs(user_set, base, 
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1]
     model = load_model(model_dir)
     assert Path(model.config["parent"]).resolve() == base.resolve()
+    assert model.config["parent_weights_sha256"] == load_model(base).config["weights_sha256"]
     assert model.config["training"]["manifest"]
     assert model.config["net"]["widths"] == [8, 16, 16]
     assert model.config["finetune"]["sets"] == [str(user_set.resolve())]

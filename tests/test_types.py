@@ -327,6 +327,10 @@ def test_training_the_type_head_alone_keeps_the_segmentation(tmp_path):
     assert all(0.0 <= r["val_mpq"] <= 1.0 for r in metrics["history"])
     config = json.loads((head / "config.json").read_text())
     assert [t["name"] for t in config["types"]] == ["x", "y", "z"]
+    # what segments is the parent's: its training record (and data, for fine-tuning) too
+    parent = json.loads((first / "config.json").read_text())
+    assert config["segmentation_training"] == parent["training"]
+    assert config["parent_weights_sha256"] == parent["weights_sha256"]
 
     # a model without a type head, no --init, new classes, or no typed data: clear errors
     untyped = train(TrainConfig(out=str(tmp_path / "c"), **cfg), verbose=False)

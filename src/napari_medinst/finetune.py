@@ -500,7 +500,10 @@ def bundled_training_data(model: str | os.PathLike = "default") -> list[str]:
     try:
         path = resolve_model_dir(model)
         config = json.loads((path / "config.json").read_text())
-        specs = config["training"]["config"]["data"]
+        # a model whose type head was retrained alone segments with what its
+        # parent learnt: that run's data first
+        records = [config.get("segmentation_training"), config["training"]]
+        specs = [spec for r in records if r for spec in r["config"]["data"]]
     except (ModelError, OSError, ValueError, KeyError, TypeError):
         return []
     found = []

@@ -499,10 +499,16 @@ def train(
     extra = {
         "name": cfg.name,
         "parent": parent,
+        # which weights exactly (a parent's folder may be replaced later, as a bundled one is)
+        "parent_weights_sha256": None if init is None else init.config.get("weights_sha256"),
         "training": {"config": cfg.to_dict(), "manifest": manifest},
     }
     if type_info:
         extra["types"] = type_info
+    if head_only:  # everything but the type head is the parent's: so is its training record
+        segmentation = init.config.get("segmentation_training") or init.config.get("training")
+        if segmentation:
+            extra["segmentation_training"] = segmentation
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train(not head_only)  # a frozen network keeps its batch-norm statistics
