@@ -91,6 +91,7 @@ def test_train_cli_reports_bad_data(tmp_path, capsys):
         ("--he-fraction", "1.5", "he_fraction"),
         ("--epochs", "0", "epochs"),
         ("--lr", "-1", "lr"),
+        ("--type-balance", "2", "type_balance"),
         ("--blocks", "1", "network config"),
     ],
 )
@@ -142,3 +143,12 @@ def test_postprocessing_is_tuned_at_the_images_own_pixels(tmp_path):
     assert set(scores) == {"aji", "pq", "objective"}
     assert scores["aji"] > 0.8 and scores["pq"] > 0.7
     assert scores["objective"] == pytest.approx(0.5 * (scores["aji"] + scores["pq"]))
+
+
+def test_train_cli_type_head_only_needs_a_typed_model(tiny_set, tmp_path, capsys):
+    args = ["train", str(tiny_set), "--out", str(tmp_path / "o"), "--type-head-only"]
+    assert main(args) == 2
+    assert "--init" in capsys.readouterr().err
+    assert main([*args, "--init", "default"]) == 2  # untyped data: nothing to learn from
+    assert "no image has nucleus types" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

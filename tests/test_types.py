@@ -340,17 +340,14 @@ def test_training_the_type_head_alone_keeps_the_segmentation(tmp_path):
             verbose=False,
         )
     with pytest.raises(ValueError, match="--init"):
-        train(TrainConfig(out=str(tmp_path / "e"), type_head_only=True, **cfg), verbose=False)
+        TrainConfig(out=str(tmp_path / "e"), type_head_only=True, **cfg)
     with pytest.raises(ValueError, match="keeps the model's classes"):
-        train(
-            TrainConfig(
-                out=str(tmp_path / "f"),
-                init=str(first),
-                type_head_only=True,
-                type_names=["p", "q", "r"],
-                **cfg,
-            ),
-            verbose=False,
+        TrainConfig(
+            out=str(tmp_path / "f"),
+            init=str(first),
+            type_head_only=True,
+            type_names=["p", "q", "r"],
+            **cfg,
         )
     plain = tmp_path / "plain"
     for sub in ("images", "labels"):
@@ -366,6 +363,7 @@ def test_training_the_type_head_alone_keeps_the_segmentation(tmp_path):
             ),
             verbose=False,
         )
+    assert not (tmp_path / "g").exists()  # a refused run leaves no folder behind
 
 
 def test_class_weights_favour_rare_classes():

@@ -32,7 +32,14 @@ from ..targets import contour_map, hv_maps, relabel_sequential
 from . import type_head
 from .augment import AugmentConfig, copy_paste, photometric, random_crop
 from .data import DEFAULT_EXCLUDE_SPLITS, Sample, load_folder
-from .folder import ModelError, load_model, load_weights_into, own_config, save_model_folder
+from .folder import (
+    LoadedModel,
+    ModelError,
+    load_model,
+    load_weights_into,
+    own_config,
+    save_model_folder,
+)
 from .inference import DEFAULT_TTA, CancelledError, pick_device, predict_maps
 from .losses import LossWeights, hovernet_loss
 from .network import NET_LIMITS, NetConfig, NucleusNet
@@ -95,6 +102,13 @@ class TrainConfig:
                 raise ValueError(
                     f"training setting {name} must be {rule}, got {getattr(self, name)}"
                 )
+        if self.type_head_only and not self.init:
+            raise ValueError("--type-head-only trains the type head of a model: give --init")
+        if self.type_head_only and self.type_names:
+            raise ValueError(
+                "--type-head-only keeps the model's classes; to change them, train with "
+                "--type-names but without --type-head-only"
+            )
         if self.type_names:
             lo, hi = 1, NET_LIMITS["n_types"][1] - 1
             if not lo <= len(self.type_names) <= hi or not all(
@@ -448,7 +462,6 @@ def train(
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     _check_run_folder(out, ckpt_path)
-    out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -494,6 +507,7 @@ def train(
         torch.manual_seed(cfg.seed + start_epoch)
         if verbose:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     sampler = _Sampler(train_s, cfg, rng)
     extra = {
@@ -598,16 +612,11 @@ def train(
     return out / "model"
 
 
-def _head_only_setup(cfg: TrainConfig, init, train_s: list[Sample], val_s: list[Sample]):
+def _head_only_setup(
+    cfg: TrainConfig, init: LoadedModel, train_s: list[Sample], val_s: list[Sample]
+):
     """Typed training and validation images, and the H&E post-processing to score
     types with, for a run that trains the type head alone."""
-    if init is None:
-        raise ValueError("--type-head-only trains the type head of a model: give --init")
-    if cfg.type_names:
-        raise ValueError(
-            "--type-head-only keeps the model's classes; to change them, train with "
-            "--type-names but without --type-head-only"
-        )
     train_t, val_t = type_head.typed(train_s), type_head.typed(val_s)
     if not train_t:
         raise InputError(
