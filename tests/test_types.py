@@ -15,10 +15,10 @@ from napari_medinst.cli import main
 from napari_medinst.metrics import evaluate, evaluate_dataset, overlap_table
 from napari_medinst.model.augment import copy_paste
 from napari_medinst.model.data import Sample, load_folder
-from napari_medinst.model.folder import ModelError
+from napari_medinst.model.folder import ModelError, load_model
 from napari_medinst.model.losses import hovernet_loss
 from napari_medinst.model.network import NetConfig, NucleusNet
-from napari_medinst.model.train import TrainConfig, _Sampler, split_samples, train
+from napari_medinst.model.train import TrainConfig, _from_init, _Sampler, split_samples, train
 from napari_medinst.model.type_head import class_weights
 
 
@@ -387,3 +387,46 @@ def test_class_weights_favour_rare_classes():
     assert float((share * w).sum()) == pytest.approx(1.0, rel=1e-5)
     assert w[2] / w[1] == pytest.approx((100 / 4) ** 0.5, rel=1e-5)
     assert w[1] / w[0] == pytest.approx((296 / 100) ** 0.5, rel=1e-5)
+
+
+def test_a_type_branch_starts_from_the_head_and_trains_alone(tmp_path):
+    _, cfg = _tiny_typed_run(tmp_path)
+    first = train(
+        TrainConfig(out=str(tmp_path / "a"), type_names=["x", "y", "z"], **cfg), verbose=False
+    )
+    plain = load_model(first).net.eval()
+    widened = _from_init(
+        load_model(first), TrainConfig(out="x", init=str(first), type_context=6, **cfg)
+    )[0].eval()
+    assert widened.type_branch is not None and plain.type_branch is None
+    x = torch.rand(1, 3, 48, 48)
+    with torch.no_grad():  # the new branch adds nothing until it has learnt
+        y, context = widened.features(x)
+        assert context is not None
+        assert torch.equal(widened.type_logits(y, None), widened.type_logits(y, context))
+        assert torch.allclose(plain(x).type_logits, widened(x).type_logits, atol=1e-5)
+    head = train(
+        TrainConfig(
+            out=str(tmp_path / "b"),
+            init=str(first),
+            type_head_only=True,
+            type_context=6,
+            lr=0.05,
+            **cfg,
+        ),
+        verbose=False,
+    )
+    model = load_model(head)
+    assert model.net.config.type_context == 6
+    before = torch.load(first / "weights.pt", weights_only=True)
+    after = torch.load(head / "weights.pt", weights_only=True)
+    assert set(after) - set(before) == {k for k in after if k.startswith("type_branch.")}
+    for k in before:
+        assert torch.equal(before[k], after[k]) != k.startswith("head_type."), k
+    assert any(after[k].abs().sum() > 0 for k in after if k.startswith("type_branch.2."))
+    # and a later warm start keeps the branch
+    again = _from_init(model, TrainConfig(out="x", init=str(head), **cfg))[0]
+    assert again.config.type_context == 6
+    assert torch.equal(
+        again.state_dict()["type_branch.0.weight"], model.net.state_dict()["type_branch.0.weight"]
+    )

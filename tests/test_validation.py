@@ -267,6 +267,9 @@ def test_network_config_bounds(net, field):
         TINY,
         NetConfig(in_channels=1, widths=(5, 7, 9, 11, 13, 17), blocks=(1, 2, 3, 4, 5), n_types=6),
         NetConfig(widths=(32, 64), n_types=1),
+        NetConfig(widths=(8, 16, 24, 32), n_types=5, type_context=12),
+        NetConfig(widths=(8, 16), n_types=3, type_context=4),  # branch on the coarsest level
+        NetConfig(widths=(8, 16), type_context=4),  # no classes: no branch
     ],
 )
 def test_parameter_count_is_exact_without_building(cfg):

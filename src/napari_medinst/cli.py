@@ -193,6 +193,14 @@ def _add_train(sub) -> None:
         "stays exactly as it is and checkpoints are chosen by validation mPQ",
     )
     p.add_argument(
+        "--type-context",
+        type=int,
+        default=None,
+        metavar="C",
+        help="give the type head a branch of C channels that reads the network at 1/4 "
+        "resolution (0: none; default: the --init model's)",
+    )
+    p.add_argument(
         "--type-balance",
         type=float,
         default=0.0,
@@ -824,6 +832,7 @@ def run_train(args) -> int:
         type_names=list(args.type_names or []),
         type_head_only=args.type_head_only,
         type_balance=args.type_balance,
+        type_context=args.type_context,
         name=args.name or Path(args.out).name,
     )
     model_dir = train(cfg)

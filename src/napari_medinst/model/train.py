@@ -84,6 +84,9 @@ class TrainConfig:
     #: weigh the type cross-entropy by each class's pixel share to the power -type_balance
     #: (0: all classes alike, 0.5: inverse square root, 1: inverse share)
     type_balance: float = 0.0
+    #: channels of a type branch at 1/4 resolution (``NetConfig.type_context``; 0: none);
+    #: None keeps the ``init`` model's (or ``net``'s)
+    type_context: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -109,6 +112,8 @@ class TrainConfig:
                 "--type-head-only keeps the model's classes; to change them, train with "
                 "--type-names but without --type-head-only"
             )
+        if self.type_context is not None:
+            self.net = replace(self.net, type_context=self.type_context)
         if self.type_names:
             lo, hi = 1, NET_LIMITS["n_types"][1] - 1
             if not lo <= len(self.type_names) <= hi or not all(
@@ -357,14 +362,21 @@ def _from_init(init, cfg: TrainConfig) -> tuple[NucleusNet, list[dict[str, Any]]
     if cfg.type_names and net_cfg.n_types != cfg.net.n_types:
         net_cfg = replace(net_cfg, n_types=cfg.net.n_types)
         kept = []
+    if cfg.type_context is not None:
+        net_cfg = replace(net_cfg, type_context=cfg.type_context)
     net = NucleusNet(net_cfg)
+    old = init.net.config
+    same_head = net_cfg.n_types == old.n_types
+    same_branch = same_head and net_cfg.type_context == old.type_context
     state = {
         k: v
         for k, v in init.net.state_dict().items()
-        if not k.startswith("head_type.") or net_cfg.n_types == init.net.config.n_types
+        if not (k.startswith("head_type.") and not same_head)
+        and not (k.startswith("type_branch.") and not same_branch)
     }
     missing, unexpected = net.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("head_type.") for k in missing):
+    new_parts = ("head_type.", "type_branch.")
+    if unexpected or any(not k.startswith(new_parts) for k in missing):
         raise ModelError(f"{init.path}: weights do not fit its network config")
     return net, kept
 

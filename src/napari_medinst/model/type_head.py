@@ -1,7 +1,8 @@
 """Training the nucleus-type head alone, with the rest of the network frozen.
 
 The starting model's segmentation (nuclear pixels, HV maps, contours, and so every
-instance) stays exactly as it was: only the 1x1 type head learns, from the typed images
+instance) stays exactly as it was: only the 1x1 type head (and the type branch, when the
+network has one) learns, from the typed images
 only, with its cross-entropy optionally weighted against class imbalance. Checkpoints
 are chosen by mPQ on the typed validation images, and the post-processing defaults are
 the starting model's, because the maps they were tuned on have not changed.
@@ -63,7 +64,8 @@ def class_weights(samples: list[Sample], n_classes: int, balance: float) -> torc
 
 
 def freeze_all_but_type_head(net: NucleusNet) -> list[torch.nn.Parameter]:
-    """Freeze every weight but the type head's and return the head's parameters.
+    """Freeze every weight but the type head's (and its branch's, if the network has
+    one) and return those parameters.
 
     The network also has to stay in ``eval()`` mode while the head trains, so that
     batch normalisation neither uses batch statistics nor updates its running ones.
@@ -76,6 +78,8 @@ def freeze_all_but_type_head(net: NucleusNet) -> list[torch.nn.Parameter]:
     for p in net.parameters():
         p.requires_grad_(False)
     head = list(net.head_type.parameters())
+    if net.type_branch is not None:
+        head += list(net.type_branch.parameters())
     for p in head:
         p.requires_grad_(True)
     return head
@@ -89,8 +93,8 @@ def head_loss(
 ) -> torch.Tensor:
     """Type loss of one batch through the frozen features (no graph is kept for them)."""
     with torch.no_grad():
-        feats = net.features(batch["image"])
-    loss, _ = type_loss(net.head_type(feats), batch["types"], weights, class_w)
+        y, context = net.features(batch["image"])
+    loss, _ = type_loss(net.type_logits(y, context), batch["types"], weights, class_w)
     return loss
 
 
