@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from napari_medinst.class_metrics import type_scores
+from napari_medinst.model import type_head
 from napari_medinst.model.data import load_folder
 from napari_medinst.model.folder import load_model
 from napari_medinst.model.inference import pick_device
@@ -24,7 +25,6 @@ from napari_medinst.model.train import (
     _predict_samples,
     split_samples,
 )
-from napari_medinst.model.type_head import type_counts
 
 
 def main() -> None:
@@ -36,14 +36,14 @@ def main() -> None:
     cfg = TrainConfig.from_dict(json.loads((args.run / "train_config.json").read_text()))
     samples = [s for spec in cfg.data for s in load_folder(spec, frozenset(cfg.exclude_splits))]
     _, val = split_samples(samples, cfg.val_fraction, cfg.val_label_sources)
-    typed = [s for s in val if s.types is not None]
+    typed = type_head.typed(val)
     model = load_model(args.model or args.run / "model")
     if not model.net.config.n_types:
         raise SystemExit(f"{model.path}: the model has no type head")
     maps = _predict_samples(model.net, typed, pick_device("cpu"), tta=args.tta)
     params = model.params_for("he")
     posts = _native_postprocessors(maps, typed)
-    per_image, per_centre = type_counts(posts, typed, params)
+    per_image, per_centre = type_head.type_counts(posts, typed, params)
     for s, counts, centre in zip(typed, per_image, per_centre, strict=True):
         print(
             f"{s.name}: F1_d {counts.f1_d:.3f} (centroid pairs {centre.f1_d:.3f}), "

@@ -501,8 +501,7 @@ def train(
     if head_only:
         train_s, val_s, he_params = _head_only_setup(cfg, init, train_s, val_s)
     trainable = type_head.freeze_all_but_type_head(net) if head_only else net.parameters()
-    n_classes = net.config.n_types
-    class_w = type_head.class_weights(train_s, n_classes, cfg.type_balance)
+    class_w = type_head.class_weights(train_s, net.config.n_types, cfg.type_balance)
     net.to(device)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
